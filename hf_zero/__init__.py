@@ -1,0 +1,31 @@
+"""hf_zero: ZeRO sharding for Hugging Face training, in Python and Triton.
+
+Three ways in, one engine: `hf_zero.ZeroTrainer` (a `transformers.Trainer`), the Accelerate
+integration (`hf_zero.ZeroAccelerator`), and `hf_zero.initialize(model, optimizer, config)` for
+plain PyTorch loops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ZeroConfig
+from .engine import ZeroEngine, engine_of, initialize
+
+__version__ = "0.1.0"
+
+__all__ = ["ZeroAccelerator", "ZeroConfig", "ZeroEngine", "ZeroTrainer", "engine_of", "initialize"]
+
+# The integrations import transformers/accelerate, which takes seconds; load them on first use.
+_LAZY = {
+    "ZeroTrainer": ".integrations.trainer",
+    "ZeroAccelerator": ".integrations.accelerator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'hf_zero' has no attribute {name!r}")

@@ -1,0 +1,316 @@
+"""`ZeroEngine`: ZeRO stages 0-2 over any Hugging Face or plain PyTorch model.
+
+`hf_zero.initialize(model, optimizer, config)` re-homes the model's trainable parameters into
+flat buffers (see `layout.py`), gives each rank fp32 master weights for its slice only, turns the
+user's optimizer into an optimizer over those slices (in place, see `optim.py`) and installs one
+gradient hook per parameter (see `grad_sync.py`). The optimizer's own `step()` then does the
+whole ZeRO step through step hooks: reduce gradients, clip, update the shard, all-gather the new
+weights. So `engine.step()`, `optimizer.step()` and the Trainer's optimizer step are the same.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ZeroConfig
+from .distributed import Collectives, DistContext, setup_distributed
+from .flat_group import FlatParamGroup
+from .grad_sync import BucketedReduceScatter, StepTimeReduction
+from .layout import FlatLayout
+from .optim import check_elementwise, rebind_to_shards
+from .precision import compute_dtype_for
+
+_ENGINE_ATTR = "_hf_zero_engine"
+
+
+def engine_of(module: nn.Module) -> ZeroEngine | None:
+    """The engine managing `module`, if any."""
+    ref = module.__dict__.get(_ENGINE_ATTR)
+    return ref() if ref is not None else None
+
+
+class ZeroEngine(nn.Module):
+    """A model trained with ZeRO sharding; see `hf_zero.initialize`.
+
+    Use it like the model (`engine(**batch)`), then `engine.backward(loss)` and `engine.step()`.
+    Gradients of successive backward passes add up until `step()`, which consumes them.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, config: ZeroConfig) -> None:
+        super().__init__()
+        _check_supported(config)
+        check_elementwise(optimizer, config.allow_untested_optimizer)
+        if engine_of(module) is not None:
+            raise ValueError("this model is already managed by an hf_zero engine; initialize it only once")
+        self.module = module
+        self.optimizer = optimizer
+        self.config = config
+        self.compute_dtype = compute_dtype_for(config.precision)
+        self.ctx: DistContext = setup_distributed(_device_of(module))
+        self.comm = Collectives(self.ctx)
+
+        named = _trainable_parameters_by_group(module, optimizer)
+        module.to(self.ctx.device)
+        self._broadcast_module_state()
+        self._cast_frozen_parameters({id(param) for pairs in named for _, param in pairs})
+        num_shards = 1 if config.stage == 0 else self.ctx.world_size
+        self.groups: list[FlatParamGroup] = []
+        for names_and_params in named:
+            names = [name for name, _ in names_and_params]
+            params = [param for _, param in names_and_params]
+            layout = FlatLayout(names, [p.shape for p in params], num_shards, config.reduce_bucket_size)
+            self.groups.append(
+                FlatParamGroup(
+                    names,
+                    params,
+                    layout,
+                    self.ctx.rank,
+                    self.compute_dtype,
+                    self.ctx.device,
+                    keep_full_grads=config.stage < 2,
+                )
+            )
+        rebind_to_shards(
+            optimizer,
+            [g.params for g in self.groups],
+            [g.master for g in self.groups],
+            [g.layout for g in self.groups],
+            self.ctx.rank,
+        )
+        if config.stage == 2:
+            self.grad_sync = BucketedReduceScatter(self.groups, self.comm, 2 if config.overlap_comm else 0)
+        else:
+            self.grad_sync = StepTimeReduction(self.groups, self.comm, scatter=config.stage == 1)
+
+        self._hooks = [
+            param.register_post_accumulate_grad_hook(self._grad_hook(group, index))
+            for group in self.groups
+            for index, param in enumerate(group.params)
+        ]
+        self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+        self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
+
+        self._grads_reduced = False
+        self._clipped = False
+        self.last_grad_norm: torch.Tensor | None = None
+        self.last_step_comm_bytes = 0
+        self.global_steps = 0
+        self.micro_steps = 0
+        self.comm.bytes_sent = 0
+
+    # ---- set-up helpers ---------------------------------------------------------------------------
+
+    def _broadcast_module_state(self) -> None:
+        """Start every rank from rank 0's weights and buffers, as DistributedDataParallel does."""
+        with torch.no_grad():
+            for tensor in list(self.module.parameters()) + list(self.module.buffers()):
+                self.comm.broadcast(tensor.data, src=0)
+
+    def _cast_frozen_parameters(self, managed: set[int]) -> None:
+        """Frozen floating-point weights compute in the same dtype as the trainable ones."""
+        for param in self.module.parameters():
+            if id(param) not in managed and param.is_floating_point() and param.dtype != self.compute_dtype:
+                param.data = param.data.to(self.compute_dtype)
+
+    def _grad_hook(self, group: FlatParamGroup, index: int):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is not None:
+                self.grad_sync.on_grad(group, index, grad)
+                param.grad = None
+
+        return hook
+
+    # ---- the training-loop API ------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model."""
+        return self.module(*args, **kwargs)
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor `backward` multiplies the loss by (1.0 outside fp16)."""
+        return 1.0
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Backpropagate `loss`; gradients add to those of earlier backward calls since the last step."""
+        if self._grads_reduced:
+            raise RuntimeError(
+                "backward() after the gradients were already reduced for this step (by clip_grad_norm_); "
+                "call step() or zero_grad() first"
+            )
+        loss.backward(**kwargs)
+        self.grad_sync.finish_backward()
+        self.micro_steps += 1
+
+    def step(self) -> None:
+        """Take one optimizer step on the accumulated gradients and clear them."""
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Discard gradients accumulated since the last step."""
+        self.grad_sync.discard()
+        for group in self.groups:
+            group.clear_grads()
+        self.module.zero_grad(set_to_none=set_to_none)
+        self._grads_reduced = False
+        self._clipped = False
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global 2-norm of the accumulated (rank-averaged) gradient; scales it down to `max_norm`.
+
+        Returns the norm before clipping. An infinite `max_norm` only measures.
+        """
+        self._reduce_grads()
+        total = self._global_grad_norm()
+        if max_norm != float("inf"):
+            coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for group in self.groups:
+                group.grad_shard.mul_(coefficient.to(group.grad_shard.device))
+            self._clipped = True
+        self.last_grad_norm = total
+        return total
+
+    def get_global_grad_norm(self) -> torch.Tensor | None:
+        """The gradient norm measured for the last (or coming) step, as DeepSpeed's engine reports it."""
+        return self.last_grad_norm
+
+    # ---- optimizer step hooks ------------------------------------------------------------------
+
+    def _reduce_grads(self) -> None:
+        if not self._grads_reduced:
+            self.grad_sync.reduce()
+            self._grads_reduced = True
+
+    def _global_grad_norm(self) -> torch.Tensor:
+        squares = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for group in self.groups:
+            squares += group.grad_shard.pow(2).sum()
+        if self.config.stage > 0:
+            self.comm.all_reduce(squares)
+        return squares.sqrt()
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._reduce_grads()
+        if self.config.gradient_clipping > 0 and not self._clipped:
+            self.clip_grad_norm_(self.config.gradient_clipping)
+        for group in self.groups:
+            group.master.grad = group.grad_shard
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        works = []
+        for group in self.groups:
+            group.master.grad = None
+            works.extend(group.publish_master(self.comm))
+        for work in works:
+            work.wait()
+        for group in self.groups:
+            group.clear_grads()
+        self._grads_reduced = False
+        self._clipped = False
+        self.global_steps += 1
+        self.last_step_comm_bytes = self.comm.bytes_sent
+        self.comm.bytes_sent = 0
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The complete, unsharded state dict on every rank, as CPU tensors.
+
+        Trainable weights come from the fp32 master copy, cast back to the dtype the model had
+        when it was handed to the engine; frozen weights and buffers are copied as they are. Tied
+        weights map to one shared tensor. Every rank must call this (it all-gathers).
+        """
+        values: dict[int, torch.Tensor] = {}
+        for group in self.groups:
+            for param, dtype, full in zip(
+                group.params, group.original_dtypes, group.gather_master(self.comm), strict=True
+            ):
+                values[id(param)] = full.to(dtype)
+        state = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            found = values.get(id(tensor))
+            state[name] = found if found is not None else tensor.detach().to("cpu", copy=True)
+        return state
+
+
+def initialize(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ZeroConfig | dict | str | None = None,
+) -> ZeroEngine:
+    """Shard `model` and `optimizer` per `config` and return the engine that trains them.
+
+    `optimizer` is any elementwise torch optimizer built over `model.parameters()`; it keeps its
+    class, param groups and hyper-parameters and becomes `engine.optimizer`, an optimizer over
+    this rank's flat shards. Launch with torchrun (or accelerate launch) for several ranks; a plain
+    `python` process is a world of one.
+    """
+    return ZeroEngine(model, optimizer, ZeroConfig.coerce(config))
+
+
+# ---- module-level helpers ------------------------------------------------------------------------
+
+
+def _check_supported(config: ZeroConfig) -> None:
+    if config.stage == 3:
+        raise NotImplementedError(
+            "ZeRO stage 3 (parameter sharding) is not available yet in this hf_zero release; use "
+            "stage 0, 1 or 2"
+        )
+    if config.offload_optimizer != "none" or config.offload_params != "none":
+        raise NotImplementedError(
+            "offloading to CPU or NVMe is not available yet in this hf_zero release; set "
+            "offload_optimizer='none' and offload_params='none'"
+        )
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for param in module.parameters():
+        return param.device
+    return None
+
+
+def _trainable_parameters_by_group(
+    module: nn.Module, optimizer: torch.optim.Optimizer
+) -> list[list[tuple[str, nn.Parameter]]]:
+    """(name, parameter) pairs of each param group, with the checks that keep sharding exact."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    in_optimizer = set()
+    grouped = []
+    for index, group in enumerate(optimizer.param_groups):
+        pairs = []
+        for param in group["params"]:
+            if id(param) not in names:
+                raise ValueError(
+                    f"param group {index} of the optimizer holds a tensor of shape {tuple(param.shape)} "
+                    "that is not a parameter of the model; build the optimizer over model.parameters()"
+                )
+            in_optimizer.add(id(param))
+            if param.requires_grad:
+                pairs.append((names[id(param)], param))
+        grouped.append(pairs)
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        raise ValueError(
+            f"parameters {missing[:5]} require grad but are in no param group of the optimizer; add them "
+            "to the optimizer or set requires_grad=False"
+        )
+    return grouped
