@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,28 @@ class ZeroConfig:
         return ZeroConfig.from_dict({**self.to_dict(), **changes})
 
 
+class YamlLoader(yaml.SafeLoader):
+    """YAML as people write configs: only true/false are booleans (`save_strategy: no` stays the
+    string "no", as in YAML 1.2), and `1e-3` is a float even without a decimal point."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with `YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Load a YAML or JSON file whose top level is a mapping, with errors that name the file."""
     path = Path(path)
@@ -187,7 +210,7 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
         if suffix == ".json":
             values = json.loads(text)
         elif suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text)
+            values = load_yaml(text)
         else:
             raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .json")
     except (json.JSONDecodeError, yaml.YAMLError) as error:

@@ -250,6 +250,39 @@ class ZeroEngine(nn.Module):
             state[name] = found if found is not None else tensor.detach().to("cpu", copy=True)
         return state
 
+    def shard_state_dict(self) -> dict[str, Any]:
+        """This rank's own training state: its fp32 master shards and its optimizer state."""
+        return {
+            "world_size": self.ctx.world_size,
+            "stage": self.config.stage,
+            "masters": [group.master.detach().to("cpu", copy=True) for group in self.groups],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `shard_state_dict` returned on this rank (same world size and stage)."""
+        saved = (state.get("world_size"), state.get("stage"))
+        if saved != (self.ctx.world_size, self.config.stage):
+            raise ValueError(
+                f"this shard state was saved with world size {saved[0]} and stage {saved[1]}, but the "
+                f"engine runs world size {self.ctx.world_size} and stage {self.config.stage}; resume with "
+                "the same number of processes and the same stage"
+            )
+        masters = state["masters"]
+        shapes = [tuple(group.master.shape) for group in self.groups]
+        if [tuple(m.shape) for m in masters] != shapes:
+            raise ValueError(
+                f"shard state holds master shards of shapes {[tuple(m.shape) for m in masters]}, expected "
+                f"{shapes}: it was saved from a different model or bucket size"
+            )
+        with torch.no_grad():
+            for group, master in zip(self.groups, masters, strict=True):
+                group.master.copy_(master)
+        self.optimizer.load_state_dict(state["optimizer"])
+        works = [work for group in self.groups for work in group.publish_master(self.comm)]
+        for work in works:
+            work.wait()
+
 
 def initialize(
     model: nn.Module,

@@ -1,0 +1,114 @@
+"""The `hf-zero` command.
+
+hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
+hf-zero env
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+USAGE = """usage: hf-zero COMMAND ...
+
+commands:
+  train RECIPE.yaml [--nproc N] [section.key=value ...]
+        train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU)
+  env   print the versions and devices hf_zero sees
+"""
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-zero train", description="Train a recipe with ZeroTrainer.")
+    parser.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes to launch (default: one per GPU, or 1 without GPUs)",
+    )
+    parser.add_argument("overrides", nargs="*", help="recipe overrides such as training.max_steps=50")
+    return parser
+
+
+def train(argv: list[str]) -> int:
+    """Validate the recipe, then run it here or under torchrun on `--nproc` processes."""
+    options = _train_parser().parse_intermixed_args(argv)
+    from .recipes import Recipe, run_recipe
+
+    try:
+        recipe = Recipe.load(options.recipe, options.overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"hf-zero train: {error}", file=sys.stderr)
+        return 2
+    import torch
+
+    nproc = options.nproc if options.nproc is not None else max(torch.cuda.device_count(), 1)
+    if nproc < 1:
+        raise SystemExit(f"hf-zero train: --nproc must be at least 1, got {nproc}")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc_per_node", str(nproc), "-m", "hf_zero.cli", "train", options.recipe, *options.overrides,
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        return subprocess.call(command, env=env)
+    metrics = run_recipe(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        print(f"hf-zero train: done; model saved to {recipe.training['output_dir']}; metrics: {shown}")
+    return 0
+
+
+def env(argv: list[str]) -> int:
+    """Print the software and devices relevant to hf_zero."""
+    import importlib.metadata
+
+    import torch
+    import torch.distributed as dist
+
+    import hf_zero
+
+    print(f"hf_zero      {hf_zero.__version__}")
+    print(f"python       {platform.python_version()} ({platform.platform()})")
+    for package in ("torch", "transformers", "accelerate", "datasets", "safetensors", "triton"):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:12s} {version}")
+    backends = [
+        name for name in ("nccl", "gloo") if dist.is_available() and getattr(dist, f"is_{name}_available")()
+    ]
+    print(f"backends     {', '.join(backends) or 'none'}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            print(f"cuda:{index}       {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        print("cuda         not available: training runs on CPU with gloo")
+    return 0
+
+
+COMMANDS = {"train": train, "env": env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-zero` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"hf-zero: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ways into the engine from Hugging Face training code: `ZeroTrainer` and `ZeroAccelerator`."""

@@ -1,0 +1,146 @@
+"""`ZeroTrainer`: `transformers.Trainer` with hf_zero's ZeRO engine doing the sharding.
+
+It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
+`accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
+nothing in transformers is patched. `save_model` gathers the full fp32 weights on every rank and
+writes a normal `save_pretrained` folder; Trainer checkpoints keep one optimizer shard per rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..config import ZeroConfig
+from ..engine import ZeroEngine, engine_of
+from .accelerator import ZeroAccelerator
+
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def _shard_file(rank: int, world_size: int) -> str:
+    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
+
+
+class ZeroTrainer(Trainer):
+    """A `transformers.Trainer` that trains with ZeRO stages 0-2 (see `ZeroConfig`).
+
+    Args:
+        zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Training
+            loop settings come from `TrainingArguments` (`bf16`/`fp16`, `max_grad_norm`,
+            `gradient_accumulation_steps`); the config may repeat them but not contradict them.
+        *args, **kwargs: as for `transformers.Trainer`. Launch several ranks with torchrun.
+    """
+
+    def __init__(self, *args: Any, zero_config: ZeroConfig | dict | str | None = None, **kwargs: Any) -> None:
+        # Set before super().__init__, which builds the accelerator.
+        self.zero_config = ZeroConfig.coerce(zero_config)
+        super().__init__(*args, **kwargs)
+
+    # ---- accelerator -----------------------------------------------------------------------------
+
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        args = super()._build_accelerator_args(**kwargs)
+        self._zero_accelerator_args = dict(args)
+        # The plain Accelerator the base class builds first must not switch on autocast either.
+        args["mixed_precision"] = "no"
+        return args
+
+    def create_accelerator_and_postprocess(self) -> None:
+        if self.args.deepspeed or self.args.fsdp:
+            raise ValueError(
+                "ZeroTrainer does the sharding itself: remove `deepspeed`/`fsdp` from TrainingArguments "
+                "(a DeepSpeed config converts with ZeroConfig.from_deepspeed(path))"
+            )
+        self.zero_config = self._agree_with_training_args(self.zero_config)
+        super().create_accelerator_and_postprocess()
+        self.accelerator = ZeroAccelerator(zero_config=self.zero_config, **self._zero_accelerator_args)
+        self.zero_config = self.accelerator.zero_config
+        self.gather_function = self.accelerator.gather_for_metrics
+        if "use_gather_object" in inspect.signature(self.gather_function).parameters:
+            self.gather_function = functools.partial(
+                self.gather_function, use_gather_object=self.args.eval_use_gather_object
+            )
+
+    def _agree_with_training_args(self, config: ZeroConfig) -> ZeroConfig:
+        """The Trainer's arguments own the loop; a config that repeats them must say the same."""
+        args = self.args
+        if config.gradient_clipping > 0 and config.gradient_clipping != args.max_grad_norm:
+            raise ValueError(
+                f"ZeroConfig.gradient_clipping={config.gradient_clipping} disagrees with "
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm}; the Trainer clips, so set "
+                "max_grad_norm and leave gradient_clipping at 0"
+            )
+        steps = config.gradient_accumulation_steps
+        if steps != 1 and steps != args.gradient_accumulation_steps:
+            raise ValueError(
+                f"ZeroConfig.gradient_accumulation_steps={steps} disagrees with "
+                f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps}; set it "
+                "in TrainingArguments"
+            )
+        return config
+
+    @property
+    def zero_engine(self) -> ZeroEngine | None:
+        """The engine sharding the model (None before training starts)."""
+        return engine_of(self.model)
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write a normal `save_pretrained` folder with the full fp32 master weights.
+
+        Every rank must call it (the weights are all-gathered); rank 0 writes.
+        """
+        engine = self.zero_engine
+        if engine is None:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = engine.full_state_dict()
+        self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        engine = self.zero_engine
+        if engine is None:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, _shard_file(engine.rank, engine.world_size))
+        _atomic_torch_save(engine.shard_state_dict(), path)
+        if self.args.should_save:
+            _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        engine = self.zero_engine
+        if checkpoint is None or engine is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        path = os.path.join(checkpoint, _shard_file(engine.rank, engine.world_size))
+        if not os.path.isfile(path):
+            others = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
+            if others:
+                raise ValueError(
+                    f"checkpoint {checkpoint} holds optimizer shards {others[:2]}... from another world "
+                    f"size, not {engine.world_size} ranks; resume with the number of processes it was "
+                    "saved with"
+                )
+            return
+        engine.load_shard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        scheduler = os.path.join(checkpoint, SCHEDULER_FILE)
+        if os.path.isfile(scheduler):
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    """Write `path` completely or not at all."""
+    partial = f"{path}.partial"
+    torch.save(obj, partial)
+    os.replace(partial, path)

@@ -1,0 +1,159 @@
+"""Recipes: one YAML file that says which model to build, on what data, with which Trainer
+arguments and which `ZeroConfig`, run through `ZeroTrainer`.
+
+A recipe has four sections:
+
+    model:    {architecture: gpt2, task: causal-lm, config: {...}}   # built from a config, no download
+    data:     {source: markov, num_sequences: ..., sequence_length: ..., branching: ..., seed: ...,
+               eval_sequences: ...}
+    training: {...}   # transformers.TrainingArguments fields
+    zero:     {...}   # hf_zero.ZeroConfig fields
+
+`key=value` overrides address any leaf by its dotted path (`training.max_steps=50`,
+`zero.stage=1`); values are read as YAML, so `50` is an int, `true` a bool and `no` the string "no".
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ZeroConfig, load_mapping, load_yaml
+from .data import causal_lm_dataset, markov_corpus
+
+SECTIONS = ("model", "data", "training", "zero")
+TASKS = ("causal-lm",)
+DATA_SOURCES = ("markov",)
+_DATA_DEFAULTS = {
+    "source": "markov",
+    "num_sequences": 2048,
+    "sequence_length": 64,
+    "branching": 4,
+    "seed": 0,
+    "eval_sequences": 128,
+}
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe; see the module docstring for its sections."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    training: dict[str, Any]
+    zero: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """Read a recipe file and apply `key=value` overrides."""
+        values = load_mapping(path)
+        for override in overrides:
+            _apply_override(values, override)
+        unknown = [key for key in values if key not in SECTIONS]
+        if unknown:
+            raise ValueError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(SECTIONS)}")
+        for section in SECTIONS:
+            if not isinstance(values.get(section, {}), dict):
+                raise ValueError(f"recipe {path}: section {section!r} must be a mapping")
+        recipe = cls(**{section: dict(values.get(section) or {}) for section in SECTIONS})
+        recipe.validate(str(path))
+        return recipe
+
+    def validate(self, where: str) -> None:
+        """Check what can be checked before anything heavy is imported or built."""
+        if "architecture" not in self.model:
+            raise ValueError(
+                f"recipe {where}: model.architecture is required (an AutoConfig model type such as gpt2)"
+            )
+        task = self.model.get("task", "causal-lm")
+        if task not in TASKS:
+            raise ValueError(
+                f"recipe {where}: model.task={task!r} is not allowed: expected one of {list(TASKS)}"
+            )
+        unknown = [key for key in self.data if key not in _DATA_DEFAULTS]
+        if unknown:
+            raise ValueError(
+                f"recipe {where}: unknown data field(s) {unknown}; fields are {sorted(_DATA_DEFAULTS)}"
+            )
+        source = self.data.get("source", "markov")
+        if source not in DATA_SOURCES:
+            raise ValueError(
+                f"recipe {where}: data.source={source!r} is not allowed: expected {list(DATA_SOURCES)}"
+            )
+        if "output_dir" not in self.training:
+            raise ValueError(f"recipe {where}: training.output_dir is required")
+        ZeroConfig.from_dict(self.zero)
+
+
+def _apply_override(values: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ValueError(
+            f"override {override!r} must look like section.key=value, e.g. training.max_steps=50"
+        )
+    path = key.split(".")
+    if path[0] not in SECTIONS:
+        close = difflib.get_close_matches(path[0], SECTIONS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {list(SECTIONS)}"
+        raise ValueError(f"override {override!r} names unknown section {path[0]!r}{hint}")
+    if len(path) < 2:
+        raise ValueError(
+            f"override {override!r} must name a field inside {path[0]!r}, e.g. {path[0]}.<field>=..."
+        )
+    node = values
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {part!r} is not a mapping in this recipe")
+    node[path[-1]] = load_yaml(text)
+
+
+def build_model(model_section: dict[str, Any]):
+    """A randomly initialised Hub-architecture model from `model.architecture` and `model.config`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_section["architecture"], **(model_section.get("config") or {}))
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_datasets(data_section: dict[str, Any], vocab_size: int):
+    """Train and eval datasets generated as `data` describes (same chain, disjoint samples)."""
+    data = {**_DATA_DEFAULTS, **data_section}
+    total = data["num_sequences"] + data["eval_sequences"]
+    tokens = markov_corpus(total, data["sequence_length"], vocab_size, data["branching"], data["seed"])
+    train = causal_lm_dataset(tokens[: data["num_sequences"]])
+    evaluation = causal_lm_dataset(tokens[data["num_sequences"] :]) if data["eval_sequences"] else None
+    return train, evaluation
+
+
+def run_recipe(recipe: Recipe) -> dict[str, float]:
+    """Train the recipe with ZeroTrainer, save the final model to `training.output_dir`, return metrics."""
+    from transformers import TrainingArguments
+
+    from .integrations.trainer import ZeroTrainer
+
+    training = dict(recipe.training)
+    if torch.cuda.is_available():
+        # Precision "auto" follows the Trainer: use bf16 where the GPU has it, unless the recipe says.
+        if "bf16" not in training and "fp16" not in training:
+            training["bf16"] = torch.cuda.is_bf16_supported()
+    else:
+        training.setdefault("use_cpu", True)
+    training.setdefault("report_to", [])
+    args = TrainingArguments(**training)
+    model = build_model(recipe.model)
+    train, evaluation = build_datasets(recipe.data, model.config.vocab_size)
+    trainer = ZeroTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation, zero_config=recipe.zero
+    )
+    result = trainer.train()
+    metrics = dict(result.metrics)
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(Path(args.output_dir)))
+    return metrics

@@ -1,0 +1,223 @@
+"""The engine in one process (world size 1): API contract, errors, accumulation and state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hf_zero
+from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
+
+
+def _gpt2_and_adamw(**optimizer_kwargs):
+    model = build_model("gpt2")
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **optimizer_kwargs)
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        ({"stage": 3}, NotImplementedError, "stage 3 .* is not available yet"),
+        ({"offload_optimizer": "cpu"}, NotImplementedError, "offloading to CPU or NVMe is not available yet"),
+        ({"precision": "fp16"}, NotImplementedError, "needs dynamic loss scaling.*use precision='bf16'"),
+    ],
+)
+def test_unavailable_features_say_so(config, error, message):
+    model, optimizer = _gpt2_and_adamw()
+    with pytest.raises(error, match=message):
+        hf_zero.initialize(model, optimizer, config)
+
+
+class Lamb(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1e-3})
+
+
+class MyElementwise(torch.optim.SGD):
+    pass
+
+
+def test_optimizers_that_are_not_elementwise_are_refused():
+    model = build_model("gpt2")
+    with pytest.raises(ValueError, match="LBFGS cannot run on hf_zero's flat shards: it runs a line search"):
+        hf_zero.initialize(model, torch.optim.LBFGS(model.parameters()), {})
+    with pytest.raises(ValueError, match=r"Lamb cannot run .* per-tensor trust ratio"):
+        hf_zero.initialize(model, Lamb(model.parameters()), {})
+    with pytest.raises(
+        ValueError, match=r"does not know whether .*MyElementwise is elementwise.*allow_untested_optimizer"
+    ):
+        hf_zero.initialize(model, MyElementwise(model.parameters(), lr=0.1), {})
+    engine = hf_zero.initialize(
+        model, MyElementwise(model.parameters(), lr=0.1), {"allow_untested_optimizer": True}
+    )
+    assert isinstance(engine.optimizer, MyElementwise)
+
+
+def test_optimizer_must_cover_exactly_the_trainable_parameters():
+    model = build_model("gpt2")
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=r"require grad but are in no param group"):
+        hf_zero.initialize(model, torch.optim.SGD(params[1:], lr=0.1), {})
+    stranger = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"tensor of shape \(3, 2\) that is not a parameter of the model"):
+        hf_zero.initialize(model, torch.optim.SGD([*params, stranger], lr=0.1), {})
+
+
+def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
+    model = build_model("llama")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 5e-4}],
+        lr=1e-3,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)  # made before initialize
+    engine = hf_zero.initialize(model, optimizer, {"stage": 2, "precision": "bf16"})
+    assert engine.optimizer is optimizer
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
+    assert all(g["params"][0].dtype == torch.float32 for g in optimizer.param_groups)
+    samples = make_samples("llama", 2)
+    engine.backward(engine(**samples).loss)
+    engine.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 2.5e-4]
+    state = optimizer.state_dict()["state"]
+    assert sorted(state) == [0, 1] and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_bf16_parameters_are_views_into_one_flat_buffer_with_fp32_masters():
+    model = build_model("llama")
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = hf_zero.initialize(
+        model, torch.optim.AdamW(model.parameters()), {"stage": 1, "precision": "bf16"}
+    )
+    (group,) = engine.groups
+    start, end = group.flat.data_ptr(), group.flat.data_ptr() + group.flat.numel() * group.flat.element_size()
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and start <= param.data_ptr() < end, name
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are left alone
+    # Masters hold the original fp32 values, not their bf16 rounding.
+    full = engine.full_state_dict()
+    for name, value in original.items():
+        assert full[name].dtype == torch.float32
+        assert torch.equal(full[name], value), name
+
+
+def test_frozen_parameters_are_cast_and_left_alone():
+    model = build_model("gpt2")
+    model.transformer.wpe.weight.requires_grad_(False)
+    frozen = model.transformer.wpe.weight.detach().clone()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine = hf_zero.initialize(model, torch.optim.AdamW(trainable, lr=1e-2), {"precision": "bf16"})
+    engine.backward(engine(**make_samples("gpt2", 2)).loss)
+    engine.step()
+    assert model.transformer.wpe.weight.dtype == torch.bfloat16
+    assert torch.equal(model.transformer.wpe.weight.float(), frozen.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_accumulation_and_zero_grad(stage):
+    samples = make_samples("gpt2", 4)
+    reference, optimizer = _gpt2_and_adamw()
+    reference_engine = hf_zero.initialize(reference, optimizer, {"stage": stage})
+    reference_engine.backward(reference_engine(**samples).loss)
+    reference_engine.step()
+
+    model, optimizer = _gpt2_and_adamw()
+    engine = hf_zero.initialize(model, optimizer, {"stage": stage})
+    engine.backward(engine(**slice_samples(samples, 0, 1)).loss * 10)  # discarded below
+    engine.zero_grad()
+    for start in (0, 2):
+        engine.backward(engine(**slice_samples(samples, start, 2)).loss / 2)
+        assert all(p.grad is None for p in model.parameters())  # the hooks took every gradient
+    engine.step()
+    got, want = engine.full_state_dict(), reference_engine.full_state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_plain_pytorch_loop_with_optimizer_step_and_loss_backward():
+    samples = make_samples("gpt2", 2)
+    model, optimizer = _gpt2_and_adamw()
+    reference = copy.deepcopy(model)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    hf_zero.initialize(model, optimizer, {"stage": 2})
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**samples).loss.backward()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        reference(**samples).loss.backward()
+        reference_optimizer.step()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_clip_grad_norm_matches_torch_and_blocks_further_backward():
+    samples = make_samples("gpt2", 2)
+    model, optimizer = _gpt2_and_adamw()
+    reference = copy.deepcopy(model)
+    engine = hf_zero.initialize(model, optimizer, {"stage": 2})
+    engine.backward(engine(**samples).loss)
+    reference(**samples).loss.backward()
+    want = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+    got = engine.clip_grad_norm_(0.1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="gradients were already reduced for this step"):
+        engine.backward(engine(**samples).loss)
+    engine.step()
+    assert engine.get_global_grad_norm() is got
+
+
+def test_full_state_dict_restores_dtypes_and_shares_tied_weights():
+    model = build_model("gpt2").to(torch.bfloat16)
+    engine = hf_zero.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), {"precision": "fp32"})
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32  # computes in fp32 now
+    state = engine.full_state_dict()
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert state.keys() == model.state_dict().keys()
+
+
+def test_initialize_twice_is_refused():
+    model, optimizer = _gpt2_and_adamw()
+    hf_zero.initialize(model, optimizer, {})
+    with pytest.raises(ValueError, match="already managed by an hf_zero engine"):
+        hf_zero.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+
+
+def test_shard_state_round_trip_and_mismatches():
+    samples = make_samples("gpt2", 2)
+    model, optimizer = _gpt2_and_adamw()
+    engine = hf_zero.initialize(model, optimizer, {"stage": 2, "precision": "bf16"})
+    engine.backward(engine(**samples).loss)
+    engine.step()
+    saved = copy.deepcopy(engine.shard_state_dict())
+    weights = engine.full_state_dict()
+
+    restored_model, restored_optimizer = _gpt2_and_adamw()
+    restored = hf_zero.initialize(restored_model, restored_optimizer, {"stage": 2, "precision": "bf16"})
+    restored.load_shard_state_dict(saved)
+    for key, value in weights.items():
+        assert torch.equal(restored.full_state_dict()[key], value), key
+    live = restored_model.state_dict()
+    assert all(
+        torch.equal(live[k], v.to(torch.bfloat16)) for k, v in weights.items() if v.is_floating_point()
+    )
+    for engine_ in (engine, restored):
+        engine_.backward(engine_(**samples).loss)
+        engine_.step()
+    assert torch.equal(
+        restored.full_state_dict()["lm_head.weight"], engine.full_state_dict()["lm_head.weight"]
+    )
+
+    with pytest.raises(
+        ValueError, match="saved with world size 1 and stage 1, but the engine runs world size 1 and stage 2"
+    ):
+        restored.load_shard_state_dict({**saved, "stage": 1})
+    with pytest.raises(ValueError, match="from a different model or bucket size"):
+        restored.load_shard_state_dict({**saved, "masters": [torch.zeros(3)]})
