@@ -27,7 +27,11 @@ CORE_CASES = [
 ]
 OPTIMIZER_CASES = [Case("gpt2", 2, "fp32", kind) for kind in ("adam", "rmsprop", "adagrad")]
 MIXED_CASES = [Case("llama", 2, "bf16", "adamw", accumulation=2, clipping=0.05)]
-CASES = {2: CORE_CASES + OPTIMIZER_CASES + MIXED_CASES, 4: CORE_CASES}
+ACCELERATE_CASES = [
+    Case("gpt2", 1, "fp32", "sgd", accumulation=2, clipping=0.05, integration="accelerate"),
+    Case("llama", 2, "bf16", "adamw", integration="accelerate"),
+]
+CASES = {2: CORE_CASES + OPTIMIZER_CASES + MIXED_CASES + ACCELERATE_CASES, 4: CORE_CASES}
 MATRIX = [(world, case) for world, cases in CASES.items() for case in cases]
 IDS = [f"{world}ranks-{case.name}" for world, case in MATRIX]
 
@@ -94,7 +98,7 @@ def test_optimizer_state_per_rank_is_one_nth(sharded, world, model):
     for precision, optimizer in (("fp32", "adamw"), ("fp32", "sgd")):
         names = {
             c.stage: c.name
-            for c in CASES[world]
+            for c in CORE_CASES
             if (c.model, c.precision, c.optimizer) == (model, precision, optimizer)
         }
         unsharded = results[0][names[0]]["state_numel"]

@@ -221,3 +221,30 @@ def test_shard_state_round_trip_and_mismatches():
         restored.load_shard_state_dict({**saved, "stage": 1})
     with pytest.raises(ValueError, match="from a different model or bucket size"):
         restored.load_shard_state_dict({**saved, "masters": [torch.zeros(3)]})
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_activation_checkpointing(reentrant, stage):
+    samples = make_samples("llama", 4)
+    model = build_model("llama")
+    reference = copy.deepcopy(model)
+    # Newer transformers renamed gradient checkpointing to activation checkpointing.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    engine = hf_zero.initialize(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), {"stage": stage, "reduce_bucket_size": 3000}
+    )
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        engine.backward(engine(**samples).loss)
+        engine.step()
+        reference(**samples).loss.backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    got = engine.full_state_dict()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)

@@ -29,13 +29,15 @@ class Case:
     clipping: float = 0.0
     steps: int = 3
     micro_batch: int = 2
+    integration: str = "engine"  # or "accelerate": the same loop through ZeroAccelerator
 
     @property
     def name(self) -> str:
-        return (
+        name = (
             f"{self.model}-stage{self.stage}-{self.precision}-{self.optimizer}"
             f"-acc{self.accumulation}-clip{self.clipping:g}"
         )
+        return name if self.integration == "engine" else name + "-" + self.integration
 
     def global_batch(self, world_size: int) -> int:
         return world_size * self.accumulation * self.micro_batch

@@ -4,6 +4,8 @@
 
 Each rank writes `OUT_DIR/rank{r}.pt`: per case the global (rank-averaged) losses, gradient
 norms, bytes sent per step, this rank's optimizer-state size, and (rank 0) the final weights.
+A case with `integration="accelerate"` runs the same loop the way an Accelerate user writes it,
+through `ZeroAccelerator`.
 """
 
 from __future__ import annotations
@@ -20,18 +22,51 @@ from .cases import BUCKET_SIZE, Case, build_optimizer, cases_from_json
 from .tiny_models import build_model, make_samples, slice_samples
 
 
+class _EngineLoop:
+    """The plain-PyTorch loop: `engine.backward`, `engine.step`; clipping set in the config."""
+
+    def __init__(self, model, optimizer, config: hf_zero.ZeroConfig, case: Case) -> None:
+        self.engine = hf_zero.initialize(model, optimizer, config.replace(gradient_clipping=case.clipping))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+
+class _AccelerateLoop:
+    """The Accelerate loop: `prepare`, `accelerator.backward`, `clip_grad_norm_`, `optimizer.step`."""
+
+    def __init__(self, model, optimizer, config: hf_zero.ZeroConfig, case: Case) -> None:
+        from ..integrations.accelerator import ZeroAccelerator
+
+        self.accelerator = ZeroAccelerator(zero_config=config, cpu=True)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.engine = self.accelerator.zero_engine
+        self.clipping = case.clipping
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> None:
+        if self.clipping > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.clipping)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+LOOPS = {"engine": _EngineLoop, "accelerate": _AccelerateLoop}
+
+
 def run_sharded(case: Case) -> dict:
     """Train `case` with hf_zero on this rank; every rank of the group must call it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(case.model)
     optimizer = build_optimizer(case.optimizer, list(model.named_parameters()))
-    config = hf_zero.ZeroConfig(
-        stage=case.stage,
-        precision=case.precision,
-        gradient_clipping=case.clipping,
-        reduce_bucket_size=BUCKET_SIZE,
-    )
-    engine = hf_zero.initialize(model, optimizer, config)
+    config = hf_zero.ZeroConfig(stage=case.stage, precision=case.precision, reduce_bucket_size=BUCKET_SIZE)
+    loop = LOOPS[case.integration](model, optimizer, config, case)
+    engine = loop.engine
     batch = case.global_batch(world)
     samples = make_samples(case.model, case.steps * batch)
     losses, norms, comm_bytes = [], [], []
@@ -40,9 +75,9 @@ def run_sharded(case: Case) -> dict:
         for micro in range(case.accumulation):
             start = step * batch + (micro * world + rank) * case.micro_batch
             loss = engine(**slice_samples(samples, start, case.micro_batch)).loss / case.accumulation
-            engine.backward(loss)
+            loop.backward(loss)
             step_loss += loss.detach().float()
-        engine.step()
+        loop.step()
         dist.all_reduce(step_loss)
         losses.append(step_loss.item() / world)
         comm_bytes.append(engine.last_step_comm_bytes)
@@ -51,7 +86,7 @@ def run_sharded(case: Case) -> dict:
     full = engine.full_state_dict()
     state_numel = sum(
         value.numel()
-        for state in optimizer.state_dict()["state"].values()
+        for state in engine.optimizer.state_dict()["state"].values()
         for value in state.values()
         if torch.is_tensor(value) and value.dim() > 0
     )
