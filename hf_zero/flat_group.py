@@ -24,7 +24,6 @@ class FlatParamGroup:
 
     def __init__(
         self,
-        names: Sequence[str],
         params: Sequence[nn.Parameter],
         layout: FlatLayout,
         rank: int,
@@ -32,7 +31,6 @@ class FlatParamGroup:
         device: torch.device,
         keep_full_grads: bool,
     ) -> None:
-        self.names = list(names)
         self.params = list(params)
         self.original_dtypes = [p.dtype for p in params]
         self.layout = layout
@@ -60,43 +58,65 @@ class FlatParamGroup:
         else:
             self.grad_shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
 
+        # Where the updated master goes in the compute dtype: nowhere when the master is the
+        # compute buffer, straight into it when unsharded, else into a shard-sized buffer that
+        # the all-gather reads from.
+        if self.master.data_ptr() == self.flat.data_ptr():
+            self.master_out: torch.Tensor | None = None
+        elif unsharded:
+            self.master_out = self.flat
+        else:
+            self.master_out = torch.empty(layout.shard_numel, dtype=compute_dtype, device=device)
+
     @property
-    def master_is_flat(self) -> bool:
-        return self.master.data_ptr() == self.flat.data_ptr()
+    def accumulator(self) -> torch.Tensor:
+        """The buffer the gradient hooks add into (full-size for stages 0/1, the shard for stage 2)."""
+        return self.flat_grad if self.flat_grad is not None else self.grad_shard
 
     def clear_grads(self) -> None:
-        """Forget all accumulated gradients."""
-        self.grad_shard.zero_()
-        if self.flat_grad is not None:
-            self.flat_grad.zero_()
+        """Forget all accumulated gradients (the shard of stages 0/1 is overwritten at each reduce)."""
+        self.accumulator.zero_()
 
-    def publish_master(self, comm: Collectives) -> list:
-        """Copy this rank's updated master chunks into the compute buffer and all-gather every bucket.
+    def round_master(self) -> None:
+        """Write the master shard, in the compute dtype, to where `publish` reads it."""
+        if self.master_out is not None:
+            self.master_out.copy_(self.master.data)
+
+    def publish(self, comm: Collectives) -> list:
+        """All-gather every rank's updated 16-bit chunks into the compute buffer.
 
         Returns the collectives' work handles; the caller waits on them.
         """
         if self.layout.num_shards == 1:
-            if not self.master_is_flat:
-                self.flat.copy_(self.master.data)
             return []
-        works = []
-        for bucket in self.layout.buckets:
-            chunk = self.layout.chunk_view(self.flat, bucket, self.rank)
-            chunk.copy_(self.layout.shard_chunk(self.master.data, bucket))
-            works.append(comm.all_gather(self.layout.bucket_view(self.flat, bucket), chunk, async_op=True))
-        return works
+        return [
+            comm.all_gather(
+                self.layout.bucket_view(self.flat, bucket),
+                self.layout.shard_chunk(self.master_out, bucket),
+                async_op=True,
+            )
+            for bucket in self.layout.buckets
+        ]
 
-    def gather_master(self, comm: Collectives) -> list[torch.Tensor]:
-        """Every parameter's full fp32 master value, on every rank, as CPU tensors (one per slot)."""
+    def gather_master(self, comm: Collectives, keep: bool = True) -> list[torch.Tensor]:
+        """Every parameter's full fp32 master value as CPU tensors (one per slot).
+
+        Every rank must call it; a rank with `keep=False` only takes part in the all-gathers
+        (one bucket at a time, on the device) and gets an empty list, so only the ranks that keep
+        the result hold a host copy of the model.
+        """
         if self.layout.num_shards == 1:
+            if not keep:
+                return []
             master = self.master.data
             return [self.layout.param_view(master, i).to("cpu", copy=True) for i in range(len(self.params))]
-        full: list[torch.Tensor | None] = [None] * len(self.params)
+        full: list[torch.Tensor] = []
         for bucket in self.layout.buckets:
             gathered = torch.empty(bucket.size, dtype=torch.float32, device=self.master.device)
             comm.all_gather(gathered, self.layout.shard_chunk(self.master.data, bucket))
-            for index in bucket.slots:
-                slot = self.layout.slots[index]
-                begin = slot.offset - bucket.start
-                full[index] = gathered[begin : begin + slot.numel].view(slot.shape).to("cpu", copy=True)
-        return full  # type: ignore[return-value]
+            if keep:
+                for index in bucket.slots:
+                    slot = self.layout.slots[index]
+                    begin = slot.offset - bucket.start
+                    full.append(gathered[begin : begin + slot.numel].view(slot.shape).to("cpu", copy=True))
+        return full

@@ -134,6 +134,7 @@ def test_accumulation_and_zero_grad(stage):
         engine.backward(engine(**slice_samples(samples, start, 2)).loss / 2)
         assert all(p.grad is None for p in model.parameters())  # the hooks took every gradient
     engine.step()
+    assert engine.global_steps == 1
     got, want = engine.full_state_dict(), reference_engine.full_state_dict()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -248,3 +249,10 @@ def test_activation_checkpointing(reentrant, stage):
     got = engine.full_state_dict()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_full_state_dict_keep_false_returns_nothing():
+    model, optimizer = _gpt2_and_adamw()
+    engine = hf_zero.initialize(model, optimizer, {"stage": 1})
+    assert engine.full_state_dict(keep=False) == {}
+    assert engine.full_state_dict().keys() == model.state_dict().keys()

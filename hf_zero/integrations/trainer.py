@@ -95,14 +95,15 @@ class ZeroTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights.
 
-        Every rank must call it (the weights are all-gathered); rank 0 writes.
+        Every rank must call it (the weights are all-gathered); only the writing rank(s) hold
+        them on the host.
         """
         engine = self.zero_engine
         if engine is None:
             super().save_model(output_dir, _internal_call=_internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = engine.full_state_dict()
+        state_dict = engine.full_state_dict(keep=self.args.should_save)
         self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

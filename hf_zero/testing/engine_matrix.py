@@ -19,6 +19,7 @@ import torch.distributed as dist
 import hf_zero
 
 from .cases import BUCKET_SIZE, Case, build_optimizer, cases_from_json
+from .launch import exit_cleanly
 from .tiny_models import build_model, make_samples, slice_samples
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     results = {case.name: run_sharded(case) for case in cases_from_json(Path(cases_json).read_text())}
     torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch.distributed as dist
+
 
 def torchrun(module: str, nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m module args...` on `nproc` local ranks; raise with the output if it fails."""
@@ -33,3 +35,18 @@ def torchrun(module: str, nproc: int, args: list[str], timeout: float = 600) -> 
             f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
         )
     return result
+
+
+def exit_cleanly() -> None:
+    """End a launched rank: leave the process group, flush output, skip interpreter teardown.
+
+    Gloo's worker threads can abort the process while Python tears its modules down (seen as
+    "terminate called without an active exception", also in PyTorch's own gloo tests, issue
+    65231), which would fail a launch whose work is done.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

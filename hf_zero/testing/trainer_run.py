@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..integrations.trainer import ZeroTrainer
+from .launch import exit_cleanly
 from .tiny_models import build_model, make_samples
 
 GLOBAL_BATCH = 4
@@ -115,6 +116,7 @@ def main() -> None:
         resumed.save_model(str(options.out / "resumed"))
     if trainer.is_world_process_zero():
         (options.out / "report.json").write_text(json.dumps(report))
+    exit_cleanly()
 
 
 if __name__ == "__main__":

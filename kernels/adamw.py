@@ -1,0 +1,186 @@
+"""Fused Adam/AdamW step over one flat fp32 shard, in one memory pass.
+
+Per element: scale the gradient (unscale and clip folded into one factor, read from a device
+scalar so the host never waits for the norm), apply weight decay (decoupled for AdamW, L2 for
+Adam), update both moments, update the fp32 master, write its 16-bit copy for the all-gather,
+and optionally reset the gradient accumulator. Unfused, the same work is five to seven passes.
+
+The arithmetic follows `torch.optim.Adam`'s single-tensor implementation operation by operation,
+so the result matches it to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is Linux-only; elsewhere the reference runs.
+    triton = None
+
+BLOCK_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class AdamHyperparams:
+    """One step's scalars. `step` is the step number after incrementing (1 on the first step)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int
+    decoupled: bool
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return math.sqrt(1 - self.beta2**self.step)
+
+
+def adam_step_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor | None,
+    hp: AdamHyperparams,
+    grad_scale: torch.Tensor | None = None,
+    zero_grad: bool = False,
+) -> None:
+    """The fused step in PyTorch operations (in place). See `adam_step` for the arguments."""
+    g = grad.float()
+    if grad_scale is not None:
+        g = g * grad_scale
+    if hp.weight_decay != 0:
+        if hp.decoupled:
+            param.mul_(1 - hp.lr * hp.weight_decay)
+        else:
+            g = g.add(param, alpha=hp.weight_decay)
+    exp_avg.lerp_(g, 1 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
+    denom = (exp_avg_sq.sqrt() / hp.bias_correction2_sqrt).add_(hp.eps)
+    param.addcdiv_(exp_avg, denom, value=-hp.step_size)
+    if out is not None:
+        out.copy_(param)
+    if zero_grad:
+        grad.zero_()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adam_kernel(
+        param_ptr,
+        grad_ptr,
+        exp_avg_ptr,
+        exp_avg_sq_ptr,
+        out_ptr,
+        scale_ptr,
+        n,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step_size,
+        bias_correction2_sqrt,
+        DECOUPLED: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        OUT_MODE: tl.constexpr,  # 0: no copy, 1: bf16 (rounded to nearest even by hand), 2: native cast
+        ZERO_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        p = tl.load(param_ptr + offsets, mask=mask)
+        g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        m = tl.load(exp_avg_ptr + offsets, mask=mask)
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr)
+        if DECOUPLED:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+        m = m + (1 - beta1) * (g - m)
+        v = v * beta2 + (1 - beta2) * (g * g)
+        denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        tl.store(param_ptr + offsets, p, mask=mask)
+        tl.store(exp_avg_ptr + offsets, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+        if OUT_MODE == 1:
+            # Round to nearest even explicitly: Triton's interpreter truncates float32 -> bf16.
+            bits = p.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(p != p, 0x7FC0, rounded)  # keep NaN a NaN
+            tl.store(out_ptr + offsets, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        elif OUT_MODE == 2:
+            tl.store(out_ptr + offsets, p.to(out_ptr.dtype.element_ty), mask=mask)
+        if ZERO_GRAD:
+            tl.store(grad_ptr + offsets, tl.zeros_like(g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def adam_step_triton(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor | None,
+    hp: AdamHyperparams,
+    grad_scale: torch.Tensor | None = None,
+    zero_grad: bool = False,
+) -> None:
+    """The fused step as one Triton launch. See `adam_step` for the arguments."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed; use adam_step_reference")
+    n = param.numel()
+    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
+        if tensor is not None and (tensor.numel() != n or not tensor.is_contiguous()):
+            raise ValueError(f"adam_step: {name} must be contiguous with {n} elements like param")
+    if param.dtype != torch.float32 or exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32:
+        raise ValueError("adam_step: param, exp_avg and exp_avg_sq must be float32")
+    if n == 0:
+        return
+    out_mode = 0 if out is None else (1 if out.dtype == torch.bfloat16 else 2)
+    _adam_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+        param, grad, exp_avg, exp_avg_sq,
+        out if out is not None else param,
+        grad_scale if grad_scale is not None else param,
+        n, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size, hp.bias_correction2_sqrt,
+        DECOUPLED=hp.decoupled, HAS_SCALE=grad_scale is not None, OUT_MODE=out_mode, ZERO_GRAD=zero_grad,
+        BLOCK=BLOCK_SIZE, num_warps=8,
+    )  # fmt: skip
+
+
+def adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor | None,
+    hp: AdamHyperparams,
+    grad_scale: torch.Tensor | None = None,
+    zero_grad: bool = False,
+) -> None:
+    """One Adam/AdamW step over flat tensors, in place: Triton on CUDA, the reference elsewhere.
+
+    Args:
+        param: fp32 master weights (updated).
+        grad: the gradient, fp32 or 16-bit (zeroed afterwards when `zero_grad`).
+        exp_avg, exp_avg_sq: fp32 moments (updated).
+        out: where to write the updated weights in the compute dtype, or None.
+        hp: learning rate, betas, eps, weight decay, step number, decoupled or L2 decay.
+        grad_scale: a one-element device tensor multiplied into the gradient first, or None.
+    """
+    step = adam_step_triton if param.is_cuda and triton is not None else adam_step_reference
+    step(param, grad, exp_avg, exp_avg_sq, out, hp, grad_scale, zero_grad)
