@@ -97,6 +97,9 @@ class BucketedReduceScatter:
         }
         self.group_index = {id(group): g for g, group in enumerate(groups)}
         self.in_flight: deque = deque()
+        # Elements of full-gradient staging alive now, and the most ever: the bound stage 2 promises.
+        self.staged_elements = 0
+        self.peak_staged_elements = 0
 
     def on_grad(self, group: FlatParamGroup, index: int, grad: torch.Tensor) -> None:
         layout = group.layout
@@ -109,6 +112,8 @@ class BucketedReduceScatter:
         staging = self.staging[(self.group_index[id(group)], bucket.index)]
         if staging.buffer is None:
             staging.buffer = torch.zeros(bucket.size, dtype=group.compute_dtype, device=grad.device)
+            self.staged_elements += bucket.size
+            self.peak_staged_elements = max(self.peak_staged_elements, self.staged_elements)
         begin = slot.offset - bucket.start
         staging.buffer[begin : begin + slot.numel].view(slot.shape).add_(grad)
         staging.arrived += 1
@@ -128,6 +133,7 @@ class BucketedReduceScatter:
         work, out, _buffer, group, bucket = entry
         work.wait()
         group.layout.shard_chunk(group.grad_shard, bucket).add_(out, alpha=self.scale)
+        self.staged_elements -= bucket.size
 
     def finish_backward(self) -> None:
         """Reduce partly filled buckets and wait for every reduction."""
@@ -147,3 +153,4 @@ class BucketedReduceScatter:
             self._complete(self.in_flight.popleft())
         for staging in self.staging.values():
             staging.buffer, staging.arrived = None, 0
+        self.staged_elements = 0

@@ -123,3 +123,14 @@ def test_bytes_sent_per_step_match_data_parallel(sharded, world, case):
     if case.clipping > 0 and case.stage > 0:
         expected += round(2 * share * 4)  # the all-reduced fp32 squared norm
     assert got["comm_bytes"] == [expected] * case.steps
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_stage2_never_holds_a_full_gradient(sharded, world):
+    """Stage 2 stages gradients per bucket: at most a few buckets' worth are alive at once."""
+    for case in CASES[world]:
+        if case.stage != 2:
+            continue
+        got = sharded(world)[0][case.name]
+        assert got["peak_staged_elements"] > 0
+        assert got["peak_staged_elements"] <= 0.5 * got["flat_numel"], case.name

@@ -108,6 +108,7 @@ def run_sharded(case: Case) -> dict:
         "element_size": engine.compute_dtype.itemsize,
         "model_matches_master": model_matches_master,
         "weights_checksum": sum(v.double().sum().item() for v in full.values() if v.is_floating_point()),
+        "peak_staged_elements": getattr(engine.grad_sync, "peak_staged_elements", None),
     }
     if rank == 0:
         result["weights"] = {k: v.float() for k, v in full.items() if v.is_floating_point()}
