@@ -41,30 +41,33 @@ class StepTimeReduction:
 
     def reduce(self) -> None:
         """Leave the rank-averaged gradient of each group's shard in `grad_shard`."""
-        pending = []
-        for group in self.groups:
-            if not self.scatter:
-                pending.append((self.comm.all_reduce(group.flat_grad, async_op=True), None, None, group))
-                continue
-            for bucket in group.layout.buckets:
-                target = group.layout.shard_chunk(group.grad_shard, bucket)
-                out = (
-                    target
-                    if target.dtype == group.compute_dtype
-                    else torch.empty_like(target, dtype=group.compute_dtype)
-                )
-                source = group.layout.bucket_view(group.flat_grad, bucket)
-                pending.append((self.comm.reduce_scatter(out, source, async_op=True), out, target, group))
-        for work, out, target, group in pending:
-            work.wait()
-            if out is None:
-                if group.grad_shard.data_ptr() != group.flat_grad.data_ptr():
+        if self.scatter and self.comm.world_size > 1:
+            self._reduce_scatter_buckets()
+        else:
+            # Stage 0, or a world of one (where the only shard is everything): all-reduce, then
+            # convert to fp32 in the same pass as the copy.
+            works = [self.comm.all_reduce(group.flat_grad, async_op=True) for group in self.groups]
+            for work, group in zip(works, self.groups, strict=True):
+                work.wait()
+                if group.grad_shard is not group.flat_grad:
                     group.grad_shard.copy_(group.flat_grad)
-            elif out.data_ptr() != target.data_ptr():
-                target.copy_(out)
         if self.comm.world_size > 1:
             for group in self.groups:
                 group.grad_shard.mul_(1.0 / self.comm.world_size)
+
+    def _reduce_scatter_buckets(self) -> None:
+        pending = []
+        for group in self.groups:
+            for bucket in group.layout.buckets:
+                target = group.layout.shard_chunk(group.grad_shard, bucket)
+                same_dtype = target.dtype == group.compute_dtype
+                out = target if same_dtype else torch.empty_like(target, dtype=group.compute_dtype)
+                source = group.layout.bucket_view(group.flat_grad, bucket)
+                pending.append((self.comm.reduce_scatter(out, source, async_op=True), out, target))
+        for work, out, target in pending:
+            work.wait()
+            if out is not target:
+                target.copy_(out)
 
     def discard(self) -> None:
         """Nothing is in flight; the groups' buffers are cleared by the engine."""
