@@ -12,6 +12,7 @@ in one fused pass, see `fused_adam.py`), all-gather the new weights. So `engine.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -271,6 +272,58 @@ class ZeroEngine(nn.Module):
             state[name] = found if found is not None else tensor.detach().to("cpu", copy=True)
         return state
 
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load complete, unsharded weights (such as a `save_pretrained` folder's) on every rank.
+
+        Trainable weights set the fp32 master shards exactly and reach the model rounded to the
+        compute dtype; other entries (frozen weights, buffers) load into the model. A tied weight
+        may appear under any of its names. Everything is checked before anything changes. Every
+        rank must call this with the same weights.
+        """
+        names_of: dict[int, list[str]] = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            names_of.setdefault(id(tensor), []).append(name)
+        managed: set[str] = set()
+        planned = []
+        for group in self.groups:
+            values = []
+            for param, slot in zip(group.params, group.layout.slots, strict=True):
+                names = names_of.get(id(param), [slot.name])
+                managed.update(names)
+                value = next((state_dict[n] for n in names if n in state_dict), None)
+                if value is None:
+                    raise ValueError(f"the weights to load have no entry for parameter {' / '.join(names)}")
+                if tuple(value.shape) != tuple(slot.shape):
+                    raise ValueError(
+                        f"parameter {slot.name} has shape {tuple(slot.shape)} but the weights to load "
+                        f"hold {tuple(value.shape)}"
+                    )
+                values.append(value)
+            planned.append((group, values))
+        rest = {name: value for name, value in state_dict.items() if name not in managed}
+        expected = [name for name in self.module.state_dict() if name not in managed]
+        missing = [name for name in expected if name not in rest]
+        unexpected = [name for name in rest if name not in expected]
+        if missing:
+            raise ValueError(f"the weights to load have no entry for {missing[:5]}")
+        if unexpected:
+            raise ValueError(f"the weights to load hold entries the model does not have: {unexpected[:5]}")
+        with torch.no_grad():
+            for group, values in planned:
+                group.master.copy_(
+                    group.layout.shard_of(values, group.rank, torch.float32, group.master.device)
+                )
+            self._publish_masters()
+            self.module.load_state_dict(rest, strict=False)
+
+    def _publish_masters(self) -> None:
+        """Round every master shard into the compute buffer and all-gather it everywhere."""
+        for group in self.groups:
+            group.round_master()
+        works = [work for group in self.groups for work in group.publish(self.comm)]
+        for work in works:
+            work.wait()
+
     def shard_state_dict(self) -> dict[str, Any]:
         """This rank's own training state: its fp32 master shards and its optimizer state."""
         return {
@@ -300,11 +353,7 @@ class ZeroEngine(nn.Module):
             for group, master in zip(self.groups, masters, strict=True):
                 group.master.copy_(master)
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.groups:
-            group.round_master()
-        works = [work for group in self.groups for work in group.publish(self.comm)]
-        for work in works:
-            work.wait()
+        self._publish_masters()
 
 
 def initialize(

@@ -256,3 +256,43 @@ def test_full_state_dict_keep_false_returns_nothing():
     engine = hf_zero.initialize(model, optimizer, {"stage": 1})
     assert engine.full_state_dict(keep=False) == {}
     assert engine.full_state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_load_full_state_dict_sets_masters_exactly(tmp_path, stage):
+    source = build_model("gpt2")
+    source.save_pretrained(tmp_path)  # ties: writes transformer.wte.weight once
+    from hf_zero.weights import load_pretrained_weights
+
+    weights = load_pretrained_weights(tmp_path)
+    model, optimizer = _gpt2_and_adamw()
+    engine = hf_zero.initialize(model, optimizer, {"stage": stage, "precision": "bf16"})
+    engine.load_full_state_dict(weights)
+    got = engine.full_state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(got[key], value), key
+    assert torch.equal(
+        model.transformer.h[0].attn.c_attn.weight, source.transformer.h[0].attn.c_attn.weight.bfloat16()
+    )
+
+    with pytest.raises(ValueError, match=r"no entry for parameter transformer.wte.weight / lm_head.weight"):
+        engine.load_full_state_dict({k: v for k, v in weights.items() if "wte" not in k})
+    wrong = {**weights, "transformer.ln_f.bias": torch.zeros(3)}
+    with pytest.raises(
+        ValueError, match=r"transformer.ln_f.bias has shape \(64,\) but the weights to load hold \(3,\)"
+    ):
+        engine.load_full_state_dict(wrong)
+    with pytest.raises(ValueError, match="entries the model does not have: \\['extra'\\]"):
+        engine.load_full_state_dict({**weights, "extra": torch.zeros(1)})
+    # A refused load changed nothing.
+    assert all(torch.equal(engine.full_state_dict()[k], v) for k, v in got.items())
+
+
+def test_load_pretrained_weights_needs_a_pretrained_folder(tmp_path):
+    from hf_zero.weights import load_pretrained_weights
+
+    with pytest.raises(FileNotFoundError, match="expected a folder written by save_pretrained"):
+        load_pretrained_weights(tmp_path)
+    build_model("llama").save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert load_pretrained_weights(tmp_path).keys() == build_model("llama").state_dict().keys()

@@ -69,6 +69,12 @@ def test_zero_trainer_matches_plain_trainer(tmp_path, plain_fp32, stage):
         resumed = load_file(tmp_path / "resumed" / "model.safetensors")
         for key, value in saved.items():
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+        # load_best_model_at_end reloads the best checkpoint through the engine (masters included).
+        best = load_file(tmp_path / "best_final" / "model.safetensors")
+        first_checkpoint = load_file(tmp_path / "best" / "checkpoint-3" / "model.safetensors")
+        assert any(not torch.equal(best[key], saved[key]) for key in saved)
+        for key, value in first_checkpoint.items():
+            torch.testing.assert_close(best[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):

@@ -18,6 +18,7 @@ from transformers import Trainer
 
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, engine_of
+from ..weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
 
 SCHEDULER_FILE = "scheduler.pt"
@@ -107,6 +108,23 @@ class ZeroTrainer(Trainer):
         self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Once the model is sharded, weights load through the engine so the fp32 masters follow."""
+        engine = self.zero_engine
+        if engine is None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        engine.load_full_state_dict(load_pretrained_weights(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        engine = self.zero_engine
+        if engine is None:
+            super()._load_best_model()
+            return
+        engine.load_full_state_dict(load_pretrained_weights(self.state.best_model_checkpoint))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         engine = self.zero_engine

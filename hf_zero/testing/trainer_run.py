@@ -6,7 +6,8 @@
 Both see the same global batch per step (the plain run uses a per-device batch `world` times
 larger). The run trains `--steps` optimizer steps with accumulation and clipping, evaluates,
 predicts and saves the final model to OUT_DIR/final. With `--resume`, a ZeroTrainer run also
-checkpoints halfway and a second trainer resumes from that checkpoint into OUT_DIR/resumed.
+checkpoints halfway and a second trainer resumes from that checkpoint into OUT_DIR/resumed; a third
+trains with `load_best_model_at_end` (the first checkpoint being the best) into OUT_DIR/best_final.
 Rank 0 writes OUT_DIR/report.json.
 """
 
@@ -52,7 +53,9 @@ class LogRecorder(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def _trainer(options, out: Path, name: str, max_steps: int, recorder: LogRecorder, save_steps: int | None):
+def _trainer(
+    options, out: Path, name: str, max_steps: int, recorder: LogRecorder, save_steps: int | None, **extra
+):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = GLOBAL_BATCH if options.mode == "plain" else GLOBAL_BATCH // world
     args = TrainingArguments(
@@ -73,6 +76,7 @@ def _trainer(options, out: Path, name: str, max_steps: int, recorder: LogRecorde
         bf16=options.precision == "bf16",
         disable_tqdm=True,
         seed=0,
+        **extra,
     )
     kwargs = {}
     cls = Trainer
@@ -114,6 +118,15 @@ def main() -> None:
         resumed = _trainer(options, options.out, "resume", options.steps, LogRecorder(), None)
         resumed.train(resume_from_checkpoint=str(options.out / "run" / f"checkpoint-{save_steps}"))
         resumed.save_model(str(options.out / "resumed"))
+        # The eval loss falls, so "greater is better" makes the first checkpoint the best one: the
+        # model saved after training must be that checkpoint's, not the last step's.
+        best = _trainer(
+            options, options.out, "best", options.steps, LogRecorder(), save_steps,
+            eval_strategy="steps", eval_steps=save_steps, load_best_model_at_end=True,
+            metric_for_best_model="eval_loss", greater_is_better=True,
+        )  # fmt: skip
+        best.train()
+        best.save_model(str(options.out / "best_final"))
     if trainer.is_world_process_zero():
         (options.out / "report.json").write_text(json.dumps(report))
     exit_cleanly()
