@@ -280,8 +280,9 @@ class ZeroEngine(nn.Module):
         may appear under any of its names. Everything is checked before anything changes. Every
         rank must call this with the same weights.
         """
+        module_state = self.module.state_dict(keep_vars=True)
         names_of: dict[int, list[str]] = {}
-        for name, tensor in self.module.state_dict(keep_vars=True).items():
+        for name, tensor in module_state.items():
             names_of.setdefault(id(tensor), []).append(name)
         managed: set[str] = set()
         planned = []
@@ -301,7 +302,7 @@ class ZeroEngine(nn.Module):
                 values.append(value)
             planned.append((group, values))
         rest = {name: value for name, value in state_dict.items() if name not in managed}
-        expected = [name for name in self.module.state_dict() if name not in managed]
+        expected = [name for name in module_state if name not in managed]
         missing = [name for name in expected if name not in rest]
         unexpected = [name for name in rest if name not in expected]
         if missing:

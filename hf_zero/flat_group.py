@@ -61,7 +61,7 @@ class FlatParamGroup:
         # Where the updated master goes in the compute dtype: nowhere when the master is the
         # compute buffer, straight into it when unsharded, else into a shard-sized buffer that
         # the all-gather reads from.
-        if self.master.data_ptr() == self.flat.data_ptr():
+        if alias_master:
             self.master_out: torch.Tensor | None = None
         elif unsharded:
             self.master_out = self.flat

@@ -133,11 +133,6 @@ class FlatLayout:
         """A bucket's region of a full flat buffer."""
         return flat[bucket.start : bucket.start + bucket.size]
 
-    def chunk_view(self, flat: torch.Tensor, bucket: Bucket, rank: int) -> torch.Tensor:
-        """The chunk of a bucket that `rank` owns, as a view into a full flat buffer."""
-        start = bucket.chunk_start(rank)
-        return flat[start : start + bucket.chunk]
-
     def shard_chunk(self, shard: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         """A bucket's chunk inside a shard tensor."""
         return shard[bucket.shard_offset : bucket.shard_offset + bucket.chunk]

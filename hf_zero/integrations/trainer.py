@@ -2,8 +2,9 @@
 
 It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
 `accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
-nothing in transformers is patched. `save_model` gathers the full fp32 weights on every rank and
-writes a normal `save_pretrained` folder; Trainer checkpoints keep one optimizer shard per rank.
+nothing in transformers is patched. `save_model` all-gathers the full fp32 weights (only the
+writing rank holds them on the host) into a normal `save_pretrained` folder; Trainer checkpoints
+keep one optimizer shard per rank, and weights reloaded from them go through the engine.
 """
 
 from __future__ import annotations
