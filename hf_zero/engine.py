@@ -45,7 +45,7 @@ class ZeroEngine(nn.Module):
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, config: ZeroConfig) -> None:
         super().__init__()
-        _check_supported(config)
+        check_available(config)
         check_elementwise(optimizer, config.allow_untested_optimizer)
         if engine_of(module) is not None:
             raise ValueError("this model is already managed by an hf_zero engine; initialize it only once")
@@ -56,6 +56,7 @@ class ZeroEngine(nn.Module):
         self.ctx: DistContext = setup_distributed(_device_of(module))
         self.comm = Collectives(self.ctx)
 
+        self.source_param_names = _names_in_groups(module, optimizer)
         named = _trainable_parameters_by_group(module, optimizer)
         module.to(self.ctx.device)
         self._broadcast_module_state()
@@ -93,6 +94,7 @@ class ZeroEngine(nn.Module):
             for group in self.groups
             for index, param in enumerate(group.params)
         ]
+        self._hooks.extend(self._install_load_state_dict_hooks())
         self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
@@ -116,6 +118,29 @@ class ZeroEngine(nn.Module):
         for param in self.module.parameters():
             if id(param) not in managed and param.is_floating_point() and param.dtype != self.compute_dtype:
                 param.data = param.data.to(self.compute_dtype)
+
+    def _install_load_state_dict_hooks(self) -> list:
+        """Make `model.load_state_dict(...)` (on the model or any submodule) set the fp32 masters.
+
+        Torch copies loaded values into the 16-bit parameters; each module owning managed
+        parameters also hands the loaded values of those parameters to their master shards, so the
+        next step continues from what was loaded instead of publishing the old masters over it.
+        """
+        slot_of = {
+            id(param): (group, index) for group in self.groups for index, param in enumerate(group.params)
+        }
+        handles = []
+        for module in self.module.modules():
+            owned = [
+                (name, slot_of[id(param)])
+                for name, param in module.named_parameters(recurse=False)
+                if id(param) in slot_of
+            ]
+            if owned:
+                pending: list = []
+                handles.append(module.register_load_state_dict_pre_hook(_stash_loaded(owned, pending)))
+                handles.append(module.register_load_state_dict_post_hook(_apply_loaded(pending)))
+        return handles
 
     def _grad_hook(self, group: FlatParamGroup, index: int):
         def hook(param: torch.Tensor) -> None:
@@ -251,13 +276,19 @@ class ZeroEngine(nn.Module):
 
     # ---- state -------------------------------------------------------------------------------------
 
-    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The complete, unsharded state dict on every rank, as CPU tensors.
 
         Trainable weights come from the fp32 master copy, cast back to the dtype the model had
         when it was handed to the engine; frozen weights and buffers are copied as they are. Tied
         weights map to one shared tensor. Every rank must call this (it all-gathers); a rank that
-        passes `keep=False` only takes part and gets an empty dict, holding no host copy.
+        passes `keep=False` only takes part and gets an empty dict, holding no host copy. With
+        `trainable_only`, frozen weights and buffers are left out (a PEFT adapter's save needs
+        only its own weights, not a host copy of the frozen base model).
+
+        `model.state_dict()` itself keeps returning what the model computes with (the 16-bit
+        weights): the fp32 masters are spread over the ranks, and gathering them is a collective
+        every rank must join, which a `state_dict()` call made on one rank cannot do.
         """
         values: dict[int, torch.Tensor] = {}
         for group in self.groups:
@@ -269,7 +300,10 @@ class ZeroEngine(nn.Module):
         state = {}
         for name, tensor in self.module.state_dict(keep_vars=True).items():
             found = values.get(id(tensor))
-            state[name] = found if found is not None else tensor.detach().to("cpu", copy=True)
+            if found is not None:
+                state[name] = found
+            elif not trainable_only:
+                state[name] = tensor.detach().to("cpu", copy=True)
         return state
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -375,7 +409,13 @@ def initialize(
 # ---- module-level helpers ------------------------------------------------------------------------
 
 
-def _check_supported(config: ZeroConfig) -> None:
+def check_available(config: ZeroConfig) -> None:
+    """Raise a clear error for a config asking for features this release does not have yet.
+
+    The integrations call it when they are built, so a Trainer or Accelerator refuses such a
+    config at once rather than when training starts.
+    """
+    compute_dtype_for(config.precision)
     if config.stage == 3:
         raise NotImplementedError(
             "ZeRO stage 3 (parameter sharding) is not available yet in this hf_zero release; use "
@@ -386,6 +426,34 @@ def _check_supported(config: ZeroConfig) -> None:
             "offloading to CPU or NVMe is not available yet in this hf_zero release; set "
             "offload_optimizer='none' and offload_params='none'"
         )
+
+
+def _stash_loaded(owned: list, pending: list):
+    """A load_state_dict pre-hook that remembers the incoming values of a module's managed parameters."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if local_metadata.get("assign_to_params_buffers", False):
+            raise ValueError(
+                "load_state_dict(..., assign=True) would replace parameters that hf_zero keeps in its flat "
+                "buffers; load with assign=False (the default) or through engine.load_full_state_dict"
+            )
+        for name, (group, index) in owned:
+            value = state_dict.get(prefix + name)
+            if torch.is_tensor(value) and tuple(value.shape) == tuple(group.layout.slots[index].shape):
+                pending.append((group, index, value))
+
+    return hook
+
+
+def _apply_loaded(pending: list):
+    """A load_state_dict post-hook that writes the remembered values into the fp32 master shards."""
+
+    def hook(module, incompatible_keys) -> None:
+        for group, index, value in pending:
+            group.set_master_values(index, value.to(group.master.device))
+        pending.clear()
+
+    return hook
 
 
 def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
@@ -401,6 +469,13 @@ def _device_of(module: nn.Module) -> torch.device | None:
     for param in module.parameters():
         return param.device
     return None
+
+
+def _names_in_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str | None]]:
+    """The model name of every tensor in each param group, in order, as the user built them (frozen
+    ones included): what the positional state of an unsharded optimizer refers to."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [[names.get(id(param)) for param in group["params"]] for group in optimizer.param_groups]
 
 
 def _trainable_parameters_by_group(

@@ -39,6 +39,7 @@ class FlatParamGroup:
         self.rank = 0 if unsharded else rank
         self.compute_dtype = compute_dtype
         alias_master = unsharded and compute_dtype == torch.float32
+        self.master_is_flat = alias_master
 
         if not alias_master:
             master = layout.shard_of([p.data for p in params], self.rank, torch.float32, device)
@@ -58,6 +59,10 @@ class FlatParamGroup:
         else:
             self.grad_shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
 
+        self._spans_by_slot: list[list] = [[] for _ in self.params]
+        for span in layout.spans(self.rank):
+            self._spans_by_slot[span.slot].append(span)
+
         # Where the updated master goes in the compute dtype: nowhere when the master is the
         # compute buffer, straight into it when unsharded, else into a shard-sized buffer that
         # the all-gather reads from.
@@ -76,6 +81,17 @@ class FlatParamGroup:
     def clear_grads(self) -> None:
         """Forget all accumulated gradients (the shard of stages 0/1 is overwritten at each reduce)."""
         self.accumulator.zero_()
+
+    def set_master_values(self, index: int, value: torch.Tensor) -> None:
+        """Overwrite this rank's master elements of slot `index` with the matching ones of `value`."""
+        if self.master_is_flat:
+            return  # the model's own copy already is the master
+        source = value.detach().reshape(-1)
+        with torch.no_grad():
+            for span in self._spans_by_slot[index]:
+                self.master.data[span.shard_begin : span.shard_begin + span.length].copy_(
+                    source[span.param_begin : span.param_begin + span.length]
+                )
 
     def round_master(self) -> None:
         """Write the master shard, in the compute dtype, to where `publish` reads it."""
