@@ -10,11 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ZeroConfig
-from .engine import ZeroEngine, engine_of, initialize
+from .engine import ZeroEngine, engine_of, full_grad, initialize
 
 __version__ = "0.1.0"
 
-__all__ = ["ZeroAccelerator", "ZeroConfig", "ZeroEngine", "ZeroTrainer", "engine_of", "initialize"]
+__all__ = [
+    "ZeroAccelerator",
+    "ZeroConfig",
+    "ZeroEngine",
+    "ZeroTrainer",
+    "engine_of",
+    "full_grad",
+    "initialize",
+]
 
 # The integrations import transformers/accelerate, which takes seconds; load them on first use.
 _LAZY = {

@@ -49,12 +49,17 @@ class ZeroConfig:
         min_loss_scale: the floor of the dynamic scale; training stops with an error below it.
         reduce_bucket_size: elements per gradient bucket. Buckets are also the unit in which the
             flat parameter buffers are sharded and all-gathered after the step.
-        overlap_comm: launch stage-2 gradient reductions while backward is still running.
+        overlap_comm: stage 2: reduce-scatter each gradient bucket as soon as it is complete, while
+            backward is still running. False reduces after each backward pass instead (staging up
+            to a full 16-bit gradient meanwhile), which is always exact, also for models that
+            reuse parameters a varying number of times per pass.
         gradient_clipping: clip the global gradient norm to this value (0 = no clipping).
         gradient_accumulation_steps: micro-batches per optimizer step, used by `ZeroTrainer` and
             `hf-zero train` (the engine itself steps whenever `step()` is called).
         allow_untested_optimizer: accept an optimizer class hf_zero does not know to be
             elementwise. Only elementwise optimizers give correct results on flat shards.
+        debug_collectives: after every step, check that all ranks issued the same sequence of
+            collectives (one small all-gather per step); raises if they did not.
     """
 
     stage: int = 2
@@ -72,6 +77,7 @@ class ZeroConfig:
     gradient_clipping: float = 0.0
     gradient_accumulation_steps: int = 1
     allow_untested_optimizer: bool = False
+    debug_collectives: bool = False
 
     def __post_init__(self) -> None:
         self.stage = _check_int("stage", self.stage, minimum=0, maximum=3)
@@ -96,6 +102,7 @@ class ZeroConfig:
             "gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1
         )
         self.allow_untested_optimizer = _check_bool("allow_untested_optimizer", self.allow_untested_optimizer)
+        self.debug_collectives = _check_bool("debug_collectives", self.debug_collectives)
         self._check_combinations()
 
     def _check_combinations(self) -> None:

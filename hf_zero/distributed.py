@@ -2,11 +2,13 @@
 
 A single process without an initialised process group is world size 1: every collective is then
 a local copy (or nothing), so the same engine code runs under `python`, `torchrun` and
-`accelerate launch`.
+`accelerate launch`. An existing process group (or a sub-group, for hf_zero beside tensor or
+pipeline parallelism) can be handed in; the engine then shards over that group only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -20,7 +22,8 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 @dataclass(frozen=True)
 class DistContext:
-    """Where this process sits: its rank, the world size, and the device it computes on."""
+    """Where this process sits: its rank and world size in the group the engine shards over, and
+    the device it computes on."""
 
     rank: int
     world_size: int
@@ -29,30 +32,58 @@ class DistContext:
     group: dist.ProcessGroup | None
 
 
-def setup_distributed(model_device: torch.device | None = None) -> DistContext:
+def choose_device(
+    cuda_available: bool,
+    device_count: int,
+    local_rank: int | None,
+    model_device: torch.device | None,
+) -> torch.device:
+    """The device this rank computes on.
+
+    A model already on the CPU stays there. Under a launcher (`local_rank` known) each rank takes
+    GPU `LOCAL_RANK`, whatever device the model happens to be on (a script that moved every rank's
+    model to `cuda:0` would otherwise put all ranks on one GPU). Without a launcher the model's own
+    GPU is kept, or GPU 0.
+    """
+    if not cuda_available or (model_device is not None and model_device.type == "cpu"):
+        return torch.device("cpu")
+    if local_rank is not None:
+        return torch.device("cuda", local_rank % device_count)
+    if model_device is not None and model_device.type == "cuda" and model_device.index is not None:
+        return model_device
+    return torch.device("cuda", 0)
+
+
+def setup_distributed(
+    model_device: torch.device | None = None, process_group: dist.ProcessGroup | None = None
+) -> DistContext:
     """Join (or start, under torchrun) the default process group and pick this rank's device.
 
     NCCL is used when CUDA is available and gloo otherwise. Without a launcher (no WORLD_SIZE
-    in the environment) this process is a world of one and no process group is created.
+    in the environment) this process is a world of one and no process group is created. With
+    `process_group`, the engine's ranks are that group's.
     """
     use_cuda = torch.cuda.is_available() and (model_device is None or model_device.type != "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        group = dist.group.WORLD
+    launched_rank = os.environ.get("LOCAL_RANK")
+    local_rank = int(launched_rank) if launched_rank is not None else None
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        group = process_group
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     else:
-        rank, world_size, group = 0, 1, None
-    if use_cuda:
-        if model_device is not None and model_device.type == "cuda" and model_device.index is not None:
-            device = model_device
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
         else:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            rank, world_size, group = 0, 1, None
+    device = choose_device(use_cuda, torch.cuda.device_count() if use_cuda else 0, local_rank, model_device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, group=group)
+    return DistContext(
+        rank=rank, world_size=world_size, local_rank=local_rank or 0, device=device, group=group
+    )
 
 
 class _Done:
@@ -69,30 +100,43 @@ class Collectives:
     or all-gather over n elements sends (W-1)/W of them, an all-reduce twice that. So one
     all-reduce of the gradients costs what a reduce-scatter plus an all-gather of them costs,
     which is the claim ZeRO stages 1 and 2 rest on.
+
+    With `fingerprint=True` every call is also folded into a running digest of (operation,
+    element count, dtype); `check_fingerprint()` compares it across ranks, so collectives that
+    paired up out of order are reported instead of silently mixing gradients.
     """
 
-    def __init__(self, ctx: DistContext) -> None:
+    def __init__(self, ctx: DistContext, fingerprint: bool = False) -> None:
         self.world_size = ctx.world_size
         self.group = ctx.group
         self.bytes_sent = 0
+        self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
+        self._calls = 0
+        # Broadcasts name their source by global rank; rank 0 of a sub-group need not be global rank 0.
+        self._source = dist.get_global_rank(ctx.group, 0) if ctx.world_size > 1 else 0
 
-    def _count(self, numel: int, element_size: int, factor: float) -> None:
-        self.bytes_sent += round(numel * element_size * factor * (self.world_size - 1) / self.world_size)
+    def _record(self, op: str, tensor: torch.Tensor, factor: float) -> None:
+        share = (self.world_size - 1) / self.world_size
+        self.bytes_sent += round(tensor.numel() * tensor.element_size() * factor * share)
+        if self._fingerprint is not None:
+            self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
+            self._calls += 1
 
-    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False):
-        """Sum `tensor` over ranks, in place."""
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False, op=dist.ReduceOp.SUM):
+        """Reduce `tensor` over ranks (a sum unless `op` says otherwise), in place."""
         if self.world_size == 1:
             return _Done()
-        self._count(tensor.numel(), tensor.element_size(), 2.0)
-        return dist.all_reduce(tensor, group=self.group, async_op=async_op) or _Done()
+        self._record("all_reduce", tensor, 2.0)
+        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op) or _Done()
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
-        """Sum `input` over ranks and leave chunk `rank` of the sum in `output`."""
+        """Sum `input` over ranks and leave chunk `rank` of the sum in `output` (which may be that
+        chunk of `input` itself)."""
         if self.world_size == 1:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return _Done()
-        self._count(input.numel(), input.element_size(), 1.0)
+        self._record("reduce_scatter", input, 1.0)
         return _reduce_scatter_single(output, input, group=self.group, async_op=async_op) or _Done()
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
@@ -101,12 +145,34 @@ class Collectives:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return _Done()
-        self._count(output.numel(), output.element_size(), 1.0)
+        self._record("all_gather", output, 1.0)
         return _all_gather_single(output, input, group=self.group, async_op=async_op) or _Done()
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """Copy rank `src`'s `tensor` to every rank."""
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Copy the tensor of the group's first rank to every rank."""
         if self.world_size == 1:
             return
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        dist.broadcast(tensor, src=src, group=self.group)
+        dist.broadcast(tensor, src=self._source, group=self.group)
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group gets here."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def check_fingerprint(self) -> None:
+        """Raise if the ranks issued different collectives since the last check (debug mode only)."""
+        if self._fingerprint is None or self.world_size == 1:
+            return
+        mine = (self._fingerprint.hexdigest(), self._calls)
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        self._fingerprint = hashlib.blake2b(digest_size=8)
+        self._calls = 0
+        if any(other != everyone[0] for other in everyone):
+            calls = [other[1] for other in everyone]
+            raise RuntimeError(
+                "hf_zero debug_collectives: the ranks issued different sequences of collectives in this "
+                f"step (collectives per rank: {calls}); their reductions paired up wrongly. This is a bug "
+                "in hf_zero or ranks running different models/configs: please report it with your config"
+            )

@@ -2,8 +2,9 @@
 
 `hf_zero.initialize(model, optimizer, config)` re-homes the model's trainable parameters into
 flat buffers (see `layout.py`), gives each rank fp32 master weights for its slice only, turns the
-user's optimizer into an optimizer over those slices (in place, see `optim.py`) and installs one
-gradient hook per parameter (see `grad_sync.py`). The optimizer's own `step()` then does the
+user's optimizer into an optimizer over those slices (in place, see `optim.py`), installs one
+gradient hook per parameter (see `grad_sync.py`) and routes the ordinary PyTorch calls users make
+on the model to the engine (see `user_paths.py`). The optimizer's own `step()` then does the
 whole ZeRO step through step hooks: reduce gradients, clip, update the shard (Adam/AdamW groups
 in one fused pass, see `fused_adam.py`), all-gather the new weights. So `engine.step()`,
 `optimizer.step()` and the Trainer's optimizer step are the same.
@@ -12,19 +13,22 @@ in one fused pass, see `fused_adam.py`), all-gather the new weights. So `engine.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import user_paths
 from .config import ZeroConfig
 from .distributed import Collectives, DistContext, setup_distributed
+from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
 from .fused_adam import fused_adam_step, supports_fused_adam
-from .grad_sync import BucketedReduceScatter, StepTimeReduction
+from .grad_sync import BackwardReduceScatter, StepReduction
 from .layout import FlatLayout
 from .optim import check_elementwise, rebind_to_shards
+from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .precision import compute_dtype_for
 
 _ENGINE_ATTR = "_hf_zero_engine"
@@ -36,14 +40,20 @@ def engine_of(module: nn.Module) -> ZeroEngine | None:
     return ref() if ref is not None else None
 
 
-class ZeroEngine(nn.Module):
+class ZeroEngine(ShardedState, nn.Module):
     """A model trained with ZeRO sharding; see `hf_zero.initialize`.
 
     Use it like the model (`engine(**batch)`), then `engine.backward(loss)` and `engine.step()`.
     Gradients of successive backward passes add up until `step()`, which consumes them.
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, config: ZeroConfig) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: ZeroConfig,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         check_available(config)
         check_elementwise(optimizer, config.allow_untested_optimizer)
@@ -53,50 +63,42 @@ class ZeroEngine(nn.Module):
         self.optimizer = optimizer
         self.config = config
         self.compute_dtype = compute_dtype_for(config.precision)
-        self.ctx: DistContext = setup_distributed(_device_of(module))
-        self.comm = Collectives(self.ctx)
+        self.ctx: DistContext = setup_distributed(device_of(module), process_group)
+        self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
 
-        self.source_param_names = _names_in_groups(module, optimizer)
-        named = _trainable_parameters_by_group(module, optimizer)
+        self.source_param_names = names_in_groups(module, optimizer)
+        named = trainable_parameters_by_group(module, optimizer)
         module.to(self.ctx.device)
         self._broadcast_module_state()
-        self._cast_frozen_parameters({id(param) for pairs in named for _, param in pairs})
-        num_shards = 1 if config.stage == 0 else self.ctx.world_size
-        self.groups: list[FlatParamGroup] = []
-        for names_and_params in named:
-            names = [name for name, _ in names_and_params]
-            params = [param for _, param in names_and_params]
-            layout = FlatLayout(names, [p.shape for p in params], num_shards, config.reduce_bucket_size)
-            self.groups.append(
-                FlatParamGroup(
-                    params,
-                    layout,
-                    self.ctx.rank,
-                    self.compute_dtype,
-                    self.ctx.device,
-                    keep_full_grads=config.stage < 2,
-                )
-            )
-        rebind_to_shards(
-            optimizer,
-            [g.params for g in self.groups],
-            [g.master for g in self.groups],
-            [g.layout for g in self.groups],
-            self.ctx.rank,
+        keep_fp32 = keep_in_fp32_parameter_ids(module, self.compute_dtype)
+        self._frozen_dtypes = self._cast_frozen_parameters(
+            {id(param) for pairs in named for _, param in pairs} | keep_fp32
         )
-        if config.stage == 2:
-            self.grad_sync = BucketedReduceScatter(self.groups, self.comm, 2 if config.overlap_comm else 0)
+        self.groups: list[FlatParamGroup] = [
+            segment
+            for index, pairs in enumerate(named)
+            for segment in self._segments(index, pairs, keep_fp32)
+        ]
+        rebind_to_shards(optimizer, self.groups)
+        if config.stage == 2 and self.ctx.world_size > 1:
+            position = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
+            positions = [[position[id(p)] for p in g.params] for g in self.groups]
+            self.grad_sync = BackwardReduceScatter(self.groups, self.comm, config.overlap_comm, positions)
         else:
-            self.grad_sync = StepTimeReduction(self.groups, self.comm, scatter=config.stage == 1)
+            self.grad_sync = StepReduction(self.groups, self.comm, scatter=config.stage == 1)
+        self._inverse_world = torch.full((), 1.0 / self.ctx.world_size, device=self.ctx.device)
 
         self._hooks = [
-            param.register_post_accumulate_grad_hook(self._grad_hook(group, index))
-            for group in self.groups
+            param.register_post_accumulate_grad_hook(self._grad_hook(g, index))
+            for g, group in enumerate(self.groups)
             for index, param in enumerate(group.params)
         ]
-        self._hooks.extend(self._install_load_state_dict_hooks())
         self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+        self.clear_optimizer_grads = optimizer.zero_grad  # replaced with the original by user_paths
+        self._hooks.extend(user_paths.install(self))
+        if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm:
+            self._hooks.extend(self._watch_first_forward())
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
 
         self._reset_step_state()
@@ -108,41 +110,70 @@ class ZeroEngine(nn.Module):
     # ---- set-up helpers ---------------------------------------------------------------------------
 
     def _broadcast_module_state(self) -> None:
-        """Start every rank from rank 0's weights and buffers, as DistributedDataParallel does."""
+        """Start every rank from the first rank's weights and buffers, as DistributedDataParallel does."""
         with torch.no_grad():
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-                self.comm.broadcast(tensor.data, src=0)
+                self.comm.broadcast(tensor.data)
 
-    def _cast_frozen_parameters(self, managed: set[int]) -> None:
-        """Frozen floating-point weights compute in the same dtype as the trainable ones."""
+    def _segments(self, index: int, pairs: list, keep_fp32: set[int]) -> list[FlatParamGroup]:
+        """Param group `index` as flat segments: one in the compute dtype (also when the group is
+        empty), and one in fp32 for parameters of modules the model keeps in fp32."""
+        num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
+        split = {self.compute_dtype: [], torch.float32: []}
+        for name, param in pairs:
+            split[torch.float32 if id(param) in keep_fp32 else self.compute_dtype].append((name, param))
+        segments = []
+        for dtype, members in split.items():
+            if members or (dtype == self.compute_dtype and not pairs):
+                names = [name for name, _ in members]
+                params = [param for _, param in members]
+                layout = FlatLayout(
+                    names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size
+                )
+                segments.append(FlatParamGroup(params, layout, self.ctx.rank, dtype, self.ctx.device, index))
+        return segments
+
+    def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
+        """Frozen floating-point weights compute in the same dtype as the trainable ones (those of
+        modules the model keeps in fp32 excepted); returns their original dtypes, which saving
+        restores."""
+        original = {}
         for param in self.module.parameters():
-            if id(param) not in managed and param.is_floating_point() and param.dtype != self.compute_dtype:
+            if id(param) not in keep and param.is_floating_point() and param.dtype != self.compute_dtype:
+                original[id(param)] = param.dtype
                 param.data = param.data.to(self.compute_dtype)
+        return original
 
-    def _install_load_state_dict_hooks(self) -> list:
-        """Make `model.load_state_dict(...)` (on the model or any submodule) set the fp32 masters.
+    def _watch_first_forward(self) -> list:
+        """Record the order in which the first forward uses the managed parameters and hand it
+        to the stage-2 reducer, which launches its first backward's buckets in reverse."""
+        slot_of = self._slot_of
+        first_use: dict[tuple[int, int], int] = {}
+        handles: list = []
 
-        Torch copies loaded values into the 16-bit parameters; each module owning managed
-        parameters also hands the loaded values of those parameters to their master shards, so the
-        next step continues from what was loaded instead of publishing the old masters over it.
-        """
-        slot_of = {
-            id(param): (group, index) for group in self.groups for index, param in enumerate(group.params)
-        }
-        handles = []
-        for module in self.module.modules():
-            owned = [
-                (name, slot_of[id(param)])
-                for name, param in module.named_parameters(recurse=False)
-                if id(param) in slot_of
-            ]
+        def record(owned: list[tuple[int, int]]):
+            @torch.compiler.disable
+            def hook(module: nn.Module, args: Any) -> None:
+                for key in owned:
+                    first_use.setdefault(key, len(first_use))
+
+            return hook
+
+        for submodule in self.module.modules():
+            owned = [slot_of[id(p)] for p in submodule.parameters(recurse=False) if id(p) in slot_of]
             if owned:
-                pending: list = []
-                handles.append(module.register_load_state_dict_pre_hook(_stash_loaded(owned, pending)))
-                handles.append(module.register_load_state_dict_post_hook(_apply_loaded(pending)))
-        return handles
+                handles.append(submodule.register_forward_pre_hook(record(owned)))
 
-    def _grad_hook(self, group: FlatParamGroup, index: int):
+        @torch.compiler.disable
+        def done(module: nn.Module, args: Any, output: Any) -> None:
+            for handle in handles:
+                handle.remove()
+            self.grad_sync.order_by_first_use(first_use)
+
+        handles.append(self.module.register_forward_hook(done))
+        return list(handles)
+
+    def _grad_hook(self, group: int, index: int):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
             if grad is not None:
@@ -176,24 +207,21 @@ class ZeroEngine(nn.Module):
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Backpropagate `loss`; gradients add to those of earlier backward calls since the last step."""
-        if self._grads_reduced:
-            raise RuntimeError(
-                "backward() after the gradients were already reduced for this step (by clip_grad_norm_); "
-                "call step() or zero_grad() first"
-            )
+        self.grad_sync._check_open()
         loss.backward(**kwargs)
-        self.grad_sync.finish_backward()
+        # Every rank ends the pass here, whatever its gradients reached: stage 2 sends every bucket.
+        self.grad_sync.end_backward(force=True)
 
     def step(self) -> None:
         """Take one optimizer step on the accumulated gradients and clear them."""
         self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Discard gradients accumulated since the last step."""
+        """Discard gradients accumulated since the last step (`optimizer.zero_grad()` and
+        `model.zero_grad()` do the same)."""
         self.grad_sync.discard()
-        for group in self.groups:
-            group.clear_grads()
-        self.module.zero_grad(set_to_none=set_to_none)
+        nn.Module.zero_grad(self.module, set_to_none=set_to_none)
+        self.clear_optimizer_grads(set_to_none=set_to_none)
         self._reset_step_state()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -201,9 +229,10 @@ class ZeroEngine(nn.Module):
 
         Returns the norm before clipping. An infinite `max_norm` only measures. The scaling is
         applied inside the optimizer step (folded into the fused update where there is one), so
-        the host never waits for the norm.
+        the host never waits for the norm. `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`
+        comes here too. No further backward pass may add to this step's gradients afterwards.
         """
-        self._reduce_grads()
+        self._reduce_grads("clip_grad_norm_")
         total = self._global_grad_norm()
         if max_norm != float("inf"):
             coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -216,194 +245,150 @@ class ZeroEngine(nn.Module):
         """The gradient norm measured for the last (or coming) step, as DeepSpeed's engine reports it."""
         return self.last_grad_norm
 
+    def full_grad(self, param: torch.Tensor) -> torch.Tensor:
+        """The complete rank-averaged fp32 gradient of one managed parameter, on the device.
+
+        `param.grad` stays None under hf_zero (each rank keeps a slice of the reduced gradient);
+        this gathers the whole of it, before any clipping. A collective: every rank must call it for
+        the same parameters in the same order. Like clipping, it reduces this step's gradients, so
+        no further backward pass may add to them before `step()` or `zero_grad()`.
+        """
+        located = self._slot_of.get(id(param))
+        if located is None:
+            raise ValueError("full_grad: this tensor is not a parameter trained by this hf_zero engine")
+        g, index = located
+        self._reduce_grads("full_grad")
+        group, slot = self.groups[g], self.groups[g].layout.slots[index]
+        full = torch.zeros(slot.numel, dtype=torch.float32, device=self.ctx.device)
+        for span in group.spans_by_slot[index]:
+            full[span.param_begin : span.param_begin + span.length].copy_(self.grad_sync.span_grad(g, span))
+        if group.layout.num_shards > 1:
+            self.comm.all_reduce(full)
+        return full.mul_(self._inverse_world).view(slot.shape)
+
     # ---- optimizer step hooks ------------------------------------------------------------------
 
-    def _reduce_grads(self) -> None:
+    @property
+    def _slot_of(self) -> dict[int, tuple[int, int]]:
+        return {id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)}
+
+    def _reduce_grads(self, reason: str) -> None:
         if not self._grads_reduced:
             self.grad_sync.reduce()
+            self.grad_sync.closed_by = reason
             self._grads_reduced = True
 
     def _global_grad_norm(self) -> torch.Tensor:
         squares = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for group in self.groups:
-            squares += _sum_of_squares(group.grad_shard)
-        if self.config.stage > 0:
+        for g in range(len(self.groups)):
+            for tensor in self.grad_sync.owned_grads(g):
+                squares += _sum_of_squares(tensor)
+        if any(group.layout.num_shards > 1 for group in self.groups):
             self.comm.all_reduce(squares)
-        return squares.sqrt()
+        return squares.sqrt().mul_(self._inverse_world)
 
     def _reset_step_state(self) -> None:
         self._grads_reduced = False
         self._clipped = False
         self._grad_scale: torch.Tensor | None = None  # clip (and later unscale) factor, on device
+        self._zeroed_in_kernel: set[int] = set()  # groups whose gradient the fused kernel zeroed
         self._fused_groups: set[int] = set()  # groups the fused kernel updated this step
+
+    def _step_scale(self) -> torch.Tensor | None:
+        """What the optimizer multiplies the reduced gradient sum by: 1/world and the clip factor."""
+        if self.ctx.world_size == 1:
+            return self._grad_scale
+        if self._grad_scale is None:
+            return self._inverse_world
+        return self._grad_scale * self._inverse_world
+
+    def _check_parameters_in_place(self) -> None:
+        for group in self.groups:
+            if not group.in_place():
+                moved = next(
+                    slot.name
+                    for slot, p in zip(group.layout.slots, group.params, strict=True)
+                    if p.dtype != group.compute_dtype
+                    or p.untyped_storage().data_ptr() != group.flat.untyped_storage().data_ptr()
+                )
+                raise RuntimeError(
+                    f"parameter {moved} no longer lives in hf_zero's flat buffer (it is now {group.params[0].dtype} "
+                    f"on {group.params[0].device}); something moved or cast the model after hf_zero.initialize, "
+                    "e.g. model.to(...), model.half() or model.cuda(), and the engine would keep updating weights "
+                    "the model no longer uses. The engine owns placement and precision: set ZeroConfig.precision "
+                    "and move the model before initialize"
+                )
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         """Reduce and clip, then update Adam groups with the fused kernel; the rest get their
         gradient and are updated by the optimizer's own step, which skips gradient-less params."""
-        self._reduce_grads()
+        self._check_parameters_in_place()
+        self._reduce_grads("the optimizer step")
         if self.config.gradient_clipping > 0 and not self._clipped:
             self.clip_grad_norm_(self.config.gradient_clipping)
-        for index, (group, param_group) in enumerate(zip(self.groups, optimizer.param_groups, strict=True)):
+        scale = self._step_scale()
+        for g, group in enumerate(self.groups):
+            param_group = optimizer.param_groups[group.optimizer_group]
             if supports_fused_adam(optimizer, param_group):
-                zero_in_kernel = group.grad_shard is group.accumulator
-                fused_adam_step(
-                    optimizer, param_group, group.master, group.grad_shard, group.master_out,
-                    self._grad_scale, zero_grad=zero_in_kernel,
-                )  # fmt: skip
+                zero = self.grad_sync.kernel_zeroes(g)
+                pieces = [
+                    (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
+                    for run in group.runs
+                ]
+                fused_adam_step(optimizer, param_group, group.master, pieces, scale, zero_grad=zero)
                 group.master.grad = None
-                self._fused_groups.add(index)
+                self._fused_groups.add(g)
+                if zero:
+                    self._zeroed_in_kernel.add(g)
             else:
-                if self._grad_scale is not None:
-                    group.grad_shard.mul_(self._grad_scale)
-                group.master.grad = group.grad_shard
+                grad = torch.empty_like(group.master.data)
+                for run in group.runs:
+                    grad[run.shard_start : run.shard_start + run.length].copy_(
+                        self.grad_sync.run_grad(g, run)
+                    )
+                group.master.grad = grad if scale is None else grad.mul_(scale)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         works = []
-        for index, group in enumerate(self.groups):
-            if index not in self._fused_groups:
+        for g, group in enumerate(self.groups):
+            if g not in self._fused_groups:
                 group.master.grad = None
                 group.round_master()
             works.extend(group.publish(self.comm))
         for work in works:
             work.wait()
-        for index, group in enumerate(self.groups):
-            if index not in self._fused_groups or group.grad_shard is not group.accumulator:
-                group.clear_grads()
+        self.grad_sync.clear_after_step(self._zeroed_in_kernel)
         self._reset_step_state()
         self.global_steps += 1
+        self.comm.check_fingerprint()
         self.last_step_comm_bytes = self.comm.bytes_sent
         self.comm.bytes_sent = 0
-
-    # ---- state -------------------------------------------------------------------------------------
-
-    def full_state_dict(self, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-        """The complete, unsharded state dict on every rank, as CPU tensors.
-
-        Trainable weights come from the fp32 master copy, cast back to the dtype the model had
-        when it was handed to the engine; frozen weights and buffers are copied as they are. Tied
-        weights map to one shared tensor. Every rank must call this (it all-gathers); a rank that
-        passes `keep=False` only takes part and gets an empty dict, holding no host copy. With
-        `trainable_only`, frozen weights and buffers are left out (a PEFT adapter's save needs
-        only its own weights, not a host copy of the frozen base model).
-
-        `model.state_dict()` itself keeps returning what the model computes with (the 16-bit
-        weights): the fp32 masters are spread over the ranks, and gathering them is a collective
-        every rank must join, which a `state_dict()` call made on one rank cannot do.
-        """
-        values: dict[int, torch.Tensor] = {}
-        for group in self.groups:
-            gathered = group.gather_master(self.comm, keep)
-            for param, dtype, full in zip(group.params, group.original_dtypes, gathered, strict=keep):
-                values[id(param)] = full.to(dtype)
-        if not keep:
-            return {}
-        state = {}
-        for name, tensor in self.module.state_dict(keep_vars=True).items():
-            found = values.get(id(tensor))
-            if found is not None:
-                state[name] = found
-            elif not trainable_only:
-                state[name] = tensor.detach().to("cpu", copy=True)
-        return state
-
-    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load complete, unsharded weights (such as a `save_pretrained` folder's) on every rank.
-
-        Trainable weights set the fp32 master shards exactly and reach the model rounded to the
-        compute dtype; other entries (frozen weights, buffers) load into the model. A tied weight
-        may appear under any of its names. Everything is checked before anything changes. Every
-        rank must call this with the same weights.
-        """
-        module_state = self.module.state_dict(keep_vars=True)
-        names_of: dict[int, list[str]] = {}
-        for name, tensor in module_state.items():
-            names_of.setdefault(id(tensor), []).append(name)
-        managed: set[str] = set()
-        planned = []
-        for group in self.groups:
-            values = []
-            for param, slot in zip(group.params, group.layout.slots, strict=True):
-                names = names_of.get(id(param), [slot.name])
-                managed.update(names)
-                value = next((state_dict[n] for n in names if n in state_dict), None)
-                if value is None:
-                    raise ValueError(f"the weights to load have no entry for parameter {' / '.join(names)}")
-                if tuple(value.shape) != tuple(slot.shape):
-                    raise ValueError(
-                        f"parameter {slot.name} has shape {tuple(slot.shape)} but the weights to load "
-                        f"hold {tuple(value.shape)}"
-                    )
-                values.append(value)
-            planned.append((group, values))
-        rest = {name: value for name, value in state_dict.items() if name not in managed}
-        expected = [name for name in module_state if name not in managed]
-        missing = [name for name in expected if name not in rest]
-        unexpected = [name for name in rest if name not in expected]
-        if missing:
-            raise ValueError(f"the weights to load have no entry for {missing[:5]}")
-        if unexpected:
-            raise ValueError(f"the weights to load hold entries the model does not have: {unexpected[:5]}")
-        with torch.no_grad():
-            for group, values in planned:
-                group.master.copy_(
-                    group.layout.shard_of(values, group.rank, torch.float32, group.master.device)
-                )
-            self._publish_masters()
-            self.module.load_state_dict(rest, strict=False)
-
-    def _publish_masters(self) -> None:
-        """Round every master shard into the compute buffer and all-gather it everywhere."""
-        for group in self.groups:
-            group.round_master()
-        works = [work for group in self.groups for work in group.publish(self.comm)]
-        for work in works:
-            work.wait()
-
-    def shard_state_dict(self) -> dict[str, Any]:
-        """This rank's own training state: its fp32 master shards and its optimizer state."""
-        return {
-            "world_size": self.ctx.world_size,
-            "stage": self.config.stage,
-            "masters": [group.master.detach().to("cpu", copy=True) for group in self.groups],
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `shard_state_dict` returned on this rank (same world size and stage)."""
-        saved = (state.get("world_size"), state.get("stage"))
-        if saved != (self.ctx.world_size, self.config.stage):
-            raise ValueError(
-                f"this shard state was saved with world size {saved[0]} and stage {saved[1]}, but the "
-                f"engine runs world size {self.ctx.world_size} and stage {self.config.stage}; resume with "
-                "the same number of processes and the same stage"
-            )
-        masters = state["masters"]
-        shapes = [tuple(group.master.shape) for group in self.groups]
-        if [tuple(m.shape) for m in masters] != shapes:
-            raise ValueError(
-                f"shard state holds master shards of shapes {[tuple(m.shape) for m in masters]}, expected "
-                f"{shapes}: it was saved from a different model or bucket size"
-            )
-        with torch.no_grad():
-            for group, master in zip(self.groups, masters, strict=True):
-                group.master.copy_(master)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._publish_masters()
 
 
 def initialize(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: ZeroConfig | dict | str | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> ZeroEngine:
     """Shard `model` and `optimizer` per `config` and return the engine that trains them.
 
     `optimizer` is any elementwise torch optimizer built over `model.parameters()`; it keeps its
     class, param groups and hyper-parameters and becomes `engine.optimizer`, an optimizer over
     this rank's flat shards. Launch with torchrun (or accelerate launch) for several ranks; a plain
-    `python` process is a world of one.
+    `python` process is a world of one. `process_group` shards over that group of ranks only (the
+    data-parallel group beside tensor or pipeline parallelism); by default, over every rank.
     """
-    return ZeroEngine(model, optimizer, ZeroConfig.coerce(config))
+    return ZeroEngine(model, optimizer, ZeroConfig.coerce(config), process_group)
+
+
+def full_grad(param: torch.Tensor) -> torch.Tensor:
+    """The complete rank-averaged fp32 gradient of a parameter trained by hf_zero (see
+    `ZeroEngine.full_grad`); a collective every rank must call."""
+    engine = user_paths.engine_of_parameter(param)
+    if engine is None:
+        raise ValueError("full_grad: this tensor is not a parameter trained by an hf_zero engine")
+    return engine.full_grad(param)
 
 
 # ---- module-level helpers ------------------------------------------------------------------------
@@ -428,79 +413,12 @@ def check_available(config: ZeroConfig) -> None:
         )
 
 
-def _stash_loaded(owned: list, pending: list):
-    """A load_state_dict pre-hook that remembers the incoming values of a module's managed parameters."""
-
-    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if local_metadata.get("assign_to_params_buffers", False):
-            raise ValueError(
-                "load_state_dict(..., assign=True) would replace parameters that hf_zero keeps in its flat "
-                "buffers; load with assign=False (the default) or through engine.load_full_state_dict"
-            )
-        for name, (group, index) in owned:
-            value = state_dict.get(prefix + name)
-            if torch.is_tensor(value) and tuple(value.shape) == tuple(group.layout.slots[index].shape):
-                pending.append((group, index, value))
-
-    return hook
-
-
-def _apply_loaded(pending: list):
-    """A load_state_dict post-hook that writes the remembered values into the fp32 master shards."""
-
-    def hook(module, incompatible_keys) -> None:
-        for group, index, value in pending:
-            group.set_master_values(index, value.to(group.master.device))
-        pending.clear()
-
-    return hook
-
-
 def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
     """Σx² in fp32 without a tensor-sized temporary: one tree reduction on the GPU; on the CPU,
     where `vector_norm` accumulates sequentially (1e-4 relative error at 5M elements), pairwise
     sums over bounded chunks."""
     if tensor.is_cuda:
-        return torch.linalg.vector_norm(tensor).square()
-    return sum((chunk.pow(2).sum() for chunk in tensor.split(1 << 22)), torch.zeros((), dtype=torch.float32))
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    for param in module.parameters():
-        return param.device
-    return None
-
-
-def _names_in_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str | None]]:
-    """The model name of every tensor in each param group, in order, as the user built them (frozen
-    ones included): what the positional state of an unsharded optimizer refers to."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    return [[names.get(id(param)) for param in group["params"]] for group in optimizer.param_groups]
-
-
-def _trainable_parameters_by_group(
-    module: nn.Module, optimizer: torch.optim.Optimizer
-) -> list[list[tuple[str, nn.Parameter]]]:
-    """(name, parameter) pairs of each param group, with the checks that keep sharding exact."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    in_optimizer = set()
-    grouped = []
-    for index, group in enumerate(optimizer.param_groups):
-        pairs = []
-        for param in group["params"]:
-            if id(param) not in names:
-                raise ValueError(
-                    f"param group {index} of the optimizer holds a tensor of shape {tuple(param.shape)} "
-                    "that is not a parameter of the model; build the optimizer over model.parameters()"
-                )
-            in_optimizer.add(id(param))
-            if param.requires_grad:
-                pairs.append((names[id(param)], param))
-        grouped.append(pairs)
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
-    if missing:
-        raise ValueError(
-            f"parameters {missing[:5]} require grad but are in no param group of the optimizer; add them "
-            "to the optimizer or set requires_grad=False"
-        )
-    return grouped
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+    return sum(
+        (chunk.float().pow(2).sum() for chunk in tensor.split(1 << 22)), torch.zeros((), dtype=torch.float32)
+    )

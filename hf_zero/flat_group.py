@@ -1,5 +1,5 @@
 """One optimizer param group as flat buffers: the 16-bit compute buffer every rank holds in full,
-and the fp32 master weights and gradients of the slice this rank owns."""
+and the fp32 master weights of the slice this rank owns. Gradients live in `grad_sync`."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 from .distributed import Collectives
-from .layout import FlatLayout
+from .layout import FlatLayout, Run
 
 
 class FlatParamGroup:
-    """The parameters of one param group, re-homed into a flat buffer.
+    """A segment: the parameters of one optimizer param group that compute in one dtype, re-homed
+    into a flat buffer (a param group has one segment, plus an fp32 one for parameters of modules
+    the model keeps in fp32).
 
     After construction each parameter's `.data` is a view into `flat` (so the model computes on
-    it unchanged), `master` holds fp32 master weights for this rank's shard (initialised from the
-    parameters' original values, before any cast to 16 bits), and `grad_shard` accumulates the
-    averaged fp32 gradient of that shard. `flat_grad`, a full-size buffer in the compute dtype,
-    exists only for stages that keep whole gradients until the step (0 and 1).
+    it unchanged) and `master` holds fp32 master weights for this rank's shard, initialised from
+    the parameters' original values (before any cast to 16 bits). The optimizer updates the
+    master and writes its rounded value straight into this rank's chunks of `flat` (`runs` pairs
+    the two), from where `publish` all-gathers it in place: no shard-sized 16-bit copy is kept.
     """
 
     def __init__(
@@ -29,58 +31,47 @@ class FlatParamGroup:
         rank: int,
         compute_dtype: torch.dtype,
         device: torch.device,
-        keep_full_grads: bool,
+        optimizer_group: int = 0,
     ) -> None:
         self.params = list(params)
+        self.optimizer_group = optimizer_group
         self.original_dtypes = [p.dtype for p in params]
         self.layout = layout
         unsharded = layout.num_shards == 1
         # Unsharded (stage 0), every rank holds the one and only "shard": shard rank 0.
         self.rank = 0 if unsharded else rank
         self.compute_dtype = compute_dtype
-        alias_master = unsharded and compute_dtype == torch.float32
-        self.master_is_flat = alias_master
+        # fp32 and unsharded: the compute buffer already is the master copy.
+        self.master_is_flat = unsharded and compute_dtype == torch.float32
 
-        if not alias_master:
+        if not self.master_is_flat:
             master = layout.shard_of([p.data for p in params], self.rank, torch.float32, device)
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
         for index, param in enumerate(params):
             view = layout.param_view(self.flat, index)
             view.copy_(param.data)
             param.data = view
-        # fp32 and unsharded: the compute buffer already is the master copy.
-        self.master = nn.Parameter(self.flat if alias_master else master)
-
-        self.flat_grad = (
-            torch.zeros(layout.numel, dtype=compute_dtype, device=device) if keep_full_grads else None
-        )
-        if self.flat_grad is not None and unsharded and compute_dtype == torch.float32:
-            self.grad_shard = self.flat_grad
-        else:
-            self.grad_shard = torch.zeros(layout.shard_numel, dtype=torch.float32, device=device)
-
-        self._spans_by_slot: list[list] = [[] for _ in self.params]
+        self.master = nn.Parameter(self.flat if self.master_is_flat else master)
+        self.runs: list[Run] = layout.runs(self.rank)
+        self.spans_by_slot: list[list] = [[] for _ in self.params]
         for span in layout.spans(self.rank):
-            self._spans_by_slot[span.slot].append(span)
+            self.spans_by_slot[span.slot].append(span)
 
-        # Where the updated master goes in the compute dtype: nowhere when the master is the
-        # compute buffer, straight into it when unsharded, else into a shard-sized buffer that
-        # the all-gather reads from.
-        if alias_master:
-            self.master_out: torch.Tensor | None = None
-        elif unsharded:
-            self.master_out = self.flat
-        else:
-            self.master_out = torch.empty(layout.shard_numel, dtype=compute_dtype, device=device)
+    def master_run(self, run: Run) -> torch.Tensor:
+        return self.master.data[run.shard_start : run.shard_start + run.length]
 
-    @property
-    def accumulator(self) -> torch.Tensor:
-        """The buffer the gradient hooks add into (full-size for stages 0/1, the shard for stage 2)."""
-        return self.flat_grad if self.flat_grad is not None else self.grad_shard
+    def flat_run(self, run: Run) -> torch.Tensor | None:
+        """Where the updated weights of `run` go in the compute dtype (None: the master is the flat buffer)."""
+        if self.master_is_flat:
+            return None
+        return self.flat[run.flat_start : run.flat_start + run.length]
 
-    def clear_grads(self) -> None:
-        """Forget all accumulated gradients (the shard of stages 0/1 is overwritten at each reduce)."""
-        self.accumulator.zero_()
+    def round_master(self) -> None:
+        """Write the master shard, in the compute dtype, into this rank's chunks of `flat`."""
+        for run in self.runs:
+            out = self.flat_run(run)
+            if out is not None:
+                out.copy_(self.master_run(run))
 
     def set_master_values(self, index: int, value: torch.Tensor) -> None:
         """Overwrite this rank's master elements of slot `index` with the matching ones of `value`."""
@@ -88,18 +79,25 @@ class FlatParamGroup:
             return  # the model's own copy already is the master
         source = value.detach().reshape(-1)
         with torch.no_grad():
-            for span in self._spans_by_slot[index]:
+            for span in self.spans_by_slot[index]:
                 self.master.data[span.shard_begin : span.shard_begin + span.length].copy_(
                     source[span.param_begin : span.param_begin + span.length]
                 )
 
-    def round_master(self) -> None:
-        """Write the master shard, in the compute dtype, to where `publish` reads it."""
-        if self.master_out is not None:
-            self.master_out.copy_(self.master.data)
+    def in_place(self) -> bool:
+        """Whether every parameter still is a view of `flat` in the compute dtype (a `model.to(...)`
+        or `.half()` after `initialize` gives parameters storage of their own, which the engine never
+        updates)."""
+        storage = self.flat.untyped_storage().data_ptr()
+        return all(
+            p.dtype == self.compute_dtype
+            and p.device == self.flat.device
+            and p.untyped_storage().data_ptr() == storage
+            for p in self.params
+        )
 
     def publish(self, comm: Collectives) -> list:
-        """All-gather every rank's updated 16-bit chunks into the compute buffer.
+        """All-gather every rank's updated chunks of `flat`, in place.
 
         Returns the collectives' work handles; the caller waits on them.
         """
@@ -108,7 +106,7 @@ class FlatParamGroup:
         return [
             comm.all_gather(
                 self.layout.bucket_view(self.flat, bucket),
-                self.layout.shard_chunk(self.master_out, bucket),
+                self.flat[bucket.chunk_start(self.rank) : bucket.chunk_start(self.rank) + bucket.chunk],
                 async_op=True,
             )
             for bucket in self.layout.buckets
@@ -136,3 +134,8 @@ class FlatParamGroup:
                     begin = slot.offset - bucket.start
                     full.append(gathered[begin : begin + slot.numel].view(slot.shape).to("cpu", copy=True))
         return full
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the persistent tensors this group allocated: the 16-bit weights and the masters."""
+        master = 0 if self.master_is_flat else self.master.untyped_storage().nbytes()
+        return {"weights": self.flat.untyped_storage().nbytes(), "masters": master}

@@ -39,12 +39,17 @@ def fused_adam_step(
     optimizer: torch.optim.Optimizer,
     group: dict,
     master: torch.Tensor,
-    grad: torch.Tensor,
-    out: torch.Tensor | None,
+    pieces: list[tuple[int, int, torch.Tensor, torch.Tensor | None]],
     grad_scale: torch.Tensor | None,
     zero_grad: bool,
 ) -> None:
-    """One Adam/AdamW step of `master` (the group's only parameter) with the fused kernel."""
+    """One Adam/AdamW step of `master` (the group's only parameter) with the fused kernel.
+
+    `pieces` cover the shard as `(start, length, grad, out)`: the gradient of
+    `master[start:start + length]` and where to write the updated weights in the compute dtype
+    (None: nowhere). The step is elementwise, so one launch per piece is the same update as one
+    launch over the whole shard; the step count advances once.
+    """
     state = optimizer.state[master]
     if not state:
         # As torch creates it; the step count lives on the host so reading it never syncs.
@@ -65,6 +70,10 @@ def fused_adam_step(
         step=int(state["step"].item()),
         decoupled=bool(decoupled),
     )
-    adam_step(
-        master.data, grad, state["exp_avg"], state["exp_avg_sq"], out, hyperparams, grad_scale, zero_grad
-    )
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    for start, length, grad, out in pieces:
+        end = start + length
+        adam_step(
+            master.data[start:end], grad, exp_avg[start:end], exp_avg_sq[start:end], out,
+            hyperparams, grad_scale, zero_grad,
+        )  # fmt: skip

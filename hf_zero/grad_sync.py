@@ -1,17 +1,24 @@
-"""Gradient reduction: how each parameter's gradient reaches the owning rank's fp32 shard.
+"""Gradient reduction: how each parameter's gradient reaches the rank that owns its elements.
 
-Every parameter gets a post-accumulate-grad hook that hands its gradient to one of these and
-drops `param.grad`, so no gradient outlives the hook in the model itself.
+Every parameter has a post-accumulate-grad hook that hands its gradient to a reducer and drops
+`param.grad`. The engine tells the reducer where backward passes end (`end_backward`): after
+`engine.backward`, at the model's next forward when gradients arrived since, at `zero_grad` and
+at the step.
 
-- `StepTimeReduction` (stages 0 and 1): gradients add up in a full-size flat buffer in the
-  compute dtype; at the step it is all-reduced (stage 0) or reduce-scattered bucket by bucket
-  (stage 1).
-- `BucketedReduceScatter` (stage 2): gradients are staged per bucket; a bucket is
-  reduce-scattered as soon as all its gradients have arrived (asynchronously, so it overlaps the
-  rest of backward) and its chunk is added into the fp32 shard. Only a few buckets' worth of
-  full gradients exist at any time.
+Precision: within one backward pass gradients add up in the compute dtype (as autograd itself
+adds up a shared weight's gradients); across the micro-batches of a step they add up in fp32 at
+every stage. A step with one micro-batch keeps no fp32 gradient: the optimizer reads the 16-bit
+gradient directly. The first time a step accumulates, the reducer switches to an fp32 buffer and
+keeps it. The 1/world average is not applied here: the optimizer folds it into its gradient scale.
 
-Both average over ranks, so the result matches one process training on the global batch.
+- `StepReduction` (stages 0 and 1, and any stage in a world of one): gradients add up in a
+  full-size buffer; at the step it is all-reduced (stage 0) or reduce-scattered bucket by bucket
+  in place (stage 1).
+- `BackwardReduceScatter` (stage 2): gradients are staged per bucket and each bucket is
+  reduce-scattered into this rank's shard during backward. Collectives pair up across ranks by
+  call order, so every rank launches every bucket exactly once per backward pass, in one
+  canonical order, whatever parameters its data used (a bucket nothing reached is sent as
+  zeros; a ready bucket waits for its predecessors).
 """
 
 from __future__ import annotations
@@ -20,140 +27,359 @@ from collections import deque
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from .distributed import Collectives
 from .flat_group import FlatParamGroup
+from .layout import Run, Span
 
 
-class StepTimeReduction:
-    """Stages 0 and 1: accumulate whole gradients, reduce them once per optimizer step."""
+class GradientReducer:
+    """Bookkeeping shared by both reducers; see the module docstring for the protocol."""
+
+    def __init__(self, groups: Sequence[FlatParamGroup], comm: Collectives) -> None:
+        self.groups = groups
+        self.comm = comm
+        self.grads: list[torch.Tensor] = []
+        self.dirty = [False] * len(groups)  # holds values the next step must not see
+        self.accumulating = False  # fp32 accumulation across micro-batches; kept once switched on
+        self.backwards = 0  # backward passes ended since the last step
+        self.pending = False  # gradients arrived since the last end of a backward pass
+        self.closed_by: str | None = None  # what reduced this step's gradients early (clipping)
+
+    def _check_open(self) -> None:
+        if self.closed_by is not None:
+            raise RuntimeError(
+                f"this step's gradients were already reduced (by {self.closed_by}), so no further backward pass "
+                "can add to them; call step() or zero_grad() first"
+            )
+
+    def _start_accumulating(self) -> None:
+        """A second micro-batch is coming into this step: accumulate in fp32 from now on."""
+        self.grads = [buffer.float() for buffer in self.grads]
+        self.accumulating = True
+        self.dirty = [True] * len(self.grads)
+
+    def persistent_bytes(self) -> int:
+        """Bytes of the gradient buffers kept between steps."""
+        return sum(buffer.untyped_storage().nbytes() for buffer in self.grads)
+
+    def clear_after_step(self, zeroed_by_kernel: set[int]) -> None:
+        """Get ready for the next step's gradients (groups in `zeroed_by_kernel` were zeroed already)."""
+        for index, buffer in enumerate(self.grads):
+            if self.dirty[index] and index not in zeroed_by_kernel:
+                buffer.zero_()
+            self.dirty[index] = False
+        self.backwards = 0
+        self.closed_by = None
+
+
+class StepReduction(GradientReducer):
+    """Stages 0 and 1 (and a world of one): accumulate whole gradients, reduce once per step."""
 
     def __init__(self, groups: Sequence[FlatParamGroup], comm: Collectives, scatter: bool) -> None:
-        self.groups = groups
-        self.comm = comm
-        self.scatter = scatter
+        super().__init__(groups, comm)
+        self.scatter = scatter and comm.world_size > 1
+        self.grads = [
+            torch.zeros(g.layout.numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
+        ]
 
-    def on_grad(self, group: FlatParamGroup, index: int, grad: torch.Tensor) -> None:
-        group.layout.param_view(group.flat_grad, index).add_(grad)
+    def on_grad(self, group: int, index: int, grad: torch.Tensor) -> None:
+        self._check_open()
+        if self.backwards and not self.accumulating:
+            self._start_accumulating()
+        self.groups[group].layout.param_view(self.grads[group], index).add_(grad)
+        self.dirty[group] = True
+        self.pending = True
 
-    def finish_backward(self) -> None:
-        """Nothing is in flight between backward passes."""
+    def end_backward(self, force: bool = False) -> None:
+        if self.pending or force:
+            self.backwards += 1
+            self.pending = False
 
     def reduce(self) -> None:
-        """Leave the rank-averaged gradient of each group's shard in `grad_shard`."""
-        if self.scatter and self.comm.world_size > 1:
-            self._reduce_scatter_buckets()
-        else:
-            # Stage 0, or a world of one (where the only shard is everything): all-reduce, then
-            # convert to fp32 in the same pass as the copy.
-            works = [self.comm.all_reduce(group.flat_grad, async_op=True) for group in self.groups]
-            for work, group in zip(works, self.groups, strict=True):
-                work.wait()
-                if group.grad_shard is not group.flat_grad:
-                    group.grad_shard.copy_(group.flat_grad)
-        if self.comm.world_size > 1:
-            for group in self.groups:
-                group.grad_shard.mul_(1.0 / self.comm.world_size)
-
-    def _reduce_scatter_buckets(self) -> None:
-        pending = []
-        for group in self.groups:
-            for bucket in group.layout.buckets:
-                target = group.layout.shard_chunk(group.grad_shard, bucket)
-                same_dtype = target.dtype == group.compute_dtype
-                out = target if same_dtype else torch.empty_like(target, dtype=group.compute_dtype)
-                source = group.layout.bucket_view(group.flat_grad, bucket)
-                pending.append((self.comm.reduce_scatter(out, source, async_op=True), out, target))
-        for work, out, target in pending:
+        """Sum the gradients over ranks (this rank's chunks only, for stage 1)."""
+        self.end_backward()
+        if self.comm.world_size == 1:
+            return
+        works = []
+        for group, buffer in zip(self.groups, self.grads, strict=True):
+            if self.scatter:
+                for bucket in group.layout.buckets:
+                    start = bucket.chunk_start(group.rank)
+                    works.append(
+                        self.comm.reduce_scatter(
+                            buffer[start : start + bucket.chunk],
+                            group.layout.bucket_view(buffer, bucket),
+                            async_op=True,
+                        )
+                    )
+            else:
+                works.append(self.comm.all_reduce(buffer, async_op=True))
+        self.dirty = [True] * len(self.grads)
+        for work in works:
             work.wait()
-            if out is not target:
-                target.copy_(out)
+
+    def run_grad(self, group: int, run: Run) -> torch.Tensor:
+        """The reduced (summed, not averaged) gradient of the elements of `run`."""
+        return self.grads[group][run.flat_start : run.flat_start + run.length]
+
+    def span_grad(self, group: int, span: Span) -> torch.Tensor:
+        return self.grads[group][span.flat_begin : span.flat_begin + span.length]
+
+    def owned_grads(self, group: int) -> list[torch.Tensor]:
+        """Tensors that together hold exactly this rank's reduced gradient elements."""
+        return [self.run_grad(group, run) for run in self.groups[group].runs]
+
+    def kernel_zeroes(self, group: int) -> bool:
+        """Whether the optimizer kernel, reading this group's gradient, should zero it on the way:
+        only where its runs cover the whole buffer (stage 1 leaves other ranks' chunks behind)."""
+        return self.groups[group].layout.num_shards == 1
 
     def discard(self) -> None:
-        """Nothing is in flight; the groups' buffers are cleared by the engine."""
+        """Drop what was accumulated since the last step (nothing is in flight between collectives)."""
+        self.pending = False
+        self.clear_after_step(set())
 
 
-class _Staging:
-    __slots__ = ("arrived", "buffer")
+class _BucketState:
+    __slots__ = ("last_fired", "launched", "remaining", "staging")
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
-        self.arrived = 0
+        self.staging: torch.Tensor | None = None
+        self.remaining = 0  # distinct parameters still to receive their gradient(s) this pass
+        self.launched = False
+        self.last_fired = -1  # when its last gradient arrived in the calibration pass
 
 
-class BucketedReduceScatter:
-    """Stage 2: reduce-scatter gradient buckets during backward and accumulate the owned chunk.
+class BackwardReduceScatter(GradientReducer):
+    """Stage 2: reduce-scatter gradient buckets during backward, in one canonical order.
 
-    Buckets are launched in the order they fill up, which is the same on every rank because every
-    rank runs the same backward graph. Gradients that never arrive (unused parameters) count as
-    zero when `finish_backward` flushes the partly filled buckets. At most `max_in_flight`
-    reductions are outstanding before the oldest is waited for, which bounds staging memory.
+    A bucket is ready when each of its parameters has received as many gradients as expected
+    (a layer reused under reentrant activation checkpointing fires its hook once per use). The
+    first pass expects one each and launches buckets in a static order (reverse registration); a
+    gradient that arrives after its bucket went is kept aside, and at the end of that pass the
+    ranks agree, in one small collective, on how often each hook fires, on rank 0's order of
+    filling buckets, and on which buckets need a second round for such late gradients. Later
+    passes wait for the learned counts. With `overlap=False` nothing is reduced before a backward
+    pass ends. At most two reductions are outstanding during backward, which bounds staging memory.
     """
 
-    def __init__(self, groups: Sequence[FlatParamGroup], comm: Collectives, max_in_flight: int) -> None:
-        self.groups = groups
-        self.comm = comm
-        self.max_in_flight = max_in_flight
-        self.scale = 1.0 / comm.world_size
-        self.staging = {
-            (g, b.index): _Staging() for g in range(len(groups)) for b in groups[g].layout.buckets
-        }
-        self.group_index = {id(group): g for g, group in enumerate(groups)}
+    def __init__(
+        self,
+        groups: Sequence[FlatParamGroup],
+        comm: Collectives,
+        overlap: bool,
+        positions: Sequence[Sequence[int]],
+    ) -> None:
+        super().__init__(groups, comm)
+        self.overlap = overlap
+        self.max_in_flight = 2
+        self.grads = [
+            torch.zeros(g.layout.shard_numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
+        ]
+        self.buckets = [(g, bucket) for g, group in enumerate(groups) for bucket in group.layout.buckets]
+        self.bucket_of: list[list[int]] = [[0] * len(group.params) for group in groups]
+        earliest_use = []
+        for k, (g, bucket) in enumerate(self.buckets):
+            for slot in bucket.slots:
+                self.bucket_of[g][slot] = k
+            earliest_use.append(min(positions[g][slot] for slot in bucket.slots))
+        # Until the first pass shows the real order: a bucket fills when its first-registered
+        # parameter's gradient arrives, and backward visits parameters roughly in reverse.
+        self.order = sorted(range(len(self.buckets)), key=lambda k: (-earliest_use[k], k))
+        self.calibrated = not overlap  # nothing launches early without overlap: nothing to learn
+        self.expected = [[1] * len(group.params) for group in groups]
+        self.states = [_BucketState() for _ in self.buckets]
+        self.late: dict[int, torch.Tensor] = {}  # first pass: gradients that came after their bucket
+        self.order_agreed = True  # the static order is the same on every rank
         self.in_flight: deque = deque()
-        # Elements of full-gradient staging alive now, and the most ever: the bound stage 2 promises.
-        self.staged_elements = 0
-        self.peak_staged_elements = 0
+        # Full-gradient staging alive now, and the most ever (elements and bytes): the bound stage 2
+        # promises.
+        self.staged_elements = self.staged_bytes = 0
+        self.peak_staged_elements = self.peak_staged_bytes = 0
+        self._reset_pass()
 
-    def on_grad(self, group: FlatParamGroup, index: int, grad: torch.Tensor) -> None:
-        layout = group.layout
-        slot = layout.slots[index]
-        if self.comm.world_size == 1:
-            # One rank owns every chunk: add straight into the fp32 shard, no staging copy.
-            layout.param_view(group.grad_shard, index).add_(grad)
+    def order_by_first_use(self, first_use: dict[tuple[int, int], int]) -> None:
+        """Before the first backward pass: propose launching buckets in reverse order of their
+        parameters' first use in the first forward, which is the order backward fills them (a
+        bucket fills when its earliest-used parameter's gradient arrives; parameters not seen go
+        last). Each rank saw only what its own data used, so rank 0's proposal is broadcast before
+        the first launch (`_agree_on_order`)."""
+        if self.calibrated or self.cursor:
             return
-        bucket = layout.buckets[slot.bucket]
-        staging = self.staging[(self.group_index[id(group)], bucket.index)]
-        if staging.buffer is None:
-            staging.buffer = torch.zeros(bucket.size, dtype=group.compute_dtype, device=grad.device)
-            self.staged_elements += bucket.size
-            self.peak_staged_elements = max(self.peak_staged_elements, self.staged_elements)
-        begin = slot.offset - bucket.start
-        staging.buffer[begin : begin + slot.numel].view(slot.shape).add_(grad)
-        staging.arrived += 1
-        if staging.arrived >= len(bucket.slots):
-            self._launch(group, bucket, staging)
+        earliest = [min(first_use.get((g, slot), -1) for slot in bucket.slots) for g, bucket in self.buckets]
+        self.order = sorted(range(len(self.buckets)), key=lambda k: (-earliest[k], k))
+        self.order_agreed = False
 
-    def _launch(self, group: FlatParamGroup, bucket, staging: _Staging) -> None:
-        out = torch.empty(bucket.chunk, dtype=group.compute_dtype, device=staging.buffer.device)
-        work = self.comm.reduce_scatter(out, staging.buffer, async_op=True)
-        # The staging buffer stays referenced until its reduction has finished.
-        self.in_flight.append((work, out, staging.buffer, group, bucket))
-        staging.buffer, staging.arrived = None, 0
+    def _agree_on_order(self) -> None:
+        """Adopt rank 0's launch order. Issued right before a rank's first launch, it is every
+        rank's first collective of the pass, so it pairs up however far each backward has got."""
+        device = self.grads[0].device if self.grads else torch.device("cpu")
+        order = torch.tensor(self.order, dtype=torch.int64, device=device)
+        self.comm.broadcast(order)
+        self.order = order.tolist()
+        self.order_agreed = True
+
+    def _reset_pass(self) -> None:
+        self.fired = [[0] * len(group.params) for group in self.groups]
+        for state, (_, bucket) in zip(self.states, self.buckets, strict=True):
+            state.remaining = len(bucket.slots)
+            state.launched = False
+            state.last_fired = -1
+        self.cursor = 0  # position in `order` of the next bucket to launch
+        self.sequence = 0
+
+    def on_grad(self, group: int, index: int, grad: torch.Tensor) -> None:
+        self._check_open()
+        k = self.bucket_of[group][index]
+        state = self.states[k]
+        bucket = self.buckets[k][1]
+        if state.launched:
+            if self.calibrated:
+                raise self._late_gradient_error(group, index)
+            if k not in self.late:
+                self.late[k] = self._staging_buffer(group, bucket.size)
+            target = self.late[k]
+        else:
+            if state.staging is None:
+                state.staging = self._staging_buffer(group, bucket.size)
+            target = state.staging
+        slot = self.groups[group].layout.slots[index]
+        begin = slot.offset - bucket.start
+        target[begin : begin + slot.numel].view(slot.shape).add_(grad)
+        self.pending = True
+        fired = self.fired[group][index] = self.fired[group][index] + 1
+        if not self.calibrated:
+            state.last_fired = self.sequence
+            self.sequence += 1
+        if self.overlap and fired == self.expected[group][index]:
+            state.remaining -= 1
+            if state.remaining == 0:
+                if not self.order_agreed:
+                    self._agree_on_order()
+                while self.cursor < len(self.order) and self.states[self.order[self.cursor]].remaining == 0:
+                    self._launch(self.order[self.cursor])
+
+    def _staging_buffer(self, group: int, size: int) -> torch.Tensor:
+        dtype = self.groups[group].compute_dtype
+        self.staged_elements += size
+        self.staged_bytes += size * dtype.itemsize
+        self.peak_staged_elements = max(self.peak_staged_elements, self.staged_elements)
+        self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
+        return torch.zeros(size, dtype=dtype, device=self.grads[group].device)
+
+    def _launch(self, k: int) -> None:
+        """Reduce-scatter bucket `k` (the next one in canonical order) into this rank's shard."""
+        state = self.states[k]
+        g, bucket = self.buckets[k]
+        staging = state.staging if state.staging is not None else self._staging_buffer(g, bucket.size)
+        state.staging = None
+        state.launched = True
+        self.cursor += 1
+        self._reduce_scatter(k, staging, add=False)
+
+    def _reduce_scatter(self, k: int, staging: torch.Tensor, add: bool) -> None:
+        if self.backwards and not self.accumulating:
+            self._start_accumulating()
+        g, bucket = self.buckets[k]
+        target = self.grads[g][bucket.shard_offset : bucket.shard_offset + bucket.chunk]
+        # The first micro-batch of a step lands in the shard; later ones land beside it and add in.
+        out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
+        work = self.comm.reduce_scatter(out, staging, async_op=True)
+        self.in_flight.append((work, out, target, staging, g))  # staging stays alive until it lands
         while len(self.in_flight) > self.max_in_flight:
             self._complete(self.in_flight.popleft())
 
     def _complete(self, entry) -> None:
-        work, out, _buffer, group, bucket = entry
+        work, out, target, staging, group = entry
         work.wait()
-        group.layout.shard_chunk(group.grad_shard, bucket).add_(out, alpha=self.scale)
-        self.staged_elements -= bucket.size
+        if out is not target:
+            target.add_(out)
+            self.dirty[group] = True
+        self.staged_elements -= staging.numel()
+        self.staged_bytes -= staging.numel() * staging.element_size()
 
-    def finish_backward(self) -> None:
-        """Reduce partly filled buckets and wait for every reduction."""
-        for (g, b), staging in self.staging.items():
-            if staging.buffer is not None:
-                self._launch(self.groups[g], self.groups[g].layout.buckets[b], staging)
+    def end_backward(self, force: bool = False) -> None:
+        """Launch every bucket not launched yet, in order, and wait for all of them."""
+        if not (self.pending or self.cursor or force):
+            return
+        if not self.order_agreed:
+            self._agree_on_order()
+        while self.cursor < len(self.order):
+            self._launch(self.order[self.cursor])
+        if not self.calibrated:
+            self._calibrate()
         while self.in_flight:
             self._complete(self.in_flight.popleft())
+        self._reset_pass()
+        self.backwards += 1
+        self.pending = False
+
+    def _calibrate(self) -> None:
+        """After the first pass: agree on how often each parameter's hook fires per pass, on the
+        launch order, and reduce the gradients that came after their bucket (on any rank)."""
+        device = self.grads[0].device if self.grads else torch.device("cpu")
+        fired = [c for counts in self.fired for c in counts]
+        late = [int(k in self.late) for k in range(len(self.buckets))]
+        agreed = torch.tensor(fired + late, dtype=torch.int64, device=device)
+        self.comm.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        agreed_list = agreed.tolist()
+        start = 0
+        for g, counts in enumerate(self.fired):
+            self.expected[g] = [max(1, c) for c in agreed_list[start : start + len(counts)]]
+            start += len(counts)
+        for k in self.order:
+            if agreed_list[start + k]:
+                late_staging = self.late.pop(k, None)
+                if late_staging is None:
+                    late_staging = self._staging_buffer(self.buckets[k][0], self.buckets[k][1].size)
+                self._reduce_scatter(k, late_staging, add=True)
+        filled = sorted(
+            (k for k in self.order if self.states[k].last_fired >= 0), key=lambda k: self.states[k].last_fired
+        )
+        never = [k for k in self.order if self.states[k].last_fired < 0]
+        order = torch.tensor(filled + never, dtype=torch.int64, device=device)
+        self.comm.broadcast(order)
+        self.order = order.tolist()
+        self.calibrated = True
+
+    def _late_gradient_error(self, group: int, index: int) -> RuntimeError:
+        name = self.groups[group].layout.slots[index].name
+        return RuntimeError(
+            f"parameter {name} received a gradient after its bucket was already reduced in this backward "
+            f"pass (its gradient hook ran {self.fired[group][index] + 1} times so far; the first backward "
+            f"pass ran it {self.expected[group][index]} times). hf_zero reduces a bucket once each of its "
+            "parameters has received as many gradients as in the first pass. For a model that reuses "
+            "parameters a varying number of times per pass, set ZeroConfig(overlap_comm=False) to reduce "
+            "after each backward pass; for two backward passes without a forward between them, call "
+            "engine.backward(loss) (or accelerator.backward) for each"
+        )
 
     def reduce(self) -> None:
         """Gradients were reduced during backward; make sure the last ones have landed."""
-        self.finish_backward()
+        self.end_backward()
+        if self.backwards == 0 and not self.accumulating:
+            # No backward since the last step: the 16-bit shard still holds the last step's gradient.
+            for buffer in self.grads:
+                buffer.zero_()
+
+    def run_grad(self, group: int, run: Run) -> torch.Tensor:
+        return self.grads[group][run.shard_start : run.shard_start + run.length]
+
+    def span_grad(self, group: int, span: Span) -> torch.Tensor:
+        return self.grads[group][span.shard_begin : span.shard_begin + span.length]
+
+    def owned_grads(self, group: int) -> list[torch.Tensor]:
+        return [self.grads[group]]
+
+    def kernel_zeroes(self, group: int) -> bool:
+        """The fp32 accumulator must start each step at zero; the 16-bit shard is simply overwritten
+        by the next pass's reduce-scatters."""
+        return self.accumulating
 
     def discard(self) -> None:
-        """Drop staged gradients; reductions already launched are completed (every rank joined them)."""
-        while self.in_flight:
-            self._complete(self.in_flight.popleft())
-        for staging in self.staging.values():
-            staging.buffer, staging.arrived = None, 0
-        self.staged_elements = 0
+        """Drop this step's gradients. A pass with buckets still to send finishes sending them
+        first: every rank joined those collectives."""
+        self.end_backward()
+        self.clear_after_step(set())

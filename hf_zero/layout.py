@@ -57,11 +57,22 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Span:
-    """The part of one parameter that falls in one rank's shard, in both coordinate systems."""
+    """The part of one parameter that falls in one rank's shard, in all three coordinate systems."""
 
     slot: int
     param_begin: int
     shard_begin: int
+    flat_begin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """A contiguous piece of one rank's shard and where the same elements sit in the flat buffer:
+    the unit the optimizer kernel is launched over (one per bucket, or the whole group unsharded)."""
+
+    shard_start: int
+    flat_start: int
     length: int
 
 
@@ -110,7 +121,16 @@ class FlatLayout:
                 slot = self.slots[index]
                 begin, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
                 if begin < end:
-                    yield Span(index, begin - slot.offset, bucket.shard_offset + begin - lo, end - begin)
+                    yield Span(
+                        index, begin - slot.offset, bucket.shard_offset + begin - lo, begin, end - begin
+                    )
+
+    def runs(self, rank: int) -> list[Run]:
+        """Rank `rank`'s shard as contiguous runs of the flat buffer: the whole buffer when unsharded,
+        else its chunk of each bucket."""
+        if self.num_shards == 1:
+            return [Run(0, 0, self.numel)] if self.numel else []
+        return [Run(b.shard_offset, b.chunk_start(rank), b.chunk) for b in self.buckets]
 
     def shard_of(
         self, tensors: Sequence[torch.Tensor], rank: int, dtype: torch.dtype, device: torch.device

@@ -111,21 +111,25 @@ def _same_scalar(value, first) -> bool:
     return not torch.is_tensor(value) and not torch.is_tensor(first) and value == first
 
 
-def rebind_to_shards(
-    optimizer: torch.optim.Optimizer,
-    group_params: Sequence[Sequence[torch.Tensor]],
-    masters: Sequence[torch.Tensor],
-    layouts: Sequence[FlatLayout],
-    rank: int,
-) -> None:
-    """Point each param group at its master shard and move existing state onto the shards."""
+def rebind_to_shards(optimizer: torch.optim.Optimizer, segments: Sequence) -> None:
+    """Point each param group at the master shards of its segments and move existing state onto them.
+
+    A segment (a `FlatParamGroup`) holds the parameters of one param group that compute in one
+    dtype; each param group ends up with one master shard per segment, usually exactly one. A
+    group built from `named_parameters()` gets one name per shard.
+    """
     new_state: dict = defaultdict(dict)
-    for group, params, master, layout in zip(
-        optimizer.param_groups, group_params, masters, layouts, strict=True
-    ):
-        states = [optimizer.state.get(p, {}) for p in params]
-        shard_state = shard_param_state(states, params, layout, rank, master.device)
+    masters_of: list[list[torch.Tensor]] = [[] for _ in optimizer.param_groups]
+    for segment in segments:
+        states = [optimizer.state.get(p, {}) for p in segment.params]
+        shard_state = shard_param_state(
+            states, segment.params, segment.layout, segment.rank, segment.master.device
+        )
         if shard_state:
-            new_state[master] = shard_state
-        group["params"] = [master]
+            new_state[segment.master] = shard_state
+        masters_of[segment.optimizer_group].append(segment.master)
+    for index, (group, masters) in enumerate(zip(optimizer.param_groups, masters_of, strict=True)):
+        group["params"] = masters
+        if "param_names" in group:
+            group["param_names"] = [f"hf_zero.shard.group{index}.{k}" for k in range(len(masters))]
     optimizer.state = new_state

@@ -1,0 +1,198 @@
+"""The engine's weights and shard state: complete fp32 weights gathered from the shards, loading
+them back, this rank's own training state with the layout it was cut with, and what the engine
+allocated. Mixed into `ZeroEngine`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class ShardedState:
+    """State methods of `ZeroEngine` (which supplies `groups`, `module`, `optimizer`, `comm`,
+    `ctx`, `config`, `grad_sync`, `compute_dtype` and `_frozen_dtypes`)."""
+
+    def full_state_dict(self, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The complete, unsharded state dict on every rank, as CPU tensors.
+
+        Trainable weights come from the fp32 master copy, cast back to the dtype the model had
+        when it was handed to the engine; frozen weights and buffers are copied as they are (a
+        frozen fp32 weight computing in 16 bits is saved from its 16-bit value, in fp32). Tied
+        weights map to one shared tensor. Every rank must call this (it all-gathers); a rank that
+        passes `keep=False` only takes part and gets an empty dict, holding no host copy. With
+        `trainable_only`, frozen weights and buffers are left out (a PEFT adapter's save needs
+        only its own weights, not a host copy of the frozen base model).
+
+        `model.state_dict()` itself keeps returning what the model computes with (the 16-bit
+        weights): the fp32 masters are spread over the ranks, and gathering them is a collective
+        every rank must join, which a `state_dict()` call made on one rank cannot do.
+        """
+        values: dict[int, torch.Tensor] = {}
+        for group in self.groups:
+            gathered = group.gather_master(self.comm, keep)
+            for param, dtype, full in zip(group.params, group.original_dtypes, gathered, strict=keep):
+                values[id(param)] = full.to(dtype)
+        if not keep:
+            return {}
+        state = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            found = values.get(id(tensor))
+            if found is not None:
+                state[name] = found
+            elif not trainable_only:
+                dtype = self._frozen_dtypes.get(id(tensor), tensor.dtype)
+                state[name] = tensor.detach().to("cpu", dtype, copy=True)
+        return state
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes of the persistent tensors the engine allocated on the device, by kind, read off
+        the tensors themselves: 16-bit weights, fp32 masters, gradients, optimizer state, and the
+        most gradient staging (stage 2) held at once so far."""
+        breakdown = {"weights": 0, "masters": 0}
+        for group in self.groups:
+            for kind, size in group.state_bytes().items():
+                breakdown[kind] += size
+        breakdown["gradients"] = self.grad_sync.persistent_bytes()
+        breakdown["optimizer_state"] = sum(
+            value.untyped_storage().nbytes()
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if torch.is_tensor(value) and value.device == self.ctx.device and value.dim() > 0
+        )
+        breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
+        return breakdown
+
+    def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load complete, unsharded weights (such as a `save_pretrained` folder's) on every rank.
+
+        Trainable weights set the fp32 master shards exactly and reach the model rounded to the
+        compute dtype; other entries (frozen weights, buffers) load into the model. A tied weight
+        may appear under any of its names. Everything is checked before anything changes. Every
+        rank must call this with the same weights.
+        """
+        module_state = self.module.state_dict(keep_vars=True)
+        names_of: dict[int, list[str]] = {}
+        for name, tensor in module_state.items():
+            names_of.setdefault(id(tensor), []).append(name)
+        managed: set[str] = set()
+        planned = []
+        for group in self.groups:
+            values = []
+            for param, slot in zip(group.params, group.layout.slots, strict=True):
+                names = names_of.get(id(param), [slot.name])
+                managed.update(names)
+                value = next((state_dict[n] for n in names if n in state_dict), None)
+                if value is None:
+                    raise ValueError(f"the weights to load have no entry for parameter {' / '.join(names)}")
+                if tuple(value.shape) != tuple(slot.shape):
+                    raise ValueError(
+                        f"parameter {slot.name} has shape {tuple(slot.shape)} but the weights to load "
+                        f"hold {tuple(value.shape)}"
+                    )
+                values.append(value)
+            planned.append((group, values))
+        rest = {name: value for name, value in state_dict.items() if name not in managed}
+        expected = [name for name in module_state if name not in managed]
+        missing = [name for name in expected if name not in rest]
+        unexpected = [name for name in rest if name not in expected]
+        if missing:
+            raise ValueError(f"the weights to load have no entry for {missing[:5]}")
+        if unexpected:
+            raise ValueError(f"the weights to load hold entries the model does not have: {unexpected[:5]}")
+        with torch.no_grad():
+            for group, values in planned:
+                group.master.copy_(
+                    group.layout.shard_of(values, group.rank, torch.float32, group.master.device)
+                )
+            self._publish_masters()
+            self.module.load_state_dict(rest, strict=False)
+
+    def _publish_masters(self) -> None:
+        """Round every master shard into the compute buffer and all-gather it everywhere."""
+        for group in self.groups:
+            group.round_master()
+        works = [work for group in self.groups for work in group.publish(self.comm)]
+        for work in works:
+            work.wait()
+
+    def layout_record(self) -> dict[str, Any]:
+        """What a shard's positions mean: world size, stage, bucket size and every segment's
+        parameters in order. Shard state is positional, so it loads only into the same layout."""
+        return {
+            "world_size": self.ctx.world_size,
+            "stage": self.config.stage,
+            "reduce_bucket_size": self.config.reduce_bucket_size,
+            "segments": [
+                {
+                    "optimizer_group": group.optimizer_group,
+                    "dtype": str(group.compute_dtype).removeprefix("torch."),
+                    "parameters": [[slot.name, list(slot.shape)] for slot in group.layout.slots],
+                }
+                for group in self.groups
+            ],
+        }
+
+    def shard_state_dict(self) -> dict[str, Any]:
+        """This rank's own training state: its fp32 master shards, its optimizer state, and the
+        layout they were cut with."""
+        return {
+            "world_size": self.ctx.world_size,
+            "stage": self.config.stage,
+            "layout": self.layout_record(),
+            "masters": [group.master.detach().to("cpu", copy=True) for group in self.groups],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `shard_state_dict` returned on this rank: same world size, stage, bucket
+        size, parameters and param groups, or a `ValueError` naming the first difference."""
+        saved = state.get("layout")
+        if saved is None:
+            raise ValueError(
+                "this shard state has no layout record (it was saved by an older hf_zero), so hf_zero cannot "
+                "check that its positions match this model; start from the saved model weights instead"
+            )
+        difference = describe_layout_difference(saved, self.layout_record())
+        if difference is not None:
+            raise ValueError(f"cannot load this shard state: {difference}")
+        with torch.no_grad():
+            for group, master in zip(self.groups, state["masters"], strict=True):
+                group.master.copy_(master)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._publish_masters()
+
+
+def describe_layout_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """The first way two layout records differ, in words, or None when they match."""
+    for key, what in (
+        ("world_size", "world size"),
+        ("stage", "stage"),
+        ("reduce_bucket_size", "reduce_bucket_size"),
+    ):
+        if saved.get(key) != current.get(key):
+            return (
+                f"it was saved with {what} {saved.get(key)} but the engine runs {what} {current.get(key)}; resume "
+                f"with the same {what} (or start from the saved model weights)"
+            )
+    old, new = saved.get("segments", []), current.get("segments", [])
+    if len(old) != len(new):
+        return (
+            f"it holds {len(old)} parameter segments but the engine has {len(new)}: the param groups differ"
+        )
+    for index, (a, b) in enumerate(zip(old, new, strict=True)):
+        if (a["optimizer_group"], a["dtype"]) != (b["optimizer_group"], b["dtype"]):
+            return f"segment {index} belongs to param group {a['optimizer_group']} in {a['dtype']} when saved, not {b['optimizer_group']} in {b['dtype']}"
+        for position, (x, y) in enumerate(zip(a["parameters"], b["parameters"], strict=False)):
+            if list(x) != list(y):
+                return (
+                    f"position {position} of param group {a['optimizer_group']} held {x[0]} {tuple(x[1])} when "
+                    f"saved but holds {y[0]} {tuple(y[1])} now: the parameters or their order differ"
+                )
+        if len(a["parameters"]) != len(b["parameters"]):
+            return (
+                f"param group {a['optimizer_group']} held {len(a['parameters'])} parameters when saved but "
+                f"holds {len(b['parameters'])} now"
+            )
+    return None
