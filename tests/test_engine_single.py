@@ -11,6 +11,11 @@ import hf_zero
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
 
+def _gpt2_and_sgd():
+    model = build_model("gpt2")
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
 def _gpt2_and_adamw(**optimizer_kwargs):
     model = build_model("gpt2")
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **optimizer_kwargs)
@@ -120,13 +125,15 @@ def test_frozen_parameters_are_cast_and_left_alone():
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_accumulation_and_zero_grad(stage):
+    # SGD: linear in the gradient, so accumulation errors show in full (Adam's first step is
+    # about sign(g), which turns summation-order noise in near-zero gradients into lr-sized steps).
     samples = make_samples("gpt2", 4)
-    reference, optimizer = _gpt2_and_adamw()
+    reference, optimizer = _gpt2_and_sgd()
     reference_engine = hf_zero.initialize(reference, optimizer, {"stage": stage})
     reference_engine.backward(reference_engine(**samples).loss)
     reference_engine.step()
 
-    model, optimizer = _gpt2_and_adamw()
+    model, optimizer = _gpt2_and_sgd()
     engine = hf_zero.initialize(model, optimizer, {"stage": stage})
     engine.backward(engine(**slice_samples(samples, 0, 1)).loss * 10)  # discarded below
     engine.zero_grad()
@@ -167,7 +174,7 @@ def test_clip_grad_norm_matches_torch_and_blocks_further_backward():
     want = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
     got = engine.clip_grad_norm_(0.1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    with pytest.raises(RuntimeError, match="gradients were already reduced for this step"):
+    with pytest.raises(RuntimeError, match="gradients were already reduced \\(by clip_grad_norm_\\)"):
         engine.backward(engine(**samples).loss)
     engine.step()
     assert engine.get_global_grad_norm() is got
@@ -216,12 +223,15 @@ def test_shard_state_round_trip_and_mismatches():
         restored.full_state_dict()["lm_head.weight"], engine.full_state_dict()["lm_head.weight"]
     )
 
-    with pytest.raises(
-        ValueError, match="saved with world size 1 and stage 1, but the engine runs world size 1 and stage 2"
-    ):
-        restored.load_shard_state_dict({**saved, "stage": 1})
-    with pytest.raises(ValueError, match="from a different model or bucket size"):
-        restored.load_shard_state_dict({**saved, "masters": [torch.zeros(3)]})
+    def altered(**changes):
+        return {**saved, "layout": {**saved["layout"], **changes}}
+
+    with pytest.raises(ValueError, match="saved with stage 1 but the engine runs stage 2"):
+        restored.load_shard_state_dict(altered(stage=1))
+    with pytest.raises(ValueError, match="saved with world size 4 but the engine runs world size 1"):
+        restored.load_shard_state_dict(altered(world_size=4))
+    with pytest.raises(ValueError, match="no layout record"):
+        restored.load_shard_state_dict({k: v for k, v in saved.items() if k != "layout"})
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

@@ -1,42 +1,87 @@
-"""Tiny Llama, GPT-2 (tied embeddings) and BERT masked-LM models, and deterministic batches.
+"""Tiny models and deterministic batches for the sharded-vs-unsharded checks.
 
-Dropout is off so sharded and unsharded runs compute the same function; every sequence has the
-same number of labelled tokens so per-rank mean losses average to the global-batch mean.
+Hub architectures built from configs (no downloads): Llama, GPT-2 (tied embeddings), BERT
+masked LM, a Llama whose three layers are one shared layer under reentrant activation
+checkpointing (each shared parameter's gradient hook fires three times per backward pass), and
+`beam`, a mixture-of-experts model whose router the model keeps in fp32. Plus `branches`, a small
+network that sends each micro-batch through one of two equally sized branches chosen by the data,
+so ranks use different parameters.
+
+The data are sequences from a sparse Markov chain (`hf_zero.data.markov_corpus`), so the loss
+really falls. Dropout is off so sharded and unsharded runs compute the same function; every
+sequence has the same number of labelled tokens so per-micro-batch mean losses average to the
+global-batch mean.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedModel,
 )
+from transformers.modeling_outputs import CausalLMOutput
+
+from ..data import markov_corpus
 
 VOCAB = 256
 SEQ_LEN = 16
 MASKED_PER_SEQUENCE = 4
+ROUTE_BLOCK = 2  # consecutive samples that take the same branch of the `branches` model
 MODEL_NAMES = ("llama", "gpt2", "bert")
+EXTRA_MODEL_NAMES = ("llama-shared", "beam", "branches")
 
 
-def build_model(name: str, seed: int = 0) -> PreTrainedModel:
+def _llama_config(layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+
+
+class BranchNet(nn.Module):
+    """Embedding, a shared trunk, one of two branches picked per micro-batch by `route`, and a head."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.trunk = nn.Linear(width, width)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)) for _ in range(2)
+        )
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, route: torch.Tensor) -> CausalLMOutput:
+        hidden = torch.tanh(self.trunk(self.embed(input_ids)))
+        hidden = self.branches[int(route[0])](hidden)
+        logits = self.head(hidden)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
     """A freshly initialised tiny model of architecture `name`, identical for equal seeds."""
     torch.manual_seed(seed)
     if name == "llama":
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(_llama_config())
+    if name == "llama-shared":
+        model = LlamaForCausalLM(_llama_config(layers=3))
+        model.model.layers[1] = model.model.layers[2] = model.model.layers[0]
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        model.config.use_cache = False
+        return model.train()
     if name == "gpt2":
         config = GPT2Config(
             n_layer=2,
@@ -63,15 +108,41 @@ def build_model(name: str, seed: int = 0) -> PreTrainedModel:
             attention_probs_dropout_prob=0.0,
         )
         return BertForMaskedLM(config)
-    raise ValueError(f"unknown tiny model {name!r}; choose from {MODEL_NAMES}")
+    if name == "beam":
+        config = AutoConfig.for_model(
+            "beam",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            layer_types=["sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse"],
+            sliding_window=8,
+        )
+        return AutoModelForCausalLM.from_config(config)
+    if name == "branches":
+        return BranchNet()
+    raise ValueError(f"unknown tiny model {name!r}; choose from {MODEL_NAMES + EXTRA_MODEL_NAMES}")
 
 
 def make_samples(name: str, count: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    """`count` training samples for model `name` (causal LM for llama/gpt2, masked LM for bert)."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, VOCAB, (count, SEQ_LEN), generator=generator)
+    """`count` training samples for model `name` (causal LM, masked LM for bert, routed for branches)."""
+    tokens = markov_corpus(count, SEQ_LEN, VOCAB, branching=4, seed=seed)
+    if name == "branches":
+        route = (torch.arange(count) // ROUTE_BLOCK) % 2
+        return {"input_ids": tokens, "labels": tokens.clone(), "route": route}
     if name != "bert":
         return {"input_ids": tokens, "labels": tokens.clone()}
+    generator = torch.Generator().manual_seed(seed)
     order = torch.rand(count, SEQ_LEN, generator=generator).argsort(dim=1)
     masked = torch.zeros(count, SEQ_LEN, dtype=torch.bool)
     masked.scatter_(1, order[:, :MASKED_PER_SEQUENCE], True)

@@ -1,0 +1,92 @@
+"""Which cases run at which world size: the multi-rank matrix the test suite launches.
+
+One torchrun launch per world size runs all of that world's cases (start-up dominates on CPU).
+"""
+
+from __future__ import annotations
+
+from .cases import Case
+from .tiny_models import MODEL_NAMES
+
+STAGES = (0, 1, 2)
+
+CORE_CASES = [
+    Case(model, stage, precision, optimizer, accumulation, clipping)
+    for model in MODEL_NAMES
+    for stage in STAGES
+    for precision, optimizer, accumulation, clipping in (
+        ("fp32", "adamw", 1, 0.0),
+        ("bf16", "adamw", 1, 0.0),
+        ("fp32", "sgd", 2, 0.05),  # SGD is linear in the gradient: averaging errors show in full
+    )
+]
+OPTIMIZER_CASES = [Case("gpt2", 2, "fp32", kind) for kind in ("adam", "rmsprop", "adagrad")] + [
+    Case("gpt2", 0, "fp32", "adagrad"),  # state made before initialize, on an unsharded group
+]
+MIXED_CASES = [Case("llama", 2, "bf16", "adamw", accumulation=2, clipping=0.05)]
+ACCELERATE_CASES = [
+    Case("gpt2", 1, "fp32", "sgd", accumulation=2, clipping=0.05, loop="accelerate"),
+    Case("llama", 2, "bf16", "adamw", loop="accelerate"),
+]
+
+# Ranks that use different parameters: rank 0 always takes branch 0 and rank 1 branch 1 at two
+# ranks; single-bucket parameters make equal-sized buckets that could pair up wrongly.
+ROUTED_CASES = [Case("branches", stage, "fp32", "sgd", bucket_size=1024) for stage in STAGES] + [
+    Case("branches", 2, "fp32", "adamw", accumulation=2, bucket_size=1024),
+    Case("branches", 2, "fp32", "sgd", bucket_size=1024, overlap=False),
+]
+SHARED_LAYER_CASES = [
+    Case("llama-shared", 2, "fp32", "sgd", accumulation=2),
+    Case("llama-shared", 1, "fp32", "adamw"),
+    Case("llama-shared", 2, "fp32", "sgd", overlap=False),
+]
+MOE_CASES = [Case("beam", 2, "bf16", "adamw"), Case("beam", 1, "fp32", "sgd", accumulation=2)]
+LAYOUT_CASES = [
+    Case("llama", 2, "fp32", "adamw_trainer"),
+    Case("llama", 1, "bf16", "adamw_trainer", accumulation=2),
+    Case("gpt2", 2, "fp32", "sgd", accumulation=2, bucket_size=0),  # one big bucket
+    Case("gpt2", 1, "fp32", "sgd", bucket_size=0),
+    Case("gpt2", 2, "fp32", "sgd", accumulation=2, bucket_size=1),  # one parameter per bucket
+]
+# bf16 with 8 micro-batches: every stage accumulates in fp32 (the plain loop records full_grad).
+ACCUMULATION_CASES = [
+    Case("llama", stage, "bf16", "sgd", accumulation=8, steps=2, micro_batch=1, loop="plain")
+    for stage in STAGES
+]
+USER_PATH_CASES = [
+    Case("gpt2", 2, "fp32", "adamw", accumulation=2, scenario="eval_between"),
+    Case("gpt2", 2, "fp32", "sgd", accumulation=2, scenario="discard"),
+    Case("llama", 1, "bf16", "adamw", scenario="discard", loop="accelerate"),
+    Case("gpt2", 2, "fp32", "sgd", accumulation=2, clipping=0.05, loop="plain", scenario="discard"),
+    Case("llama", 1, "fp32", "adamw", accumulation=2, clipping=0.05, loop="plain"),
+    Case("llama", 0, "bf16", "sgd", clipping=0.05, loop="plain"),
+    Case("llama", 2, "bf16", "adamw", scenario="load_state_dict"),
+    Case("gpt2", 1, "fp32", "sgd", scenario="load_state_dict"),
+    Case("gpt2", 2, "fp32", "adamw_fused", steps=4),
+    Case("gpt2", 2, "fp32", "adamw_fused", steps=4, scenario="resume"),
+    Case("llama", 1, "bf16", "adamw", steps=4),
+    Case("llama", 1, "bf16", "adamw", steps=4, scenario="resume"),
+]
+HARDENING_CASES = (
+    ROUTED_CASES + SHARED_LAYER_CASES + MOE_CASES + LAYOUT_CASES + ACCUMULATION_CASES + USER_PATH_CASES
+)
+
+CASES_BY_WORLD = {
+    2: CORE_CASES + OPTIMIZER_CASES + MIXED_CASES + ACCELERATE_CASES + HARDENING_CASES,
+    3: [
+        Case("gpt2", stage, "fp32", optimizer, accumulation, clipping)
+        for stage in STAGES
+        for optimizer, accumulation, clipping in (("adamw", 1, 0.0), ("sgd", 2, 0.05))
+    ]
+    + [Case("branches", 2, "fp32", "sgd", bucket_size=1024), Case("llama-shared", 2, "fp32", "sgd")],
+    4: [
+        *CORE_CASES,
+        Case("gpt2", 2, "fp32", "sgd", accumulation=2, subgroups=2),
+        Case("llama", 1, "bf16", "adamw", subgroups=2),
+    ],
+}
+
+
+def reference_world(case: Case, world: int) -> int:
+    """The world size whose global batch the case's ranks train on together."""
+    return world // case.subgroups if case.subgroups else world
