@@ -14,11 +14,12 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 
 from ..config import ZeroConfig
-from ..engine import ZeroEngine, engine_of
+from ..engine import ZeroEngine, check_available, engine_of
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -45,17 +46,44 @@ class ZeroAccelerator(Accelerator):
     """An Accelerator whose `prepare` shards the model and optimizer with hf_zero.
 
     Args:
-        zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file.
+        zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Features
+            this release does not have yet (stage 3, offload, fp16) are refused here.
         *args, **kwargs: passed to `accelerate.Accelerator`. `mixed_precision` (or the launcher's
-            setting) fills `ZeroConfig.precision` when that is "auto".
+            setting) fills `ZeroConfig.precision` when that is "auto". On a machine without GPUs,
+            pass `cpu=True` when launching several processes.
+
+    Raises:
+        RuntimeError: when Accelerate counts a different number of processes than the launcher
+            started (each process would otherwise train alone on the same data).
     """
 
     def __init__(self, *args: Any, zero_config: ZeroConfig | dict | str | None = None, **kwargs: Any) -> None:
         requested = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION")
-        self.zero_config = resolve_precision(ZeroConfig.coerce(zero_config), requested)
+        config = resolve_precision(ZeroConfig.coerce(zero_config), requested)
+        check_available(config)  # refuse roadmap features now, not at the first prepare or step
+        self.zero_config = config
         kwargs["mixed_precision"] = "no"
         super().__init__(*args, **kwargs)
         self.zero_engine: ZeroEngine | None = None
+        self._check_world_agrees()
+
+    def _check_world_agrees(self) -> None:
+        """Refuse to run when Accelerate's world differs from the launcher's.
+
+        torchrun on a machine without GPUs and without `cpu=True` gives processes that Accelerate
+        takes for single-process runs while torch.distributed holds them all in one group.
+        """
+        launched = _launched_world_size()
+        if launched != self.num_processes:
+            raise RuntimeError(
+                f"Accelerate counts {self.num_processes} process(es) but the launcher started {launched} "
+                "(torch.distributed world size, or WORLD_SIZE): each process would train alone on the same "
+                "data and write the same files. On a machine without GPUs pass cpu=True to ZeroAccelerator "
+                "(use_cpu=True in TrainingArguments, `accelerate launch --cpu`); otherwise launch as many "
+                "processes as Accelerate uses (one per GPU)."
+            )
+
+    # ---- preparation -----------------------------------------------------------------------------
 
     def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
         """Shard the (one) model with its (one) optimizer, then prepare everything as Accelerate does."""
@@ -106,6 +134,8 @@ class ZeroAccelerator(Accelerator):
             raise RuntimeError("call accelerator.prepare(model, optimizer) before training")
         return self.zero_engine
 
+    # ---- training ----------------------------------------------------------------------------------
+
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Backpropagate through the engine (the loss is divided by Accelerate's accumulation steps)."""
         kwargs.pop("learning_rate", None)
@@ -129,6 +159,13 @@ class ZeroAccelerator(Accelerator):
     def optimizer_step_was_skipped(self) -> bool:
         """Whether the last optimizer step was skipped (fp16 overflow); never in fp32/bf16."""
         return False
+
+
+def _launched_world_size() -> int:
+    """How many processes the launcher started: the process group's size, else WORLD_SIZE."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
