@@ -1,22 +1,203 @@
-"""Build `ZeroAccelerator` the way Accelerate users do; launch with torchrun.
+"""Train a tiny GPT-2 (tied embeddings) through `ZeroAccelerator` the way Accelerate users do; launch
+with torchrun.
 
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.accelerate_run MODE OUT_DIR
 
-Modes (each rank writes OUT_DIR/rank{r}.pt, a dict of results):
+Modes (each rank writes OUT_DIR/rank{r}.pt, a dict of results; saved folders go under OUT_DIR):
 
+- `checkpoint`: an fp32 stage-2 run that saves with automatic checkpoint naming (`total_limit=2`)
+  after steps 1-3 and trains on to step 6; a second run, from other initial weights and another
+  RNG state, loads the latest checkpoint and trains steps 4-6, then is refused a copy of that
+  checkpoint that names another number of processes. Then a bf16 stage-1 run: its
+  `get_state_dict`, `save_model` and `save_pretrained` folders, and a `save_state`/`load_state`
+  round trip in place.
 - `mismatch`: a `ZeroAccelerator` built without `cpu=True` on a machine without GPUs.
+
+Batches are drawn from a Markov-chain corpus with the global RNG (seeded alike on every rank), so
+a resumed run only sees the same data if the RNG state was restored.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import ProjectConfiguration
 
+from ..data import markov_corpus
 from ..integrations.accelerator import ZeroAccelerator
+from .cases import BUCKET_SIZE, build_optimizer
 from .launch import exit_cleanly
+from .tiny_models import SEQ_LEN, VOCAB, build_model
+
+TOKENS = markov_corpus(512, SEQ_LEN, VOCAB)
+MICRO_BATCH = 2
+ACCUMULATION = 2
+STEPS = 6
+SAVE_AFTER = (1, 2, 3)  # steps after which the first run saves; total_limit=2 keeps the last two
+
+
+class Progress:
+    """A custom object registered for checkpointing: samples seen so far."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples = state["samples"]
+
+
+class Run:
+    """A model, two-group AdamW and LR scheduler prepared by `accelerator`, trained with accumulation."""
+
+    def __init__(self, accelerator: ZeroAccelerator, seed: int) -> None:
+        self.accelerator = accelerator
+        model = build_model("gpt2", seed=seed)
+        optimizer = build_optimizer("adamw", list(model.named_parameters()))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.engine = accelerator.zero_engine
+        self.progress = Progress()
+        accelerator.register_for_checkpointing(self.progress)
+
+    def train_step(self) -> float:
+        """One optimizer step of ACCUMULATION micro-batches; returns the global mean loss."""
+        accelerator, rank = self.accelerator, dist.get_rank()
+        total = torch.zeros(())
+        for _ in range(ACCUMULATION):
+            rows = torch.randint(0, len(TOKENS), (dist.get_world_size() * MICRO_BATCH,))
+            batch = TOKENS[rows[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]]
+            with accelerator.accumulate(self.model):
+                loss = self.model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            total += loss.detach()
+            self.progress.samples += len(rows)
+        return accelerator.reduce(total, "mean").item() / ACCUMULATION
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.engine.full_state_dict()
+
+
+def _accelerator(
+    project: Path, stage: int, precision: str = "fp32", automatic: bool = True
+) -> ZeroAccelerator:
+    config = {"stage": stage, "precision": precision, "reduce_bucket_size": BUCKET_SIZE}
+    return ZeroAccelerator(
+        zero_config=config,
+        cpu=True,
+        gradient_accumulation_steps=ACCUMULATION,
+        project_config=ProjectConfiguration(
+            project_dir=str(project), automatic_checkpoint_naming=automatic, total_limit=2
+        ),
+    )
+
+
+def _resume(out: Path) -> dict:
+    """An uninterrupted fp32 run against one resumed from its latest automatic checkpoint."""
+    accelerator = _accelerator(out / "project", stage=2)
+    first = Run(accelerator, seed=0)
+    losses, lrs = [], []
+    for step in range(1, STEPS + 1):
+        losses.append(first.train_step())
+        lrs.append(first.scheduler.get_last_lr())
+        if step in SAVE_AFTER:
+            accelerator.save_state()
+            if step == SAVE_AFTER[-1]:
+                saved = {
+                    "weights": first.weights(),
+                    "step": accelerator.step,
+                    "samples": first.progress.samples,
+                }
+
+    resumed_accelerator = _accelerator(out / "project", stage=2)
+    second = Run(resumed_accelerator, seed=1)  # other initial weights, which loading must replace
+    torch.manual_seed(1234)  # another RNG state, which loading must replace
+    resumed_accelerator.load_state()
+    restored = {"step": resumed_accelerator.step, "samples": second.progress.samples}
+    resumed_losses, resumed_lrs = [], []
+    for _ in range(STEPS - SAVE_AFTER[-1]):
+        resumed_losses.append(second.train_step())
+        resumed_lrs.append(second.scheduler.get_last_lr())
+    wrong_world = _refused_load(resumed_accelerator, out)
+    return {
+        "losses": losses,
+        "lrs": lrs,
+        "weights": first.weights(),
+        "saved": saved,
+        "restored": restored,
+        "resumed_losses": resumed_losses,
+        "resumed_lrs": resumed_lrs,
+        "resumed_weights": second.weights(),
+        "wrong_world_error": wrong_world,
+    }
+
+
+def _refused_load(accelerator: ZeroAccelerator, out: Path) -> str | None:
+    """Load a copy of the latest checkpoint whose shard files claim 4 processes; the error message."""
+    latest = out / "project" / "checkpoints" / f"checkpoint_{len(SAVE_AFTER) - 1}"
+    wrong = out / "wrong_world"
+    if accelerator.is_main_process:
+        shutil.copytree(latest, wrong)
+        for shard in wrong.glob("hf_zero_shard_rank*_of_00002.safetensors"):
+            shard.rename(shard.with_name(shard.name.replace("_of_00002", "_of_00004")))
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.load_state(str(wrong))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _bf16_weights_api(out: Path) -> dict:
+    """bf16 stage 1: full fp32 weights through get_state_dict/save_model, and an in-place reload."""
+    accelerator = _accelerator(out / "bf16_project", stage=1, precision="bf16", automatic=False)
+    run = Run(accelerator, seed=2)
+    for _ in range(2):
+        run.train_step()
+    masters = run.weights()
+    state = accelerator.get_state_dict(run.model)
+    accelerator.save_model(run.model, out / "save_model")
+    unwrapped = accelerator.unwrap_model(run.model)
+    if accelerator.is_main_process:
+        unwrapped.config.save_pretrained(out / "save_model")  # save_model writes weights only
+    unwrapped.save_pretrained(
+        out / "save_pretrained",
+        is_main_process=accelerator.is_main_process,
+        state_dict=accelerator.get_state_dict(run.model),
+    )
+
+    accelerator.save_state(str(out / "bf16_checkpoint"), safe_serialization=False)
+    after_save = [run.train_step() for _ in range(2)]
+    weights_after_save = run.weights()
+    accelerator.load_state(str(out / "bf16_checkpoint"))
+    after_load = [run.train_step() for _ in range(2)]
+    accelerator.wait_for_everyone()
+    return {
+        "masters": masters,
+        "state_dict": state,
+        "model_dtype": str(next(run.model.parameters()).dtype),
+        "unwrap_is_model": unwrapped is run.model,
+        "after_save": after_save,
+        "after_load": after_load,
+        "weights_after_save": weights_after_save,
+        "weights_after_load": run.weights(),
+    }
+
+
+def _checkpoint(out: Path) -> dict:
+    return {"resume": _resume(out), "bf16": _bf16_weights_api(out)}
 
 
 def _mismatch(out: Path) -> dict:
@@ -27,7 +208,7 @@ def _mismatch(out: Path) -> dict:
     return {"error": None}
 
 
-MODES = {"mismatch": _mismatch}
+MODES = {"checkpoint": _checkpoint, "mismatch": _mismatch}
 
 
 def main(argv: list[str]) -> None:
