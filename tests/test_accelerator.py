@@ -1,4 +1,4 @@
-"""ZeroAccelerator on 2 gloo ranks (through torchrun): checkpoints, full weights, world checks.
+"""ZeroAccelerator on 2 gloo ranks (through torchrun): checkpoints, full weights, compile, world checks.
 
 One launch per mode of `hf_zero.testing.accelerate_run` (start-up dominates on CPU); each test
 checks one property of what it wrote.
@@ -143,7 +143,21 @@ def test_saved_model_loads_with_from_pretrained(checkpoint_run, folder):
         assert torch.equal(loaded[key], value), key
 
 
-# ---- world size, early refusals ------------------------------------------------------------
+# ---- compile, world size, early refusals ------------------------------------------------------------
+
+
+def test_compiled_model_trains_to_the_same_weights(tmp_path):
+    results = _launch("compile", tmp_path)[0]
+    initial = build_model("gpt2").state_dict()
+    # The whole model through TrainingArguments(torch_compile=True); by region through the plugin.
+    for name, compiled_as in (("trainer", "whole"), ("regional", "regions")):
+        assert results[f"{name}_compiled_as"] == compiled_as, name
+        assert results[f"{name}_graphs"] > 0, name
+        compiled, eager = results[f"{name}_compiled_weights"], results[f"{name}_eager_weights"]
+        assert compiled.keys() == eager.keys()
+        for key, value in eager.items():
+            torch.testing.assert_close(compiled[key], value, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+        assert any(not torch.equal(value, initial[key]) for key, value in compiled.items())
 
 
 def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):

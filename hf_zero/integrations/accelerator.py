@@ -1,10 +1,11 @@
 """`ZeroAccelerator`: an `accelerate.Accelerator` that shards with hf_zero instead of wrapping in DDP.
 
 `prepare(model, optimizer, ...)` hands the model and its optimizer to the ZeRO engine (the model
-comes back as itself, its parameters now views into flat buffers; the optimizer as an
-`AcceleratedOptimizer` around the engine's shard optimizer) and prepares data loaders and
-schedulers as Accelerate always does. `backward`, `clip_grad_norm_` and `no_sync` go through the
-engine. Precision is the engine's business, so Accelerate's autocast and GradScaler stay off.
+comes back as itself, its parameters now views into flat buffers, compiled if Accelerate's dynamo
+plugin asks for it; the optimizer as an `AcceleratedOptimizer` around the engine's shard optimizer)
+and prepares data loaders and schedulers as Accelerate always does. `backward`, `clip_grad_norm_`
+and `no_sync` go through the engine. Precision is the engine's business, so Accelerate's autocast
+and GradScaler stay off.
 
 Checkpoints: `save_state`/`load_state` keep everything Accelerate saves (schedulers, data loader
 samplers, RNG states, objects registered for checkpointing, `step`, automatic naming and
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DynamoBackend, compile_regions
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -133,7 +135,8 @@ class ZeroAccelerator(Accelerator):
     def prepare_model(
         self, model: torch.nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False
     ) -> torch.nn.Module:
-        """Sharded models are used as they are: no DDP wrapper, no autocast, already on their device."""
+        """Sharded models get no DDP wrapper and no autocast (they are already on their device); they
+        are compiled as Accelerate compiles any prepared model when its dynamo plugin asks for it."""
         if engine_of(model) is None:
             if evaluation_mode:
                 return super().prepare_model(model, device_placement=device_placement, evaluation_mode=True)
@@ -142,7 +145,20 @@ class ZeroAccelerator(Accelerator):
             )
         if model not in self._models:
             self._models.append(model)
-        return model
+        return self._compile(model)
+
+    def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`torch.compile` (whole, or region by region) per Accelerate's dynamo plugin.
+
+        The compiled wrapper runs the same parameters, whose gradient hooks feed the engine; the
+        engine, `_models` and checkpoints keep the uncompiled module and its names.
+        """
+        plugin = self.state.dynamo_plugin
+        if plugin.backend == DynamoBackend.NO:
+            return model
+        if plugin.use_regional_compilation:
+            return compile_regions(model, **plugin.to_kwargs())
+        return torch.compile(model, **plugin.to_kwargs())
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None):
         """Wrap the engine's optimizer; its state already lives on the right device."""

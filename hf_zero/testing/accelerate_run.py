@@ -11,6 +11,9 @@ Modes (each rank writes OUT_DIR/rank{r}.pt, a dict of results; saved folders go 
   checkpoint that names another number of processes. Then a bf16 stage-1 run: its
   `get_state_dict`, `save_model` and `save_pretrained` folders, and a `save_state`/`load_state`
   round trip in place.
+- `compile`: `ZeroTrainer` with `TrainingArguments(torch_compile=True)` (the whole model) and a
+  `ZeroAccelerator` loop compiled region by region, both with the `aot_eager` backend, each
+  against the same run with compilation switched off.
 - `mismatch`: a `ZeroAccelerator` built without `cpu=True` on a machine without GPUs.
 
 Batches are drawn from a Markov-chain corpus with the global RNG (seeded alike on every rank), so
@@ -26,10 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, has_compiled_regions, is_compiled_module
+from torch._dynamo.utils import counters
+from transformers import TrainingArguments
 
-from ..data import markov_corpus
+from ..data import causal_lm_dataset, markov_corpus
 from ..integrations.accelerator import ZeroAccelerator
+from ..integrations.trainer import ZeroTrainer
 from .cases import BUCKET_SIZE, build_optimizer
 from .launch import exit_cleanly
 from .tiny_models import SEQ_LEN, VOCAB, build_model
@@ -200,6 +206,79 @@ def _checkpoint(out: Path) -> dict:
     return {"resume": _resume(out), "bf16": _bf16_weights_api(out)}
 
 
+def _compiled_and_eager(train, name: str) -> dict:
+    """`train()` compiled, then with compilation switched off: how the model it trained was
+    compiled, the graphs dynamo compiled, and both runs' final weights."""
+    counters.clear()
+    model, compiled_weights = train()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("force_eager"):
+        _, eager_weights = train()
+    return {
+        f"{name}_compiled_as": _compiled_as(model),
+        f"{name}_graphs": graphs,
+        f"{name}_compiled_weights": compiled_weights,
+        f"{name}_eager_weights": eager_weights,
+    }
+
+
+def _compiled_as(model: torch.nn.Module) -> str | None:
+    if is_compiled_module(model):
+        return "whole"
+    return "regions" if has_compiled_regions(model) else None
+
+
+def _train_trainer(out: Path):
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=MICRO_BATCH,
+        max_steps=3,
+        learning_rate=2e-3,
+        report_to=[],
+        use_cpu=True,
+        torch_compile=True,
+        torch_compile_backend="aot_eager",
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = ZeroTrainer(
+        model=build_model("gpt2"),
+        args=args,
+        train_dataset=causal_lm_dataset(TOKENS[:64]),
+        zero_config={"stage": 2, "reduce_bucket_size": BUCKET_SIZE},
+    )
+    trainer.train()
+    return trainer.model_wrapped, trainer.zero_engine.full_state_dict()
+
+
+def _train_accelerate():
+    # The Trainer above set up Accelerate's process-wide state, dynamo plugin included, with the
+    # same backend; the plugin is switched to compiling the repeated blocks (GPT2Block) one by one.
+    accelerator = ZeroAccelerator(
+        zero_config={"stage": 2, "reduce_bucket_size": BUCKET_SIZE}, cpu=True, dynamo_backend="aot_eager"
+    )
+    accelerator.state.dynamo_plugin.use_regional_compilation = True
+    model = build_model("gpt2")
+    optimizer = build_optimizer("adamw", list(model.named_parameters()))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank = dist.get_rank()
+    for step in range(3):
+        start = (step * dist.get_world_size() + rank) * MICRO_BATCH
+        batch = TOKENS[start : start + MICRO_BATCH]
+        accelerator.backward(model(input_ids=batch, labels=batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, accelerator.get_state_dict(model)
+
+
+def _compile(out: Path) -> dict:
+    results = _compiled_and_eager(lambda: _train_trainer(out), "trainer")
+    results.update(_compiled_and_eager(_train_accelerate, "regional"))
+    return results
+
+
 def _mismatch(out: Path) -> dict:
     try:
         ZeroAccelerator(zero_config={"stage": 2})
@@ -208,7 +287,7 @@ def _mismatch(out: Path) -> dict:
     return {"error": None}
 
 
-MODES = {"checkpoint": _checkpoint, "mismatch": _mismatch}
+MODES = {"checkpoint": _checkpoint, "compile": _compile, "mismatch": _mismatch}
 
 
 def main(argv: list[str]) -> None:
