@@ -6,6 +6,7 @@ checks one property of what it wrote.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_zero import ZeroAccelerator
-from hf_zero.integrations.accelerator import MODEL_FILE, shard_file_name, write_atomically
+from hf_zero.integrations.accelerator import (
+    MODEL_FILE,
+    _pack,
+    _unpack,
+    shard_file_name,
+    write_atomically,
+)
 from hf_zero.testing.accelerate_run import SAVE_AFTER
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model
@@ -199,3 +206,32 @@ def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
         write_atomically(target, crash_halfway)
     assert torch.equal(load_file(target)["w"], torch.ones(3))
     assert [path.name for path in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+def test_shard_layout_keeps_optimizer_state_exactly(tmp_path):
+    shared = torch.arange(6.0)
+    state = {
+        "masters": [torch.ones(4)],
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": shared[:3], "exp_avg_sq": shared}},
+            "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "foreach": None, "amsgrad": False}],
+        },
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    layout = _pack(state, "shard", tensors)
+    assert set(tensors) == {
+        "shard.masters[0]",
+        "shard.optimizer.state[0].step",
+        "shard.optimizer.state[0].exp_avg",
+        "shard.optimizer.state[0].exp_avg_sq",
+    }
+    path = tmp_path / "shard.safetensors"
+    save_file(tensors, path)  # views of one storage were copied apart, as safetensors requires
+    restored = _unpack(json.loads(json.dumps(layout)), load_file(path))
+    assert restored["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert isinstance(restored["optimizer"]["param_groups"][0]["betas"], tuple)
+    assert list(restored["optimizer"]["state"]) == [0]
+    for key, value in state["optimizer"]["state"][0].items():
+        assert torch.equal(restored["optimizer"]["state"][0][key], value), key
+    with pytest.raises(TypeError, match=r"cannot store set at shard\.extra in an hf_zero shard file"):
+        _pack({"extra": {1, 2}}, "shard", {})
