@@ -105,3 +105,19 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown ZeroConfig field 'stagee'; did you mean 'stage'"):
         ZeroTrainer(model=model, args=_args(tmp_path), zero_config={"stagee": 2})
+
+
+@pytest.mark.parametrize(
+    ("training_args", "zero_config", "message"),
+    [
+        ({"fp16": True}, None, "precision='fp16' needs dynamic loss scaling"),
+        ({}, {"precision": "fp16"}, "precision='fp16' needs dynamic loss scaling"),
+        ({}, {"stage": 3}, "stage 3 .* is not available yet"),
+        ({}, {"offload_optimizer": "cpu"}, "offloading to CPU or NVMe is not available yet"),
+    ],
+)
+def test_unavailable_features_are_refused_when_the_trainer_is_built(
+    tmp_path, training_args, zero_config, message
+):
+    with pytest.raises(NotImplementedError, match=message):
+        ZeroTrainer(model=build_model("gpt2"), args=_args(tmp_path, **training_args), zero_config=zero_config)
