@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+import hf_zero
 from hf_zero import ZeroTrainer
+from hf_zero.optim_state import load_unsharded_optimizer_state
 from hf_zero.testing.launch import torchrun
-from hf_zero.testing.tiny_models import build_model
+from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
 
 def _plain(out, precision="fp32"):
@@ -83,6 +85,109 @@ def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
     # The plain Trainer autocasts fp32 weights; hf_zero computes on bf16 weights with fp32 masters.
     torch.testing.assert_close(torch.tensor(zero["losses"]), torch.tensor(plain["losses"]), rtol=1e-2, atol=0)
     assert zero["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-2)
+
+
+# ---- unsharded optimizer state, one process ----------------------------------------------------------
+
+
+def _frozen_wpe_groups(model):
+    """Two param groups with a frozen tensor inside the first, as a user may build them."""
+    model.transformer.wpe.weight.requires_grad_(False)
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if n.endswith("weight") and "ln_" not in n]
+    return [{"params": decay}, {"params": [p for p in params.values() if all(p is not q for q in decay)]}]
+
+
+def _adamw(model):
+    groups = _frozen_wpe_groups(model)
+    return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)
+
+
+def _step(model, optimizer, batch):
+    optimizer.zero_grad()
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
+def test_unsharded_optimizer_state_resumes_training_exactly():
+    """Positions count across groups and include frozen tensors; the saved lr wins, as in torch."""
+    samples = make_samples("gpt2", 12)
+    plain = build_model("gpt2")
+    optimizer = _adamw(plain)
+    for step in range(2):
+        _step(plain, optimizer, slice_samples(samples, 4 * step, 4))
+    saved = optimizer.state_dict()
+    resumed = build_model("gpt2", seed=1)
+    resumed.load_state_dict(plain.state_dict())
+    resumed_optimizer = _adamw(resumed)
+    resumed_optimizer.param_groups[0]["lr"] = 0.5  # replaced by the saved value
+    engine = hf_zero.initialize(resumed, resumed_optimizer, {"stage": 2, "precision": "fp32"})
+    load_unsharded_optimizer_state(engine, saved)
+    assert [group["lr"] for group in engine.optimizer.param_groups] == [1e-3, 1e-3]
+
+    _step(plain, optimizer, slice_samples(samples, 8, 4))
+    engine.backward(engine(**slice_samples(samples, 8, 4)).loss)
+    engine.step()
+    expected = plain.state_dict()
+    for key, value in engine.full_state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _saved_adamw_state() -> dict:
+    model = build_model("gpt2")
+    optimizer = _adamw(model)
+    _step(model, optimizer, make_samples("gpt2", 4))
+    return optimizer.state_dict()
+
+
+def _drop_last_group(state):
+    state["param_groups"].pop()
+
+
+def _shrink_first_group(state):
+    state["param_groups"][0]["params"].pop()
+
+
+def _as_sgd(state):
+    for group in state["param_groups"]:
+        del group["betas"], group["eps"]
+        group["momentum"] = 0.9
+
+
+def _forget_one_param(state):
+    first_trained = next(iter(state["state"]))
+    del state["state"][first_trained]
+
+
+def _wrong_shape(state):
+    entry = next(iter(state["state"].values()))
+    entry["exp_avg"] = entry["exp_avg"][:1]
+
+
+def _rename(state):
+    group = state["param_groups"][0]
+    group["param_names"] = [f"other.{i}" for i in range(len(group["params"]))]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_drop_last_group, r"holds 1 param group\(s\) of sizes \[\d+\], but the optimizer was built with 2"),
+        (_shrink_first_group, r"of sizes \[\d+, \d+\], but .* different grouping of its parameters"),
+        (_as_sgd, r"has no \['betas', 'eps'\].*different kind of optimizer"),
+        (_forget_one_param, r"holds nothing for \['transformer.wte.weight'\] in param group 0"),
+        (_wrong_shape, r"'exp_avg' for parameter \S+ has shape \(1, \d+\) but the parameter has shape"),
+        (_rename, r"names its parameters differently .* saved 'other.0', model 'transformer.wte.weight'"),
+    ],
+)
+def test_unsharded_optimizer_state_that_does_not_fit_is_refused(corrupt, message):
+    state = _saved_adamw_state()
+    corrupt(state)
+    model = build_model("gpt2")
+    engine = hf_zero.initialize(model, _adamw(model), {"stage": 2})
+    with pytest.raises(ValueError, match=message):
+        load_unsharded_optimizer_state(engine, state)
+    assert not engine.optimizer.state  # nothing was loaded
 
 
 def _args(tmp_path, **kwargs):
