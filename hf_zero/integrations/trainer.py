@@ -3,8 +3,10 @@
 It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
 `accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
 nothing in transformers is patched. `save_model` all-gathers the full fp32 weights (only the
-writing rank holds them on the host) into a normal `save_pretrained` folder; Trainer checkpoints
-keep one optimizer shard per rank, and weights reloaded from them go through the engine.
+writing rank holds them on the host) into a normal `save_pretrained` folder. Trainer checkpoints
+keep one optimizer shard per rank, and weights reloaded from them go through the engine. A
+checkpoint of the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on
+loading.
 """
 
 from __future__ import annotations
@@ -15,18 +17,15 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
+from ..optim_state import load_unsharded_optimizer_state
 from ..weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
-
-SCHEDULER_FILE = "scheduler.pt"
-
-
-def _shard_file(rank: int, world_size: int) -> str:
-    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
 
 
 class ZeroTrainer(Trainer):
@@ -131,6 +130,11 @@ class ZeroTrainer(Trainer):
         engine.load_full_state_dict(load_pretrained_weights(self.state.best_model_checkpoint))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Every rank writes its own optimizer shard; the writing rank also writes the LR schedule.
+
+        Every rank calls this (the Trainer does), and all of them wait here until every shard is
+        on disk: right after, the writing rank records the checkpoint and may delete older ones.
+        """
         engine = self.zero_engine
         if engine is None:
             super()._save_optimizer_and_scheduler(output_dir)
@@ -139,27 +143,69 @@ class ZeroTrainer(Trainer):
         path = os.path.join(output_dir, _shard_file(engine.rank, engine.world_size))
         _atomic_torch_save(engine.shard_state_dict(), path)
         if self.args.should_save:
-            _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        if engine.world_size > 1:
+            dist.barrier(group=engine.ctx.group)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume the optimizer from hf_zero's per-rank shards or, for a checkpoint the plain
+        Trainer wrote, from its unsharded `optimizer.pt`; then the LR schedule.
+
+        A checkpoint with neither is refused rather than silently resumed with a fresh optimizer
+        and a restarted schedule. Every rank sees the same files, so all ranks decide alike.
+        """
         engine = self.zero_engine
         if checkpoint is None or engine is None:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        path = os.path.join(checkpoint, _shard_file(engine.rank, engine.world_size))
-        if not os.path.isfile(path):
-            others = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
-            if others:
-                raise ValueError(
-                    f"checkpoint {checkpoint} holds optimizer shards {others[:2]}... from another world "
-                    f"size, not {engine.world_size} ranks; resume with the number of processes it was "
-                    "saved with"
-                )
-            return
+        _load_optimizer_state(checkpoint, engine)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if not os.path.isfile(scheduler):
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} has optimizer state but no {SCHEDULER_NAME}, so the learning-rate "
+                "schedule cannot resume: the checkpoint was not completely written; resume from an earlier one"
+            )
+        self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+
+
+def _shard_file(rank: int, world_size: int) -> str:
+    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
+
+
+def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
+    """Load this rank's optimizer state from hf_zero's shards for this world size or the plain
+    Trainer's `optimizer.pt`; refuse, naming what is missing, a checkpoint with neither."""
+    world_size = engine.world_size
+    wanted = [_shard_file(rank, world_size) for rank in range(world_size)]
+    present = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
+    if all(name in present for name in wanted):
+        path = os.path.join(checkpoint, wanted[engine.rank])
         engine.load_shard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        scheduler = os.path.join(checkpoint, SCHEDULER_FILE)
-        if os.path.isfile(scheduler):
-            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        return
+    if present:
+        missing = [name for name in wanted if name not in present]
+        if len(missing) < world_size:
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} lacks the optimizer shards {missing[:4]} of a {world_size}-rank run: "
+                "it was not completely written; resume from an earlier checkpoint"
+            )
+        raise ValueError(
+            f"checkpoint {checkpoint} holds optimizer shards {present[:2]}... from another world size, not "
+            f"{world_size} ranks; resume with the number of processes it was saved with"
+        )
+    unsharded = os.path.join(checkpoint, OPTIMIZER_NAME)
+    if os.path.isfile(unsharded):
+        # Memory-mapped: every rank reads only the slices it keeps, not its own copy of all the state.
+        state = torch.load(unsharded, map_location="cpu", weights_only=True, mmap=True)
+        load_unsharded_optimizer_state(engine, state)
+        return
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint} holds no optimizer state: neither hf_zero's per-rank shards "
+        f"({wanted[0]}, ...) nor the plain Trainer's {OPTIMIZER_NAME} (a checkpoint written with "
+        "save_only_model=True keeps only the weights). Resuming from it would silently restart the "
+        "optimizer and the learning-rate schedule. To start a new run from its weights, load them with "
+        f"from_pretrained({checkpoint!r}) and call train() without resume_from_checkpoint."
+    )
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:
