@@ -3,10 +3,11 @@
 It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
 `accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
 nothing in transformers is patched. `save_model` all-gathers the full fp32 weights (only the
-writing rank holds them on the host) into a normal `save_pretrained` folder. Trainer checkpoints
-keep one optimizer shard per rank, and weights reloaded from them go through the engine. A
-checkpoint of the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on
-loading.
+writing rank holds them on the host) into a normal `save_pretrained` folder, or for a PEFT model
+only the trainable adapter weights into an adapter folder. Trainer checkpoints keep one optimizer
+shard per rank; full weights reloaded from them go through the engine, adapters through PEFT's
+own loading (the engine's `load_state_dict` hooks keep the fp32 masters in step). A checkpoint of
+the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on loading.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.utils import is_peft_available
 
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
@@ -99,32 +101,54 @@ class ZeroTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights.
 
-        Every rank must call it (the weights are all-gathered); only the writing rank(s) hold
-        them on the host.
+        For a PEFT model the folder is PEFT's adapter folder (`PeftModel.from_pretrained` loads
+        it) holding the fp32 masters of the trainable weights; the frozen base is neither gathered
+        nor copied. Every rank must call it (the weights are all-gathered); only the writing
+        rank(s) hold them on the host.
         """
         engine = self.zero_engine
         if engine is None:
             super().save_model(output_dir, _internal_call=_internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = engine.full_state_dict(keep=self.args.should_save)
+        if _is_peft_model(self.model):
+            state_dict = self._adapter_state_dict(engine)
+        else:
+            state_dict = engine.full_state_dict(keep=self.args.should_save)
         self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def _adapter_state_dict(self, engine: ZeroEngine) -> dict[str, torch.Tensor]:
+        """What a PEFT save picks its tensors from: the gathered fp32 masters of the trainable
+        weights, and the model's own (uncopied) tensors for everything else.
+
+        PEFT keeps the adapter's weights and, when it decides to (embedding layers targeted or
+        resized), some frozen ones; handing it references to the frozen tensors lets it take
+        those without anything copying the whole base model first.
+        """
+        trained = engine.full_state_dict(keep=self.args.should_save, trainable_only=True)
+        if not self.args.should_save:
+            return {}
+        return {**self.model.state_dict(), **trained}
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        """Once the model is sharded, weights load through the engine so the fp32 masters follow."""
+        """Once the model is sharded, full weights load through the engine so the fp32 masters follow.
+
+        Adapters load as the Trainer loads them (PEFT's `load_adapter`), whose
+        `model.load_state_dict` the engine extends to the masters.
+        """
         engine = self.zero_engine
-        if engine is None:
+        if engine is None or _is_peft_model(self.model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         engine.load_full_state_dict(load_pretrained_weights(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
         engine = self.zero_engine
-        if engine is None:
+        if engine is None or _is_peft_model(self.model):
             super()._load_best_model()
             return
         engine.load_full_state_dict(load_pretrained_weights(self.state.best_model_checkpoint))
@@ -168,6 +192,15 @@ class ZeroTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
 
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT model, whose checkpoints hold adapter weights rather than a full model."""
+    if not is_peft_available():
+        return False
+    from peft import PeftMixedModel, PeftModel
+
+    return isinstance(model, (PeftModel, PeftMixedModel))
+
+
 def _shard_file(rank: int, world_size: int) -> str:
     return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
 
@@ -204,7 +237,8 @@ def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
         f"({wanted[0]}, ...) nor the plain Trainer's {OPTIMIZER_NAME} (a checkpoint written with "
         "save_only_model=True keeps only the weights). Resuming from it would silently restart the "
         "optimizer and the learning-rate schedule. To start a new run from its weights, load them with "
-        f"from_pretrained({checkpoint!r}) and call train() without resume_from_checkpoint."
+        f"from_pretrained({checkpoint!r}) (PeftModel.from_pretrained for an adapter) and call train() "
+        "without resume_from_checkpoint."
     )
 
 

@@ -1,13 +1,14 @@
 """Train a tiny GPT-2 with `transformers.Trainer` or `hf_zero.ZeroTrainer` and report what happened.
 
-    python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16]
+    python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16] [--lora]
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.trainer_run zero OUT_DIR --stage 2 \\
-        [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3]
+        [--lora] [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3]
 
 Both see the same global batch per step (the plain run uses a per-device batch `world` times
 larger) of sequences from a Markov chain, so the loss has somewhere to fall. The run trains
 `--steps` optimizer steps with accumulation and clipping, checkpoints halfway (OUT_DIR/run),
-evaluates, predicts and saves the final model to OUT_DIR/final.
+evaluates, predicts and saves the final model to OUT_DIR/final. `--lora` trains a LoRA adapter
+(PEFT) on the frozen model instead, and every save is an adapter folder.
 
 With `--resume`, a ZeroTrainer run then also:
 - resumes from its halfway checkpoint into OUT_DIR/resumed;
@@ -37,6 +38,8 @@ from .tiny_models import SEQ_LEN, VOCAB, build_model
 GLOBAL_BATCH = 4
 ACCUMULATION = 2
 EVAL_SAMPLES = 8
+LEARNING_RATE = {"full": 2e-3, "lora": 3e-2}  # LoRA moves few weights: a larger step shows its progress
+LORA_TARGETS = ["c_attn", "c_fc"]
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -68,6 +71,32 @@ class LogRecorder(TrainerCallback):
             "grad_norms": [log["grad_norm"] for log in self.logs],
             "learning_rates": [log["learning_rate"] for log in self.logs],
         }
+
+
+class SaveRecordingZeroTrainer(ZeroTrainer):
+    """A ZeroTrainer that notes which tensors of each save were copies rather than the model's own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.copied_for_save: list[str] = []
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict:
+            own = {tensor.untyped_storage().data_ptr() for tensor in self.model.state_dict().values()}
+            self.copied_for_save = sorted(
+                name for name, tensor in state_dict.items() if tensor.untyped_storage().data_ptr() not in own
+            )
+        super()._save(output_dir, state_dict=state_dict)
+
+
+def build_lora_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny GPT-2 with a LoRA adapter on its attention and MLP input projections (frozen base)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, fan_in_fan_out=True
+    )  # GPT-2's Conv1D layers store their weights transposed: fan_in_fan_out
+    return get_peft_model(build_model("gpt2", seed=seed), config)
 
 
 def causal_lm_samples(count: int) -> dict[str, torch.Tensor]:
@@ -104,7 +133,7 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=ACCUMULATION,
         max_steps=options.steps,
-        learning_rate=2e-3,
+        learning_rate=LEARNING_RATE["lora" if options.lora else "full"],
         warmup_steps=1,
         max_grad_norm=0.5,
         logging_steps=1,
@@ -121,10 +150,11 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
     kwargs = {}
     cls = Trainer
     if options.mode == "zero":
-        cls, kwargs = ZeroTrainer, {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
+        cls = SaveRecordingZeroTrainer
+        kwargs = {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
     train, held_out = _datasets(options.steps)
     return cls(
-        model=build_model("gpt2"),
+        model=build_lora_model() if options.lora else build_model("gpt2"),
         args=args,
         train_dataset=train,
         eval_dataset=held_out,
@@ -164,6 +194,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-plain", type=Path)
     options = parser.parse_args()
@@ -182,6 +213,8 @@ def main() -> None:
         "prediction_shape": list(trainer.predict(trainer.eval_dataset).predictions.shape),
     }
     trainer.save_model(str(options.out / "final"))
+    if options.mode == "zero":
+        report["copied_for_save"] = trainer.copied_for_save
     halfway = options.out / "run" / f"checkpoint-{options.steps // 2}"
     if options.resume:
         report["resumed"] = _resume(options, "resumed", halfway)
