@@ -1,39 +1,64 @@
-"""ZeroTrainer on 2 gloo ranks (through torchrun) against the plain Trainer on one process."""
+"""ZeroTrainer on 2 gloo ranks (through torchrun) against the plain Trainer on one process.
+
+The runs train on Markov-chain sequences, where the loss really falls, and the checks compare
+weights as well as losses. Each launch is shared by several tests through a module fixture.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
+import hf_zero
 from hf_zero import ZeroTrainer
+from hf_zero.optim_state import load_unsharded_optimizer_state
 from hf_zero.testing.launch import torchrun
-from hf_zero.testing.tiny_models import build_model
+from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
+
+HALFWAY = "checkpoint-3"  # trainer_run trains 6 steps and checkpoints after 3
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def _plain(out, precision="fp32"):
-    command = [
-        sys.executable,
-        "-m",
-        "hf_zero.testing.trainer_run",
-        "plain",
-        str(out),
-        "--precision",
-        precision,
-    ]
+def _plain(out: Path, *options: str) -> dict:
+    command = [sys.executable, "-m", "hf_zero.testing.trainer_run", "plain", str(out), *options]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     return json.loads((out / "report.json").read_text())
 
 
-def _zero(out, stage, precision="fp32", resume=False):
-    args = [str(out), "--stage", str(stage), "--precision", precision] + (["--resume"] if resume else [])
-    torchrun("hf_zero.testing.trainer_run", 2, ["zero", *args])
+def _zero(out: Path, *options: str) -> dict:
+    torchrun("hf_zero.testing.trainer_run", 2, ["zero", str(out), *options])
     return json.loads((out / "report.json").read_text())
+
+
+def _assert_same_tensors(actual: dict, expected: dict, atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert actual[key].dtype == torch.float32, key
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=atol, msg=key)
+
+
+def _assert_curves_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
+    for key in ("losses", "grad_norms"):
+        torch.testing.assert_close(torch.tensor(actual[key]), torch.tensor(expected[key]), rtol=rtol, atol=0)
+    assert actual["learning_rates"] == expected["learning_rates"]
+
+
+def _assert_training_worked(report: dict) -> None:
+    # From ~ln(256) on held-out sequences of the chain (5.57; full model 5.32 and LoRA 5.46 after
+    # 6 steps): an optimizer that never stepped stays there.
+    assert report["final_eval_loss"] < report["initial_eval_loss"] - 0.05
+    assert report["losses"][-1] < report["losses"][0]
+
+
+# ---- full model, fp32 -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -42,47 +67,258 @@ def plain_fp32(tmp_path_factory):
     return out, _plain(out)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_trainer_matches_plain_trainer(tmp_path, plain_fp32, stage):
+@pytest.fixture(scope="module")
+def zero_stage1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero_stage1")
+    return out, _zero(out, "--stage", "1")
+
+
+@pytest.fixture(scope="module")
+def zero_stage2(tmp_path_factory, plain_fp32):
+    """Stage 2, plus resuming (its own checkpoint, the plain Trainer's) and load_best_model_at_end."""
+    out = tmp_path_factory.mktemp("zero_stage2")
+    plain_checkpoint = plain_fp32[0] / "run" / HALFWAY
+    return out, _zero(out, "--stage", "2", "--resume", "--from-plain", str(plain_checkpoint))
+
+
+@pytest.mark.parametrize("run", ["zero_stage1", "zero_stage2"])
+def test_zero_trainer_matches_plain_trainer(request, plain_fp32, run):
     plain_dir, plain = plain_fp32
-    resume = stage == 2
-    zero = _zero(tmp_path, stage, resume=resume)
-    for key in ("losses", "grad_norms"):
-        torch.testing.assert_close(torch.tensor(zero[key]), torch.tensor(plain[key]), rtol=1e-5, atol=0)
-    assert zero["learning_rates"] == plain["learning_rates"]
+    zero_dir, zero = request.getfixturevalue(run)
+    _assert_training_worked(plain)
+    _assert_curves_close(zero, plain)
     assert zero["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
     assert zero["prediction_shape"] == plain["prediction_shape"]
 
     # save_model wrote a normal save_pretrained folder of fp32 weights that from_pretrained loads.
-    saved = load_file(tmp_path / "final" / "model.safetensors")
-    reference = load_file(plain_dir / "final" / "model.safetensors")
-    assert saved.keys() == reference.keys()
-    for key, value in reference.items():
-        assert saved[key].dtype == torch.float32
-        torch.testing.assert_close(saved[key], value, rtol=0, atol=5e-5, msg=key)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    saved = load_file(zero_dir / "final" / "model.safetensors")
+    _assert_same_tensors(saved, load_file(plain_dir / "final" / "model.safetensors"), atol=5e-5)
+    model = AutoModelForCausalLM.from_pretrained(zero_dir / "final")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
-    if resume:
-        # Resuming from the halfway checkpoint (one optimizer shard per rank) ends where the
-        # uninterrupted run ended.
-        resumed = load_file(tmp_path / "resumed" / "model.safetensors")
-        for key, value in saved.items():
-            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
-        # load_best_model_at_end reloads the best checkpoint through the engine (masters included).
-        best = load_file(tmp_path / "best_final" / "model.safetensors")
-        first_checkpoint = load_file(tmp_path / "best" / "checkpoint-3" / "model.safetensors")
-        assert any(not torch.equal(best[key], saved[key]) for key in saved)
-        for key, value in first_checkpoint.items():
-            torch.testing.assert_close(best[key], value, rtol=0, atol=0, msg=key)
+
+def test_zero_trainer_resumes_its_own_checkpoint(zero_stage2):
+    out, zero = zero_stage2
+    # One optimizer shard per rank: the second half replays the uninterrupted run exactly.
+    assert zero["resumed"]["losses"] == zero["losses"][3:]
+    assert zero["resumed"]["learning_rates"] == zero["learning_rates"][3:]
+    resumed = load_file(out / "resumed" / "model.safetensors")
+    _assert_same_tensors(resumed, load_file(out / "final" / "model.safetensors"), atol=0)
+
+
+def test_zero_trainer_resumes_a_plain_trainer_checkpoint(plain_fp32, zero_stage2):
+    plain_dir, plain = plain_fp32
+    out, zero = zero_stage2
+    # The plain Trainer's optimizer.pt (resharded over 2 ranks) and scheduler.pt both load: the
+    # second half continues the plain run's schedule (no fresh warmup) and Adam moments.
+    _assert_curves_close(zero["from_plain"], {key: plain[key][3:] for key in zero["from_plain"]})
+    resumed = load_file(out / "from_plain" / "model.safetensors")
+    _assert_same_tensors(resumed, load_file(plain_dir / "final" / "model.safetensors"), atol=5e-5)
+
+
+def test_resuming_a_checkpoint_without_optimizer_state_is_refused(zero_stage2):
+    _, zero = zero_stage2
+    message = zero["weights_only_resume_error"]
+    assert "holds no optimizer state" in message
+    assert "hf_zero_shard_rank00000_of_00002.pt" in message and "optimizer.pt" in message
+    assert "without resume_from_checkpoint" in message
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(zero_stage2):
+    out, _ = zero_stage2
+    # The eval loss falls, and "greater is better" made checkpoint-3 the best: the weights after
+    # training are that checkpoint's (masters included, so the saved fp32 weights equal it).
+    best = load_file(out / "best_final" / "model.safetensors")
+    last = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(best[key], last[key]) for key in last)
+    _assert_same_tensors(best, load_file(out / "best" / HALFWAY / "model.safetensors"), atol=0)
+
+
+# ---- full model, bf16 -----------------------------------------------------------------------------
 
 
 def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
-    plain = _plain(tmp_path / "plain", "bf16")
-    zero = _zero(tmp_path / "zero", 2, "bf16")
+    plain = _plain(tmp_path / "plain", "--precision", "bf16")
+    zero = _zero(tmp_path / "zero", "--stage", "2", "--precision", "bf16")
+    _assert_training_worked(zero)
     # The plain Trainer autocasts fp32 weights; hf_zero computes on bf16 weights with fp32 masters.
-    torch.testing.assert_close(torch.tensor(zero["losses"]), torch.tensor(plain["losses"]), rtol=1e-2, atol=0)
-    assert zero["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-2)
+    _assert_curves_close(zero, plain, rtol=5e-3)
+    assert zero["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-3)
+    # Both took the same steps: the weights moved by the same amounts, up to bf16 rounding (a few
+    # percent of the update; an optimizer that did not step would be 100% off).
+    initial = build_model("gpt2").state_dict()
+    zero_weights = load_file(tmp_path / "zero" / "final" / "model.safetensors")
+    plain_weights = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    error = norm = 0.0
+    for key, value in plain_weights.items():
+        assert zero_weights[key].dtype == torch.float32, key
+        error += (zero_weights[key] - value).square().sum().item()
+        norm += (value - initial[key]).square().sum().item()
+    assert (error / norm) ** 0.5 < 0.1
+
+
+# ---- PEFT (LoRA), fp32 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_lora(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain_lora")
+    return out, _plain(out, "--lora")
+
+
+@pytest.fixture(scope="module")
+def zero_lora(tmp_path_factory, plain_lora):
+    out = tmp_path_factory.mktemp("zero_lora")
+    plain_checkpoint = plain_lora[0] / "run" / HALFWAY
+    return out, _zero(out, "--stage", "2", "--lora", "--resume", "--from-plain", str(plain_checkpoint))
+
+
+def test_zero_trainer_trains_and_saves_a_lora_adapter(plain_lora, zero_lora):
+    plain_dir, plain = plain_lora
+    out, zero = zero_lora
+    _assert_training_worked(zero)
+    _assert_curves_close(zero, plain)
+
+    # The save is PEFT's adapter folder holding the fp32 masters of the adapter weights, and only
+    # those were copied for it: the frozen base was neither gathered nor copied.
+    assert not (out / "final" / "model.safetensors").exists()
+    adapter = load_file(out / "final" / ADAPTER_FILE)
+    _assert_same_tensors(adapter, load_file(plain_dir / "final" / ADAPTER_FILE), atol=5e-5)
+    assert zero["copied_for_save"] == sorted(
+        key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.") for key in adapter
+    )
+    model = PeftModel.from_pretrained(build_model("gpt2"), out / "final")
+    loaded = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(adapter)
+    for key, value in adapter.items():
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+
+
+def test_zero_trainer_resumes_a_lora_adapter_checkpoint(plain_lora, zero_lora):
+    plain_dir, plain = plain_lora
+    out, zero = zero_lora
+    final = load_file(out / "final" / ADAPTER_FILE)
+    assert zero["resumed"]["losses"] == zero["losses"][3:]
+    _assert_same_tensors(load_file(out / "resumed" / ADAPTER_FILE), final, atol=0)
+    # From the plain Trainer's adapter checkpoint (adapter weights + optimizer.pt over the adapter).
+    _assert_curves_close(zero["from_plain"], {key: plain[key][3:] for key in zero["from_plain"]})
+    _assert_same_tensors(
+        load_file(out / "from_plain" / ADAPTER_FILE), load_file(plain_dir / "final" / ADAPTER_FILE), atol=5e-5
+    )
+
+
+def test_load_best_model_at_end_restores_the_best_lora_adapter(zero_lora):
+    out, _ = zero_lora
+    best = load_file(out / "best_final" / ADAPTER_FILE)
+    last = load_file(out / "final" / ADAPTER_FILE)
+    assert any(not torch.equal(best[key], last[key]) for key in last)
+    _assert_same_tensors(best, load_file(out / "best" / HALFWAY / ADAPTER_FILE), atol=0)
+
+
+# ---- unsharded optimizer state, one process ----------------------------------------------------------
+
+
+def _frozen_wpe_groups(model):
+    """Two param groups with a frozen tensor inside the first, as a user may build them."""
+    model.transformer.wpe.weight.requires_grad_(False)
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if n.endswith("weight") and "ln_" not in n]
+    return [{"params": decay}, {"params": [p for p in params.values() if all(p is not q for q in decay)]}]
+
+
+def _adamw(model):
+    groups = _frozen_wpe_groups(model)
+    return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)
+
+
+def _step(model, optimizer, batch):
+    optimizer.zero_grad()
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
+def test_unsharded_optimizer_state_resumes_training_exactly():
+    """Positions count across groups and include frozen tensors; the saved lr wins, as in torch."""
+    samples = make_samples("gpt2", 12)
+    plain = build_model("gpt2")
+    optimizer = _adamw(plain)
+    for step in range(2):
+        _step(plain, optimizer, slice_samples(samples, 4 * step, 4))
+    saved = optimizer.state_dict()
+    resumed = build_model("gpt2", seed=1)
+    resumed.load_state_dict(plain.state_dict())
+    resumed_optimizer = _adamw(resumed)
+    resumed_optimizer.param_groups[0]["lr"] = 0.5  # replaced by the saved value
+    engine = hf_zero.initialize(resumed, resumed_optimizer, {"stage": 2, "precision": "fp32"})
+    load_unsharded_optimizer_state(engine, saved)
+    assert [group["lr"] for group in engine.optimizer.param_groups] == [1e-3, 1e-3]
+
+    _step(plain, optimizer, slice_samples(samples, 8, 4))
+    engine.backward(engine(**slice_samples(samples, 8, 4)).loss)
+    engine.step()
+    expected = plain.state_dict()
+    for key, value in engine.full_state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _saved_adamw_state() -> dict:
+    model = build_model("gpt2")
+    optimizer = _adamw(model)
+    _step(model, optimizer, make_samples("gpt2", 4))
+    return optimizer.state_dict()
+
+
+def _drop_last_group(state):
+    state["param_groups"].pop()
+
+
+def _shrink_first_group(state):
+    state["param_groups"][0]["params"].pop()
+
+
+def _as_sgd(state):
+    for group in state["param_groups"]:
+        del group["betas"], group["eps"]
+        group["momentum"] = 0.9
+
+
+def _forget_one_param(state):
+    first_trained = next(iter(state["state"]))
+    del state["state"][first_trained]
+
+
+def _wrong_shape(state):
+    entry = next(iter(state["state"].values()))
+    entry["exp_avg"] = entry["exp_avg"][:1]
+
+
+def _rename(state):
+    group = state["param_groups"][0]
+    group["param_names"] = [f"other.{i}" for i in range(len(group["params"]))]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_drop_last_group, r"holds 1 param group\(s\) of sizes \[\d+\], but the optimizer was built with 2"),
+        (_shrink_first_group, r"of sizes \[\d+, \d+\], but .* different grouping of its parameters"),
+        (_as_sgd, r"has no \['betas', 'eps'\].*different kind of optimizer"),
+        (_forget_one_param, r"holds nothing for \['transformer.wte.weight'\] in param group 0"),
+        (_wrong_shape, r"'exp_avg' for parameter \S+ has shape \(1, \d+\) but the parameter has shape"),
+        (_rename, r"names its parameters differently .* saved 'other.0', model 'transformer.wte.weight'"),
+    ],
+)
+def test_unsharded_optimizer_state_that_does_not_fit_is_refused(corrupt, message):
+    state = _saved_adamw_state()
+    corrupt(state)
+    model = build_model("gpt2")
+    engine = hf_zero.initialize(model, _adamw(model), {"stage": 2})
+    with pytest.raises(ValueError, match=message):
+        load_unsharded_optimizer_state(engine, state)
+    assert not engine.optimizer.state  # nothing was loaded
+
+
+# ---- construction-time checks ----------------------------------------------------------------------
 
 
 def _args(tmp_path, **kwargs):
@@ -105,3 +341,19 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown ZeroConfig field 'stagee'; did you mean 'stage'"):
         ZeroTrainer(model=model, args=_args(tmp_path), zero_config={"stagee": 2})
+
+
+@pytest.mark.parametrize(
+    ("training_args", "zero_config", "message"),
+    [
+        ({"fp16": True}, None, "precision='fp16' needs dynamic loss scaling"),
+        ({}, {"precision": "fp16"}, "precision='fp16' needs dynamic loss scaling"),
+        ({}, {"stage": 3}, "stage 3 .* is not available yet"),
+        ({}, {"offload_optimizer": "cpu"}, "offloading to CPU or NVMe is not available yet"),
+    ],
+)
+def test_unavailable_features_are_refused_when_the_trainer_is_built(
+    tmp_path, training_args, zero_config, message
+):
+    with pytest.raises(NotImplementedError, match=message):
+        ZeroTrainer(model=build_model("gpt2"), args=_args(tmp_path, **training_args), zero_config=zero_config)

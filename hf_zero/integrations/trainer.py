@@ -3,8 +3,11 @@
 It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
 `accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
 nothing in transformers is patched. `save_model` all-gathers the full fp32 weights (only the
-writing rank holds them on the host) into a normal `save_pretrained` folder; Trainer checkpoints
-keep one optimizer shard per rank, and weights reloaded from them go through the engine.
+writing rank holds them on the host) into a normal `save_pretrained` folder, or for a PEFT model
+only the trainable adapter weights into an adapter folder. Trainer checkpoints keep one optimizer
+shard per rank; full weights reloaded from them go through the engine, adapters through PEFT's
+own loading (the engine's `load_state_dict` hooks keep the fp32 masters in step). A checkpoint of
+the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on loading.
 """
 
 from __future__ import annotations
@@ -15,18 +18,16 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.utils import is_peft_available
 
 from ..config import ZeroConfig
-from ..engine import ZeroEngine, engine_of
+from ..engine import ZeroEngine, check_available, engine_of
+from ..optim_state import load_unsharded_optimizer_state
 from ..weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
-
-SCHEDULER_FILE = "scheduler.pt"
-
-
-def _shard_file(rank: int, world_size: int) -> str:
-    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
 
 
 class ZeroTrainer(Trainer):
@@ -63,6 +64,9 @@ class ZeroTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         self.accelerator = ZeroAccelerator(zero_config=self.zero_config, **self._zero_accelerator_args)
         self.zero_config = self.accelerator.zero_config
+        # The precision is known now (TrainingArguments' bf16/fp16 filled "auto"): refuse what this
+        # release cannot train when the Trainer is built, not when train() starts.
+        check_available(self.zero_config)
         self.gather_function = self.accelerator.gather_for_metrics
         if "use_gather_object" in inspect.signature(self.gather_function).parameters:
             self.gather_function = functools.partial(
@@ -97,37 +101,64 @@ class ZeroTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights.
 
-        Every rank must call it (the weights are all-gathered); only the writing rank(s) hold
-        them on the host.
+        For a PEFT model the folder is PEFT's adapter folder (`PeftModel.from_pretrained` loads
+        it) holding the fp32 masters of the trainable weights; the frozen base is neither gathered
+        nor copied. Every rank must call it (the weights are all-gathered); only the writing
+        rank(s) hold them on the host.
         """
         engine = self.zero_engine
         if engine is None:
             super().save_model(output_dir, _internal_call=_internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = engine.full_state_dict(keep=self.args.should_save)
+        if _is_peft_model(self.model):
+            state_dict = self._adapter_state_dict(engine)
+        else:
+            state_dict = engine.full_state_dict(keep=self.args.should_save)
         self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def _adapter_state_dict(self, engine: ZeroEngine) -> dict[str, torch.Tensor]:
+        """What a PEFT save picks its tensors from: the gathered fp32 masters of the trainable
+        weights, and the model's own (uncopied) tensors for everything else.
+
+        PEFT keeps the adapter's weights and, when it decides to (embedding layers targeted or
+        resized), some frozen ones; handing it references to the frozen tensors lets it take
+        those without anything copying the whole base model first.
+        """
+        trained = engine.full_state_dict(keep=self.args.should_save, trainable_only=True)
+        if not self.args.should_save:
+            return {}
+        return {**self.model.state_dict(), **trained}
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        """Once the model is sharded, weights load through the engine so the fp32 masters follow."""
+        """Once the model is sharded, full weights load through the engine so the fp32 masters follow.
+
+        Adapters load as the Trainer loads them (PEFT's `load_adapter`), whose
+        `model.load_state_dict` the engine extends to the masters.
+        """
         engine = self.zero_engine
-        if engine is None:
+        if engine is None or _is_peft_model(self.model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         engine.load_full_state_dict(load_pretrained_weights(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
         engine = self.zero_engine
-        if engine is None:
+        if engine is None or _is_peft_model(self.model):
             super()._load_best_model()
             return
         engine.load_full_state_dict(load_pretrained_weights(self.state.best_model_checkpoint))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Every rank writes its own optimizer shard; the writing rank also writes the LR schedule.
+
+        Every rank calls this (the Trainer does), and all of them wait here until every shard is
+        on disk: right after, the writing rank records the checkpoint and may delete older ones.
+        """
         engine = self.zero_engine
         if engine is None:
             super()._save_optimizer_and_scheduler(output_dir)
@@ -136,27 +167,79 @@ class ZeroTrainer(Trainer):
         path = os.path.join(output_dir, _shard_file(engine.rank, engine.world_size))
         _atomic_torch_save(engine.shard_state_dict(), path)
         if self.args.should_save:
-            _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+            _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        if engine.world_size > 1:
+            dist.barrier(group=engine.ctx.group)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume the optimizer from hf_zero's per-rank shards or, for a checkpoint the plain
+        Trainer wrote, from its unsharded `optimizer.pt`; then the LR schedule.
+
+        A checkpoint with neither is refused rather than silently resumed with a fresh optimizer
+        and a restarted schedule. Every rank sees the same files, so all ranks decide alike.
+        """
         engine = self.zero_engine
         if checkpoint is None or engine is None:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
-        path = os.path.join(checkpoint, _shard_file(engine.rank, engine.world_size))
-        if not os.path.isfile(path):
-            others = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
-            if others:
-                raise ValueError(
-                    f"checkpoint {checkpoint} holds optimizer shards {others[:2]}... from another world "
-                    f"size, not {engine.world_size} ranks; resume with the number of processes it was "
-                    "saved with"
-                )
-            return
+        _load_optimizer_state(checkpoint, engine)
+        scheduler = os.path.join(checkpoint, SCHEDULER_NAME)
+        if not os.path.isfile(scheduler):
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} has optimizer state but no {SCHEDULER_NAME}, so the learning-rate "
+                "schedule cannot resume: the checkpoint was not completely written; resume from an earlier one"
+            )
+        self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a PEFT model, whose checkpoints hold adapter weights rather than a full model."""
+    if not is_peft_available():
+        return False
+    from peft import PeftMixedModel, PeftModel
+
+    return isinstance(model, (PeftModel, PeftMixedModel))
+
+
+def _shard_file(rank: int, world_size: int) -> str:
+    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
+
+
+def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
+    """Load this rank's optimizer state from hf_zero's shards for this world size or the plain
+    Trainer's `optimizer.pt`; refuse, naming what is missing, a checkpoint with neither."""
+    world_size = engine.world_size
+    wanted = [_shard_file(rank, world_size) for rank in range(world_size)]
+    present = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
+    if all(name in present for name in wanted):
+        path = os.path.join(checkpoint, wanted[engine.rank])
         engine.load_shard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        scheduler = os.path.join(checkpoint, SCHEDULER_FILE)
-        if os.path.isfile(scheduler):
-            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        return
+    if present:
+        missing = [name for name in wanted if name not in present]
+        if len(missing) < world_size:
+            raise FileNotFoundError(
+                f"checkpoint {checkpoint} lacks the optimizer shards {missing[:4]} of a {world_size}-rank run: "
+                "it was not completely written; resume from an earlier checkpoint"
+            )
+        raise ValueError(
+            f"checkpoint {checkpoint} holds optimizer shards {present[:2]}... from another world size, not "
+            f"{world_size} ranks; resume with the number of processes it was saved with"
+        )
+    unsharded = os.path.join(checkpoint, OPTIMIZER_NAME)
+    if os.path.isfile(unsharded):
+        # Memory-mapped: every rank reads only the slices it keeps, not its own copy of all the state.
+        state = torch.load(unsharded, map_location="cpu", weights_only=True, mmap=True)
+        load_unsharded_optimizer_state(engine, state)
+        return
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint} holds no optimizer state: neither hf_zero's per-rank shards "
+        f"({wanted[0]}, ...) nor the plain Trainer's {OPTIMIZER_NAME} (a checkpoint written with "
+        "save_only_model=True keeps only the weights). Resuming from it would silently restart the "
+        "optimizer and the learning-rate schedule. To start a new run from its weights, load them with "
+        f"from_pretrained({checkpoint!r}) (PeftModel.from_pretrained for an adapter) and call train() "
+        "without resume_from_checkpoint."
+    )
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:

@@ -1,14 +1,22 @@
 """Train a tiny GPT-2 with `transformers.Trainer` or `hf_zero.ZeroTrainer` and report what happened.
 
-    python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16]
-    torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.trainer_run zero OUT_DIR --stage 2
+    python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16] [--lora]
+    torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.trainer_run zero OUT_DIR --stage 2 \\
+        [--lora] [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3]
 
 Both see the same global batch per step (the plain run uses a per-device batch `world` times
-larger). The run trains `--steps` optimizer steps with accumulation and clipping, evaluates,
-predicts and saves the final model to OUT_DIR/final. With `--resume`, a ZeroTrainer run also
-checkpoints halfway and a second trainer resumes from that checkpoint into OUT_DIR/resumed; a third
-trains with `load_best_model_at_end` (the first checkpoint being the best) into OUT_DIR/best_final.
-Rank 0 writes OUT_DIR/report.json.
+larger) of sequences from a Markov chain, so the loss has somewhere to fall. The run trains
+`--steps` optimizer steps with accumulation and clipping, checkpoints halfway (OUT_DIR/run),
+evaluates, predicts and saves the final model to OUT_DIR/final. `--lora` trains a LoRA adapter
+(PEFT) on the frozen model instead, and every save is an adapter folder.
+
+With `--resume`, a ZeroTrainer run then also:
+- resumes from its halfway checkpoint into OUT_DIR/resumed;
+- tries to resume from a copy of that checkpoint stripped of its optimizer and scheduler files,
+  which must be refused (the error goes into the report);
+- trains with `load_best_model_at_end` (the first checkpoint being the best) into OUT_DIR/best_final.
+With `--from-plain CKPT`, a ZeroTrainer resumes from a plain Trainer's checkpoint into
+OUT_DIR/from_plain. Rank 0 writes OUT_DIR/report.json.
 """
 
 from __future__ import annotations
@@ -16,17 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..data import markov_corpus
 from ..integrations.trainer import ZeroTrainer
 from .launch import exit_cleanly
-from .tiny_models import build_model, make_samples
+from .tiny_models import SEQ_LEN, VOCAB, build_model
 
 GLOBAL_BATCH = 4
 ACCUMULATION = 2
+EVAL_SAMPLES = 8
+LEARNING_RATE = {"full": 2e-3, "lora": 3e-2}  # LoRA moves few weights: a larger step shows its progress
+LORA_TARGETS = ["c_attn", "c_fc"]
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -52,24 +65,80 @@ class LogRecorder(TrainerCallback):
         if logs and "loss" in logs:
             self.logs.append(dict(logs))
 
+    def curves(self) -> dict[str, list[float]]:
+        return {
+            "losses": [log["loss"] for log in self.logs],
+            "grad_norms": [log["grad_norm"] for log in self.logs],
+            "learning_rates": [log["learning_rate"] for log in self.logs],
+        }
 
-def _trainer(
-    options, out: Path, name: str, max_steps: int, recorder: LogRecorder, save_steps: int | None, **extra
-):
+
+class SaveRecordingZeroTrainer(ZeroTrainer):
+    """A ZeroTrainer that notes which tensors of each save were copies rather than the model's own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.copied_for_save: list[str] = []
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict:
+            own = {tensor.untyped_storage().data_ptr() for tensor in self.model.state_dict().values()}
+            self.copied_for_save = sorted(
+                name for name, tensor in state_dict.items() if tensor.untyped_storage().data_ptr() not in own
+            )
+        super()._save(output_dir, state_dict=state_dict)
+
+
+def build_lora_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny GPT-2 with a LoRA adapter on its attention and MLP input projections (frozen base)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS, fan_in_fan_out=True
+    )  # GPT-2's Conv1D layers store their weights transposed: fan_in_fan_out
+    return get_peft_model(build_model("gpt2", seed=seed), config)
+
+
+def causal_lm_samples(count: int) -> dict[str, torch.Tensor]:
+    """`count` training sequences followed by `EVAL_SAMPLES` held-out ones, all from one Markov chain."""
+    tokens = markov_corpus(count + EVAL_SAMPLES, SEQ_LEN, VOCAB, seed=0)
+    return {"input_ids": tokens, "labels": tokens.clone()}
+
+
+def _datasets(steps: int) -> tuple[TensorDataset, TensorDataset]:
+    count = GLOBAL_BATCH * ACCUMULATION * steps
+    samples = causal_lm_samples(count)
+    train = {key: value[:count] for key, value in samples.items()}
+    held_out = {key: value[count:] for key, value in samples.items()}
+    return TensorDataset(train), TensorDataset(held_out)
+
+
+def _loss(model: torch.nn.Module, dataset: TensorDataset) -> float:
+    """The model's mean loss over the whole of `dataset`, in one batch.
+
+    The Trainer's own `eval_loss` is not comparable with a loss taken before training: with this
+    config's default loss type it divides by every label, the first of each row included.
+    """
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(**{key: value.to(device) for key, value in dataset.columns.items()}).loss.item()
+
+
+def _trainer(options, name: str, recorder: LogRecorder, **extra):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = GLOBAL_BATCH if options.mode == "plain" else GLOBAL_BATCH // world
     args = TrainingArguments(
-        output_dir=str(out / name),
+        output_dir=str(options.out / name),
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=ACCUMULATION,
-        max_steps=max_steps,
-        learning_rate=2e-3,
+        max_steps=options.steps,
+        learning_rate=LEARNING_RATE["lora" if options.lora else "full"],
         warmup_steps=1,
         max_grad_norm=0.5,
         logging_steps=1,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
+        save_strategy="steps",
+        save_steps=options.steps // 2,
         report_to=[],
         train_sampling_strategy="sequential",
         use_cpu=not torch.cuda.is_available(),
@@ -81,15 +150,41 @@ def _trainer(
     kwargs = {}
     cls = Trainer
     if options.mode == "zero":
-        cls, kwargs = ZeroTrainer, {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
+        cls = SaveRecordingZeroTrainer
+        kwargs = {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
+    train, held_out = _datasets(options.steps)
     return cls(
-        model=build_model("gpt2"),
+        model=build_lora_model() if options.lora else build_model("gpt2"),
         args=args,
-        train_dataset=TensorDataset(make_samples("gpt2", GLOBAL_BATCH * ACCUMULATION * options.steps)),
-        eval_dataset=TensorDataset(make_samples("gpt2", 8, seed=7)),
+        train_dataset=train,
+        eval_dataset=held_out,
         callbacks=[recorder],
         **kwargs,
     )
+
+
+def _resume(options, name: str, checkpoint: Path) -> dict:
+    """Resume a fresh trainer from `checkpoint`, save its final model to OUT_DIR/name, return its curves."""
+    recorder = LogRecorder()
+    trainer = _trainer(options, name, recorder)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    trainer.save_model(str(options.out / name))
+    return recorder.curves()
+
+
+def _resume_without_optimizer_state(options, checkpoint: Path) -> str:
+    """The error a resume from a copy of `checkpoint` holding only weights and trainer state raises."""
+    stripped = options.out / "weights_only_checkpoint"
+    if int(os.environ.get("RANK", "0")) == 0:
+        shutil.copytree(
+            checkpoint, stripped, ignore=shutil.ignore_patterns("hf_zero_shard_*", "scheduler.pt")
+        )
+    torch.distributed.barrier()
+    try:
+        _trainer(options, "weights_only", LogRecorder()).train(resume_from_checkpoint=str(stripped))
+    except FileNotFoundError as error:
+        return str(error)
+    return ""
 
 
 def main() -> None:
@@ -99,34 +194,41 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--from-plain", type=Path)
     options = parser.parse_args()
+    if options.mode == "plain" and (options.resume or options.from_plain):
+        parser.error("--resume and --from-plain are checks of ZeroTrainer runs (mode zero)")
 
     recorder = LogRecorder()
-    save_steps = options.steps // 2 if options.resume else None
-    trainer = _trainer(options, options.out, "run", options.steps, recorder, save_steps)
+    trainer = _trainer(options, "run", recorder)
+    initial_eval_loss = _loss(trainer.model, trainer.eval_dataset)
     trainer.train()
     report = {
-        "losses": [log["loss"] for log in recorder.logs],
-        "grad_norms": [log["grad_norm"] for log in recorder.logs],
-        "learning_rates": [log["learning_rate"] for log in recorder.logs],
+        **recorder.curves(),
+        "initial_eval_loss": initial_eval_loss,
+        "final_eval_loss": _loss(trainer.model, trainer.eval_dataset),
         "eval_loss": trainer.evaluate()["eval_loss"],
         "prediction_shape": list(trainer.predict(trainer.eval_dataset).predictions.shape),
     }
     trainer.save_model(str(options.out / "final"))
+    if options.mode == "zero":
+        report["copied_for_save"] = trainer.copied_for_save
+    halfway = options.out / "run" / f"checkpoint-{options.steps // 2}"
     if options.resume:
-        resumed = _trainer(options, options.out, "resume", options.steps, LogRecorder(), None)
-        resumed.train(resume_from_checkpoint=str(options.out / "run" / f"checkpoint-{save_steps}"))
-        resumed.save_model(str(options.out / "resumed"))
+        report["resumed"] = _resume(options, "resumed", halfway)
+        report["weights_only_resume_error"] = _resume_without_optimizer_state(options, halfway)
         # The eval loss falls, so "greater is better" makes the first checkpoint the best one: the
         # model saved after training must be that checkpoint's, not the last step's.
         best = _trainer(
-            options, options.out, "best", options.steps, LogRecorder(), save_steps,
-            eval_strategy="steps", eval_steps=save_steps, load_best_model_at_end=True,
-            metric_for_best_model="eval_loss", greater_is_better=True,
+            options, "best", LogRecorder(), eval_strategy="steps", eval_steps=options.steps // 2,
+            load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
         )  # fmt: skip
         best.train()
         best.save_model(str(options.out / "best_final"))
+    if options.from_plain:
+        report["from_plain"] = _resume(options, "from_plain", options.from_plain)
     if trainer.is_world_process_zero():
         (options.out / "report.json").write_text(json.dumps(report))
     exit_cleanly()
