@@ -39,18 +39,25 @@ def load_unsharded_optimizer_state(engine: ZeroEngine, state_dict: Mapping[str, 
     _check_groups(engine, saved_groups)
     sharded_state: dict[int, dict] = {}
     param_groups = []
-    for index, (group, names, saved) in enumerate(
-        zip(engine.groups, engine.source_param_names, saved_groups, strict=True)
-    ):
+    position = 0  # the engine optimizer's own numbering: its master shards, group after group
+    for index, (names, saved) in enumerate(zip(engine.source_param_names, saved_groups, strict=True)):
         position_of = dict(zip(names, saved["params"], strict=True))
-        per_param = [saved_state.get(position_of[slot.name], {}) for slot in group.layout.slots]
-        _check_param_states(index, group.layout, per_param)
-        shard = shard_param_state(per_param, group.params, group.layout, group.rank, group.master.device)
-        if shard:
-            sharded_state[index] = shard
+        positions = []
+        # A param group owns one master shard per segment (two where some of its parameters are
+        # kept in fp32), in the order the engine built them.
+        for segment in (g for g in engine.groups if g.optimizer_group == index):
+            per_param = [saved_state.get(position_of[slot.name], {}) for slot in segment.layout.slots]
+            _check_param_states(index, segment.layout, per_param)
+            shard = shard_param_state(
+                per_param, segment.params, segment.layout, segment.rank, segment.master.device
+            )
+            if shard:
+                sharded_state[position] = shard
+            positions.append(position)
+            position += 1
         hyperparameters = {key: value for key, value in saved.items() if key not in _GROUP_BOOKKEEPING}
-        param_groups.append({**hyperparameters, "params": [index]})
-    # Each group of the engine's optimizer holds one flat master shard: hand torch a state dict in
+        param_groups.append({**hyperparameters, "params": positions})
+    # Each group of the engine's optimizer holds its flat master shards: hand torch a state dict in
     # that shape and let it load hyper-parameters and cast state exactly as it always does.
     engine.optimizer.load_state_dict({"state": sharded_state, "param_groups": param_groups})
 

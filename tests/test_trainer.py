@@ -155,6 +155,9 @@ def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
         error += (zero_weights[key] - value).square().sum().item()
         norm += (value - initial[key]).square().sum().item()
     assert (error / norm) ** 0.5 < 0.1
+    # The folder says what it holds: from_pretrained's default gives back the fp32 masters.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "zero" / "final")
+    assert reloaded.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32
 
 
 # ---- PEFT (LoRA), fp32 ------------------------------------------------------------------------------

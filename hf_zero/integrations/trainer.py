@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from typing import Any
 
@@ -115,7 +116,11 @@ class ZeroTrainer(Trainer):
             state_dict = self._adapter_state_dict(engine)
         else:
             state_dict = engine.full_state_dict(keep=self.args.should_save)
+        # save_pretrained empties the dict it is given: note the masters' dtype first.
+        saved_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
         self._save(output_dir, state_dict=state_dict)
+        if saved_dtype is not None and not _is_peft_model(self.model):
+            _record_saved_dtype(output_dir, saved_dtype)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -240,6 +245,25 @@ def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
         f"from_pretrained({checkpoint!r}) (PeftModel.from_pretrained for an adapter) and call train() "
         "without resume_from_checkpoint."
     )
+
+
+def _record_saved_dtype(output_dir: str, saved: torch.dtype) -> None:
+    """Make `config.json` name the dtype the weights were saved in.
+
+    `save_pretrained` records the dtype the model computes in (bf16 under bf16 training), but the
+    folder holds the fp32 masters, and `from_pretrained` would load them back in bf16 by default.
+    """
+    path = os.path.join(output_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as file:
+        config = json.load(file)
+    config["dtype"] = str(saved).removeprefix("torch.")
+    partial = f"{path}.partial"
+    with open(partial, "w") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+        file.write("\n")
+    os.replace(partial, path)
 
 
 def _atomic_torch_save(obj: Any, path: str) -> None:

@@ -66,7 +66,7 @@ class Run:
     def __init__(self, accelerator: ZeroAccelerator, seed: int) -> None:
         self.accelerator = accelerator
         model = build_model("gpt2", seed=seed)
-        optimizer = build_optimizer("adamw", list(model.named_parameters()))
+        optimizer = build_optimizer("adamw", list(model.named_parameters()), model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.1 * step))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.engine = accelerator.zero_engine
@@ -261,7 +261,7 @@ def _train_accelerate():
     )
     accelerator.state.dynamo_plugin.use_regional_compilation = True
     model = build_model("gpt2")
-    optimizer = build_optimizer("adamw", list(model.named_parameters()))
+    optimizer = build_optimizer("adamw", list(model.named_parameters()), model)
     model, optimizer = accelerator.prepare(model, optimizer)
     rank = dist.get_rank()
     for step in range(3):
