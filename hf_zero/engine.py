@@ -80,6 +80,10 @@ class ZeroEngine(ShardedState, nn.Module):
             for segment in self._segments(index, pairs, keep_fp32)
         ]
         rebind_to_shards(optimizer, self.groups)
+        # id(parameter) -> (segment, slot): where each managed parameter lives.
+        self.slot_of = {
+            id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)
+        }
         if config.stage == 2 and self.ctx.world_size > 1:
             position = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
             positions = [[position[id(p)] for p in g.params] for g in self.groups]
@@ -95,7 +99,6 @@ class ZeroEngine(ShardedState, nn.Module):
         ]
         self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        self.clear_optimizer_grads = optimizer.zero_grad  # replaced with the original by user_paths
         self._hooks.extend(user_paths.install(self))
         if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm:
             self._hooks.extend(self._watch_first_forward())
@@ -147,7 +150,7 @@ class ZeroEngine(ShardedState, nn.Module):
     def _watch_first_forward(self) -> list:
         """Record the order in which the first forward uses the managed parameters and hand it
         to the stage-2 reducer, which launches its first backward's buckets in reverse."""
-        slot_of = self._slot_of
+        slot_of = self.slot_of
         first_use: dict[tuple[int, int], int] = {}
         handles: list = []
 
@@ -253,7 +256,7 @@ class ZeroEngine(ShardedState, nn.Module):
         the same parameters in the same order. Like clipping, it reduces this step's gradients, so
         no further backward pass may add to them before `step()` or `zero_grad()`.
         """
-        located = self._slot_of.get(id(param))
+        located = self.slot_of.get(id(param))
         if located is None:
             raise ValueError("full_grad: this tensor is not a parameter trained by this hf_zero engine")
         g, index = located
@@ -267,10 +270,6 @@ class ZeroEngine(ShardedState, nn.Module):
         return full.mul_(self._inverse_world).view(slot.shape)
 
     # ---- optimizer step hooks ------------------------------------------------------------------
-
-    @property
-    def _slot_of(self) -> dict[int, tuple[int, int]]:
-        return {id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)}
 
     def _reduce_grads(self, reason: str) -> None:
         if not self._grads_reduced:
@@ -304,16 +303,12 @@ class ZeroEngine(ShardedState, nn.Module):
 
     def _check_parameters_in_place(self) -> None:
         for group in self.groups:
-            if not group.in_place():
-                moved = next(
-                    slot.name
-                    for slot, p in zip(group.layout.slots, group.params, strict=True)
-                    if p.dtype != group.compute_dtype
-                    or p.untyped_storage().data_ptr() != group.flat.untyped_storage().data_ptr()
-                )
+            moved = group.moved_parameter()
+            if moved is not None:
+                param = group.params[moved]
                 raise RuntimeError(
-                    f"parameter {moved} no longer lives in hf_zero's flat buffer (it is now {group.params[0].dtype} "
-                    f"on {group.params[0].device}); something moved or cast the model after hf_zero.initialize, "
+                    f"parameter {group.layout.slots[moved].name} no longer lives in hf_zero's flat buffer (it is now "
+                    f"{param.dtype} on {param.device}); something moved or cast the model after hf_zero.initialize, "
                     "e.g. model.to(...), model.half() or model.cuda(), and the engine would keep updating weights "
                     "the model no longer uses. The engine owns placement and precision: set ZeroConfig.precision "
                     "and move the model before initialize"

@@ -84,17 +84,19 @@ class FlatParamGroup:
                     source[span.param_begin : span.param_begin + span.length]
                 )
 
-    def in_place(self) -> bool:
-        """Whether every parameter still is a view of `flat` in the compute dtype (a `model.to(...)`
-        or `.half()` after `initialize` gives parameters storage of their own, which the engine never
-        updates)."""
+    def moved_parameter(self) -> int | None:
+        """The first parameter that is no longer a view of `flat` in the compute dtype, if any (a
+        `model.to(...)` or `.half()` after `initialize` gives parameters storage of their own, which
+        the engine never updates)."""
         storage = self.flat.untyped_storage().data_ptr()
-        return all(
-            p.dtype == self.compute_dtype
-            and p.device == self.flat.device
-            and p.untyped_storage().data_ptr() == storage
-            for p in self.params
-        )
+        for index, p in enumerate(self.params):
+            if (
+                p.dtype != self.compute_dtype
+                or p.device != self.flat.device
+                or p.untyped_storage().data_ptr() != storage
+            ):
+                return index
+        return None
 
     def publish(self, comm: Collectives) -> list:
         """All-gather every rank's updated chunks of `flat`, in place.

@@ -215,11 +215,14 @@ class BackwardReduceScatter(GradientReducer):
     def _agree_on_order(self) -> None:
         """Adopt rank 0's launch order. Issued right before a rank's first launch, it is every
         rank's first collective of the pass, so it pairs up however far each backward has got."""
-        device = self.grads[0].device if self.grads else torch.device("cpu")
-        order = torch.tensor(self.order, dtype=torch.int64, device=device)
+        order = torch.tensor(self.order, dtype=torch.int64, device=self._device)
         self.comm.broadcast(order)
         self.order = order.tolist()
         self.order_agreed = True
+
+    @property
+    def _device(self) -> torch.device:
+        return self.grads[0].device if self.grads else torch.device("cpu")
 
     def _reset_pass(self) -> None:
         self.fired = [[0] * len(group.params) for group in self.groups]
@@ -319,10 +322,9 @@ class BackwardReduceScatter(GradientReducer):
     def _calibrate(self) -> None:
         """After the first pass: agree on how often each parameter's hook fires per pass, on the
         launch order, and reduce the gradients that came after their bucket (on any rank)."""
-        device = self.grads[0].device if self.grads else torch.device("cpu")
         fired = [c for counts in self.fired for c in counts]
         late = [int(k in self.late) for k in range(len(self.buckets))]
-        agreed = torch.tensor(fired + late, dtype=torch.int64, device=device)
+        agreed = torch.tensor(fired + late, dtype=torch.int64, device=self._device)
         self.comm.all_reduce(agreed, op=dist.ReduceOp.MAX)
         agreed_list = agreed.tolist()
         start = 0
@@ -339,7 +341,7 @@ class BackwardReduceScatter(GradientReducer):
             (k for k in self.order if self.states[k].last_fired >= 0), key=lambda k: self.states[k].last_fired
         )
         never = [k for k in self.order if self.states[k].last_fired < 0]
-        order = torch.tensor(filled + never, dtype=torch.int64, device=device)
+        order = torch.tensor(filled + never, dtype=torch.int64, device=self._device)
         self.comm.broadcast(order)
         self.order = order.tolist()
         self.calibrated = True

@@ -91,15 +91,12 @@ def _load_state_dict_hooks(engine: ZeroEngine) -> list:
     themselves (not their 16-bit rounding) to the master shards, so the next step continues from
     what was loaded instead of publishing the old masters over it.
     """
-    slot_of = {
-        id(param): (group, index) for group in engine.groups for index, param in enumerate(group.params)
-    }
     handles = []
     for module in engine.module.modules():
         owned = [
-            (name, slot_of[id(param)])
+            (name, (engine.groups[engine.slot_of[id(param)][0]], engine.slot_of[id(param)][1]))
             for name, param in module.named_parameters(recurse=False)
-            if id(param) in slot_of
+            if id(param) in engine.slot_of
         ]
         if owned:
             pending: list = []
