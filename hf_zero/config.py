@@ -60,6 +60,9 @@ class ZeroConfig:
             elementwise. Only elementwise optimizers give correct results on flat shards.
         debug_collectives: after every step, check that all ranks issued the same sequence of
             collectives (one small all-gather per step); raises if they did not.
+        unit_classes: names of the layer classes whose instances are units (laid out together
+            and, at stage 3, gathered together); None takes the model's `_no_split_modules`, or its
+            top-level children when it names none.
     """
 
     stage: int = 2
@@ -78,6 +81,7 @@ class ZeroConfig:
     gradient_accumulation_steps: int = 1
     allow_untested_optimizer: bool = False
     debug_collectives: bool = False
+    unit_classes: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.stage = _check_int("stage", self.stage, minimum=0, maximum=3)
@@ -103,6 +107,7 @@ class ZeroConfig:
         )
         self.allow_untested_optimizer = _check_bool("allow_untested_optimizer", self.allow_untested_optimizer)
         self.debug_collectives = _check_bool("debug_collectives", self.debug_collectives)
+        self.unit_classes = _check_names("unit_classes", self.unit_classes)
         self._check_combinations()
 
     def _check_combinations(self) -> None:
@@ -247,6 +252,16 @@ def _from_text(name: str, value: Any) -> Any:
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ZeroConfig.{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_names(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _fail(name, value, "a list of class names (or null for the model's own layer classes)")
+    return list(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -30,6 +30,7 @@ from .layout import FlatLayout
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .precision import compute_dtype_for
+from .units import find_units
 
 _ENGINE_ATTR = "_hf_zero_engine"
 
@@ -74,11 +75,8 @@ class ZeroEngine(ShardedState, nn.Module):
         self._frozen_dtypes = self._cast_frozen_parameters(
             {id(param) for pairs in named for _, param in pairs} | keep_fp32
         )
-        self.groups: list[FlatParamGroup] = [
-            segment
-            for index, pairs in enumerate(named)
-            for segment in self._segments(index, pairs, keep_fp32)
-        ]
+        self.units = find_units(module, config.unit_classes)
+        self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32)
         rebind_to_shards(optimizer, self.groups)
         # id(parameter) -> (segment, slot): where each managed parameter lives.
         self.slot_of = {
@@ -118,23 +116,32 @@ class ZeroEngine(ShardedState, nn.Module):
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
                 self.comm.broadcast(tensor.data)
 
-    def _segments(self, index: int, pairs: list, keep_fp32: set[int]) -> list[FlatParamGroup]:
-        """Param group `index` as flat segments: one in the compute dtype (also when the group is
-        empty), and one in fp32 for parameters of modules the model keeps in fp32."""
-        num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
-        split = {self.compute_dtype: [], torch.float32: []}
-        for name, param in pairs:
-            split[torch.float32 if id(param) in keep_fp32 else self.compute_dtype].append((name, param))
+    def _layout_segments(self, named: list[list], keep_fp32: set[int]) -> list[FlatParamGroup]:
+        """One flat segment per (unit, param group, compute dtype), units in registration order, so a
+        unit's parameters are laid out (and at stage 3 gathered) together. Parameters of modules the
+        model keeps in fp32 get fp32 segments; an empty param group gets one empty segment."""
+        unit_of = {id(p): unit.index for unit in self.units for p in unit.params}
+        dtypes = list(dict.fromkeys((self.compute_dtype, torch.float32)))
         segments = []
-        for dtype, members in split.items():
-            if members or (dtype == self.compute_dtype and not pairs):
-                names = [name for name, _ in members]
-                params = [param for _, param in members]
-                layout = FlatLayout(
-                    names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size
-                )
-                segments.append(FlatParamGroup(params, layout, self.ctx.rank, dtype, self.ctx.device, index))
+        for unit in self.units:
+            for index, pairs in enumerate(named):
+                for dtype in dtypes:
+                    members = [
+                        (name, param)
+                        for name, param in pairs
+                        if unit_of[id(param)] == unit.index
+                        and (torch.float32 if id(param) in keep_fp32 else self.compute_dtype) == dtype
+                    ]
+                    if members or (unit.is_root and not pairs and dtype == self.compute_dtype):
+                        segments.append(self._segment(members, dtype, index, unit.index))
         return segments
+
+    def _segment(self, members: list, dtype: torch.dtype, group: int, unit: int) -> FlatParamGroup:
+        num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
+        names = [name for name, _ in members]
+        params = [param for _, param in members]
+        layout = FlatLayout(names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size)
+        return FlatParamGroup(params, layout, self.ctx.rank, dtype, self.ctx.device, group, unit)
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
         """Frozen floating-point weights compute in the same dtype as the trainable ones (those of

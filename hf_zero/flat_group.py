@@ -13,9 +13,9 @@ from .layout import FlatLayout, Run
 
 
 class FlatParamGroup:
-    """A segment: the parameters of one optimizer param group that compute in one dtype, re-homed
-    into a flat buffer (a param group has one segment, plus an fp32 one for parameters of modules
-    the model keeps in fp32).
+    """A segment: the parameters of one unit (see `units.py`) in one optimizer param group that
+    compute in one dtype, re-homed into a flat buffer (parameters of modules the model keeps in
+    fp32 get segments of their own).
 
     After construction each parameter's `.data` is a view into `flat` (so the model computes on
     it unchanged) and `master` holds fp32 master weights for this rank's shard, initialised from
@@ -32,9 +32,11 @@ class FlatParamGroup:
         compute_dtype: torch.dtype,
         device: torch.device,
         optimizer_group: int = 0,
+        unit: int = 0,
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
+        self.unit = unit
         self.original_dtypes = [p.dtype for p in params]
         self.layout = layout
         unsharded = layout.num_shards == 1

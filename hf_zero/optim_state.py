@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .engine import ZeroEngine
-from .layout import FlatLayout
+from .layout import ParamSlot
 from .optim import shard_param_state
 
 # Keys of a saved param group that are bookkeeping rather than hyper-parameters.
@@ -43,11 +43,15 @@ def load_unsharded_optimizer_state(engine: ZeroEngine, state_dict: Mapping[str, 
     for index, (names, saved) in enumerate(zip(engine.source_param_names, saved_groups, strict=True)):
         position_of = dict(zip(names, saved["params"], strict=True))
         positions = []
-        # A param group owns one master shard per segment (two where some of its parameters are
-        # kept in fp32), in the order the engine built them.
-        for segment in (g for g in engine.groups if g.optimizer_group == index):
-            per_param = [saved_state.get(position_of[slot.name], {}) for slot in segment.layout.slots]
-            _check_param_states(index, segment.layout, per_param)
+        # A param group owns one master shard per segment (one per unit, plus fp32 ones for
+        # parameters kept in fp32), in the order the engine built them. All or none of the group's
+        # parameters have state, whichever segment they are in.
+        segments = [g for g in engine.groups if g.optimizer_group == index]
+        states = [[saved_state.get(position_of[slot.name], {}) for slot in g.layout.slots] for g in segments]
+        _check_param_states(
+            index, [slot for g in segments for slot in g.layout.slots], [s for per in states for s in per]
+        )
+        for segment, per_param in zip(segments, states, strict=True):
             shard = shard_param_state(
                 per_param, segment.params, segment.layout, segment.rank, segment.master.device
             )
@@ -105,16 +109,16 @@ def _required_hyperparameters(optimizer: torch.optim.Optimizer) -> set[str]:
     }
 
 
-def _check_param_states(group_index: int, layout: FlatLayout, per_param: Sequence[Mapping]) -> None:
+def _check_param_states(group_index: int, slots: Sequence[ParamSlot], per_param: Sequence[Mapping]) -> None:
     """Every trainable parameter of a group has state, or none does; each tensor fits its parameter."""
-    without = [slot.name for slot, state in zip(layout.slots, per_param, strict=True) if not state]
+    without = [slot.name for slot, state in zip(slots, per_param, strict=True) if not state]
     if without and len(without) != len(per_param):
         raise ValueError(
             f"the optimizer state holds nothing for {without[:5]} in param group {group_index} but does for "
             "other parameters of the group: these parameters were frozen (or absent) when it was saved; "
             "resume with the same trainable parameters as the checkpointed run"
         )
-    for slot, state in zip(layout.slots, per_param, strict=True):
+    for slot, state in zip(slots, per_param, strict=True):
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(slot.shape):
                 raise ValueError(

@@ -82,7 +82,9 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
     engine = hf_zero.initialize(model, optimizer, {"stage": 2, "precision": "bf16"})
     assert engine.optimizer is optimizer
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
-    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1]
+    # One flat fp32 master shard per (unit, param group): the root unit and the two decoder layers.
+    assert [u.name for u in engine.units] == ["<root>", "model.layers.0", "model.layers.1"]
+    assert [len(g["params"]) for g in optimizer.param_groups] == [3, 3]
     assert all(g["params"][0].dtype == torch.float32 for g in optimizer.param_groups)
     samples = make_samples("llama", 2)
     engine.backward(engine(**samples).loss)
@@ -90,19 +92,22 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 2.5e-4]
     state = optimizer.state_dict()["state"]
-    assert sorted(state) == [0, 1] and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sorted(state) == list(range(6)) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
-def test_bf16_parameters_are_views_into_one_flat_buffer_with_fp32_masters():
+def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters():
     model = build_model("llama")
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = hf_zero.initialize(
         model, torch.optim.AdamW(model.parameters()), {"stage": 1, "precision": "bf16"}
     )
-    (group,) = engine.groups
-    start, end = group.flat.data_ptr(), group.flat.data_ptr() + group.flat.numel() * group.flat.element_size()
-    for name, param in model.named_parameters():
-        assert param.dtype == torch.bfloat16 and start <= param.data_ptr() < end, name
+    # One flat buffer per unit (root, two decoder layers), each parameter a view into its unit's.
+    assert [(g.unit, len(g.params)) for g in engine.groups] == [(0, 3), (1, 9), (2, 9)]
+    for group in engine.groups:
+        start = group.flat.data_ptr()
+        end = start + group.flat.numel() * group.flat.element_size()
+        for slot, param in zip(group.layout.slots, group.params, strict=True):
+            assert param.dtype == torch.bfloat16 and start <= param.data_ptr() < end, slot.name
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers are left alone
     # Masters hold the original fp32 values, not their bf16 rounding.
     full = engine.full_state_dict()

@@ -1,0 +1,85 @@
+"""Units: the module subtrees whose parameters are laid out, gathered and released together.
+
+A unit is an instance of one of the model's layer classes (`_no_split_modules`, which every
+Hugging Face model names, e.g. `LlamaDecoderLayer`), or of the classes the config names; a model
+that names none is cut into its top-level children. Parameters outside every unit (embeddings,
+final norm, head), and parameters that more than one unit uses (weights tied across units), form
+the root unit. Units keep registration order (`named_modules()`), which is the same on every rank
+whatever the data does: the canonical order collectives follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+ROOT = "<root>"
+
+
+@dataclass
+class Unit:
+    """One unit: its module (the model itself for the root unit) and the parameters it owns."""
+
+    index: int
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def is_root(self) -> bool:
+        return self.name == ROOT
+
+
+def unit_class_names(model: nn.Module, requested: Sequence[str] | None) -> set[str]:
+    """The layer classes that make units: those requested, else the model's `_no_split_modules`
+    (looked up through wrappers such as a PEFT model)."""
+    if requested:
+        return set(requested)
+    for candidate in (model, getattr(model, "get_base_model", lambda: None)()):
+        names = getattr(candidate, "_no_split_modules", None) if candidate is not None else None
+        if names:
+            return set(names)
+    return set()
+
+
+def find_units(model: nn.Module, requested: Sequence[str] | None = None) -> list[Unit]:
+    """The model's units in registration order, the root unit first.
+
+    Raises `ValueError` when requested class names match no module of the model.
+    """
+    names = unit_class_names(model, requested)
+    chosen: list[tuple[str, nn.Module]] = []
+    if names:
+        # named_modules() yields a module used in several places (a shared layer) once.
+        for name, module in model.named_modules():
+            if name and type(module).__name__ in names and not _inside(name, chosen):
+                chosen.append((name, module))
+        if requested and not chosen:
+            raise ValueError(
+                f"ZeroConfig.unit_classes={list(requested)!r} matches no module of "
+                f"{type(model).__name__}; name layer classes the model has, e.g. "
+                f"{sorted({type(m).__name__ for m in model.modules()})[:8]}"
+            )
+    else:
+        chosen = [
+            (name, child) for name, child in model.named_children() if any(True for _ in child.parameters())
+        ]
+    owners: dict[int, set[int]] = {}
+    units = [Unit(0, ROOT, model)] + [Unit(i + 1, name, module) for i, (name, module) in enumerate(chosen)]
+    for unit in units[1:]:
+        for param in unit.module.parameters():
+            owners.setdefault(id(param), set()).add(unit.index)
+    for param in model.parameters():  # registration order, tied parameters once
+        owner = owners.get(id(param), set())
+        units[next(iter(owner)) if len(owner) == 1 else 0].params.append(param)
+    kept = [unit for unit in units if unit.params or unit.is_root]
+    for position, unit in enumerate(kept):
+        unit.index = position
+    return kept
+
+
+def _inside(name: str, chosen: list[tuple[str, nn.Module]]) -> bool:
+    """Whether module `name` lies inside an already chosen unit (units do not nest)."""
+    return any(name.startswith(prefix + ".") for prefix, _ in chosen)

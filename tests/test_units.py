@@ -1,0 +1,67 @@
+"""Units: which module subtrees are laid out (and at stage 3 gathered) together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hf_zero
+from hf_zero.testing.tiny_models import build_model
+from hf_zero.units import ROOT, find_units
+
+
+def _names(units):
+    return [(unit.name, len(unit.params)) for unit in units]
+
+
+def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
+    assert _names(find_units(build_model("llama"))) == [
+        (ROOT, 3),
+        ("model.layers.0", 9),
+        ("model.layers.1", 9),
+    ]
+    # GPT-2 ties lm_head to wte: one parameter, in the root unit.
+    assert _names(find_units(build_model("gpt2"))) == [
+        (ROOT, 4),
+        ("transformer.h.0", 12),
+        ("transformer.h.1", 12),
+    ]
+    # A layer reused three times is one unit.
+    assert _names(find_units(build_model("llama-shared"))) == [(ROOT, 3), ("model.layers.0", 9)]
+
+
+def test_units_without_layer_classes_are_the_top_level_children_or_what_the_config_names():
+    model = build_model("branches")
+    assert _names(find_units(model)) == [(ROOT, 0), ("embed", 1), ("trunk", 2), ("branches", 8), ("head", 2)]
+    assert _names(find_units(model, ["Sequential"])) == [(ROOT, 5), ("branches.0", 4), ("branches.1", 4)]
+    with pytest.raises(ValueError, match=r"unit_classes=\['NoSuchLayer'\] matches no module of BranchNet"):
+        find_units(model, ["NoSuchLayer"])
+
+
+def test_a_parameter_shared_by_two_units_belongs_to_the_root():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), nn.Sequential(nn.Linear(4, 4), shared))
+    units = find_units(model, ["Sequential"])
+    root = units[0]
+    assert {id(p) for p in root.params} == {id(shared.weight), id(shared.bias)}
+    assert sum(len(u.params) for u in units) == len(list(model.parameters()))
+
+
+def test_segments_follow_units_and_param_groups():
+    model = build_model("gpt2")
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    engine = hf_zero.initialize(
+        model, torch.optim.AdamW([{"params": matrices}, {"params": vectors}]), {"stage": 2}
+    )
+    assert [(g.unit, g.optimizer_group) for g in engine.groups] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+    ]
+    with pytest.raises(ValueError, match="unit_classes"):
+        hf_zero.ZeroConfig(unit_classes=[3])
