@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import ZeroConfig
 from .engine import ZeroEngine, engine_of, full_grad, initialize
+from .gather import gathered_parameters
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "ZeroTrainer",
     "engine_of",
     "full_grad",
+    "gathered_parameters",
     "initialize",
 ]
 

@@ -86,10 +86,25 @@ def setup_distributed(
     )
 
 
+def second_group(ctx: DistContext) -> DistContext:
+    """The same ranks in a process group of their own, for collectives whose order must not mix
+    with those of the first group (only the group's ranks take part in creating it)."""
+    if ctx.world_size == 1:
+        return ctx
+    ranks = dist.get_process_group_ranks(ctx.group)
+    group = dist.new_group(ranks=ranks, use_local_synchronization=True)
+    return DistContext(
+        rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank, device=ctx.device, group=group
+    )
+
+
 class _Done:
     """Stands in for a finished collective's work handle."""
 
     def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
         return True
 
 
@@ -148,12 +163,13 @@ class Collectives:
         self._record("all_gather", output, 1.0)
         return _all_gather_single(output, input, group=self.group, async_op=async_op) or _Done()
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        """Copy the tensor of the group's first rank to every rank."""
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Copy the tensor of the group's rank `src` to every rank."""
         if self.world_size == 1:
             return
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        dist.broadcast(tensor, src=self._source, group=self.group)
+        source = self._source if src == 0 else dist.get_global_rank(self.group, src)
+        dist.broadcast(tensor, src=source, group=self.group)
 
     def barrier(self) -> None:
         """Wait until every rank of the group gets here."""

@@ -21,10 +21,11 @@ from torch import nn
 
 from . import user_paths
 from .config import ZeroConfig
-from .distributed import Collectives, DistContext, setup_distributed
+from .distributed import Collectives, DistContext, second_group, setup_distributed
 from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
 from .fused_adam import fused_adam_step, supports_fused_adam
+from .gather import UnitGatherer
 from .grad_sync import BackwardReduceScatter, StepReduction
 from .layout import FlatLayout
 from .optim import check_elementwise, rebind_to_shards
@@ -72,22 +73,43 @@ class ZeroEngine(ShardedState, nn.Module):
         module.to(self.ctx.device)
         self._broadcast_module_state()
         keep_fp32 = keep_in_fp32_parameter_ids(module, self.compute_dtype)
+        # Stage 3 shards frozen weights too (in segments without masters); below, they stay whole.
+        frozen = [
+            [
+                (name, p)
+                for name, p in module.named_parameters()
+                if not p.requires_grad and p.is_floating_point()
+            ]
+            if config.stage == 3
+            else []
+        ]
         self._frozen_dtypes = self._cast_frozen_parameters(
-            {id(param) for pairs in named for _, param in pairs} | keep_fp32
+            {id(param) for pairs in named + frozen for _, param in pairs} | keep_fp32
         )
         self.units = find_units(module, config.unit_classes)
         self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32)
+        self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, trainable=False)
         rebind_to_shards(optimizer, self.groups)
-        # id(parameter) -> (segment, slot): where each managed parameter lives.
+        # id(parameter) -> its unit, for every parameter laid out in segments (frozen ones included).
+        self.unit_of = {id(p): g.unit for g in self.groups + self.frozen for p in g.params}
+        # id(parameter) -> (segment, slot): where each trained parameter lives.
         self.slot_of = {
             id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)
         }
-        if config.stage == 2 and self.ctx.world_size > 1:
+        if config.stage >= 2 and self.ctx.world_size > 1:
             position = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
             positions = [[position[id(p)] for p in g.params] for g in self.groups]
-            self.grad_sync = BackwardReduceScatter(self.groups, self.comm, config.overlap_comm, positions)
+            self.grad_sync = BackwardReduceScatter(
+                self.groups,
+                self.comm,
+                config.overlap_comm,
+                positions,
+                # gloo waits block the host: at stage 3 a rank blocked on a reduce-scatter could
+                # hold up a gather its peer is blocked on.
+                blocking=config.stage == 2 or dist.get_backend(self.ctx.group) != "gloo",
+            )
         else:
-            self.grad_sync = StepReduction(self.groups, self.comm, scatter=config.stage == 1)
+            self.grad_sync = StepReduction(self.groups, self.comm, scatter=config.stage >= 1)
         self._inverse_world = torch.full((), 1.0 / self.ctx.world_size, device=self.ctx.device)
 
         self._hooks = [
@@ -98,8 +120,17 @@ class ZeroEngine(ShardedState, nn.Module):
         self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._hooks.extend(user_paths.install(self))
-        if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm:
+        if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm and config.stage == 2:
+            # (At stage 3 buckets follow units, whose registration order already is the order
+            # backward fills them; and no collective may block mid-backward, see `blocking`.)
             self._hooks.extend(self._watch_first_forward())
+        self.gatherer: UnitGatherer | None = None
+        if config.stage == 3:
+            # Gathers get a process group of their own: their order never mixes with the
+            # reduce-scatters, whose timing follows each rank's backward.
+            self.gather_comm = Collectives(second_group(self.ctx), fingerprint=config.debug_collectives)
+            self.gatherer = UnitGatherer(self.units, self.groups + self.frozen, self.gather_comm)
+            self._hooks.extend(self.gatherer.install(module))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
 
         self._reset_step_state()
@@ -116,10 +147,13 @@ class ZeroEngine(ShardedState, nn.Module):
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
                 self.comm.broadcast(tensor.data)
 
-    def _layout_segments(self, named: list[list], keep_fp32: set[int]) -> list[FlatParamGroup]:
+    def _layout_segments(
+        self, named: list[list], keep_fp32: set[int], trainable: bool = True
+    ) -> list[FlatParamGroup]:
         """One flat segment per (unit, param group, compute dtype), units in registration order, so a
         unit's parameters are laid out (and at stage 3 gathered) together. Parameters of modules the
-        model keeps in fp32 get fp32 segments; an empty param group gets one empty segment."""
+        model keeps in fp32 get fp32 segments; an empty param group gets one empty segment. Frozen
+        weights (`trainable=False`, stage 3) form segments of their own, per unit and dtype."""
         unit_of = {id(p): unit.index for unit in self.units for p in unit.params}
         dtypes = list(dict.fromkeys((self.compute_dtype, torch.float32)))
         segments = []
@@ -132,16 +166,27 @@ class ZeroEngine(ShardedState, nn.Module):
                         if unit_of[id(param)] == unit.index
                         and (torch.float32 if id(param) in keep_fp32 else self.compute_dtype) == dtype
                     ]
-                    if members or (unit.is_root and not pairs and dtype == self.compute_dtype):
-                        segments.append(self._segment(members, dtype, index, unit.index))
+                    if members or (trainable and unit.is_root and not pairs and dtype == self.compute_dtype):
+                        segments.append(
+                            self._segment(members, dtype, index if trainable else None, unit.index)
+                        )
         return segments
 
-    def _segment(self, members: list, dtype: torch.dtype, group: int, unit: int) -> FlatParamGroup:
+    def _segment(self, members: list, dtype: torch.dtype, group: int | None, unit: int) -> FlatParamGroup:
         num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
         names = [name for name, _ in members]
         params = [param for _, param in members]
         layout = FlatLayout(names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size)
-        return FlatParamGroup(params, layout, self.ctx.rank, dtype, self.ctx.device, group, unit)
+        return FlatParamGroup(
+            params,
+            layout,
+            self.ctx.rank,
+            dtype,
+            self.ctx.device,
+            group,
+            unit,
+            sharded_params=self.config.stage == 3,
+        )
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
         """Frozen floating-point weights compute in the same dtype as the trainable ones (those of
@@ -220,7 +265,17 @@ class ZeroEngine(ShardedState, nn.Module):
         self.grad_sync._check_open()
         loss.backward(**kwargs)
         # Every rank ends the pass here, whatever its gradients reached: stage 2 sends every bucket.
-        self.grad_sync.end_backward(force=True)
+        self.end_backward(force=True)
+
+    def end_backward(self, force: bool = False) -> None:
+        """Finish the backward pass that ran last: send what is left to reduce and (stage 3)
+        release the gathered parameters. `engine.backward`, the model's next forward, `zero_grad`
+        and the step call it; `force` ends a pass even on a rank no gradient reached."""
+        # Gathers first: a rank still in its backward may be waiting on a gather this rank's sweep
+        # issues, and the reducer's waits below would otherwise keep it from issuing it.
+        if self.gatherer is not None:
+            self.gatherer.end_backward()
+        self.grad_sync.end_backward(force=force)
 
     def step(self) -> None:
         """Take one optimizer step on the accumulated gradients and clear them."""
@@ -229,6 +284,7 @@ class ZeroEngine(ShardedState, nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard gradients accumulated since the last step (`optimizer.zero_grad()` and
         `model.zero_grad()` do the same)."""
+        self.end_backward()
         self.grad_sync.discard()
         nn.Module.zero_grad(self.module, set_to_none=set_to_none)
         self.clear_optimizer_grads(set_to_none=set_to_none)
@@ -250,6 +306,27 @@ class ZeroEngine(ShardedState, nn.Module):
             self._clipped = True
         self.last_grad_norm = total
         return total
+
+    def write_back(self, params: list[torch.Tensor], source: int, before: list[torch.Tensor] | None) -> None:
+        """After `gathered_parameters(..., modifier_rank=source)`: every rank takes rank `source`'s
+        values of the parameters it changed (`before` holds their values at the start, on that rank)
+        into its copy, its shard and its masters. A collective."""
+        located = {id(p): (g, i) for g in self.groups + self.frozen for i, p in enumerate(g.params)}
+        flags = (
+            [int(not torch.equal(p, b)) for p, b in zip(params, before, strict=True)]
+            if before
+            else [0] * len(params)
+        )
+        changed = torch.tensor(flags, dtype=torch.int64, device=self.ctx.device)
+        self.comm.broadcast(changed, src=source)
+        with torch.no_grad():
+            for param, flag in zip(params, changed.tolist(), strict=True):
+                if flag and id(param) in located:
+                    value = param.detach().clone()
+                    self.comm.broadcast(value, src=source)
+                    param.copy_(value)
+                    group, index = located[id(param)]
+                    group.set_master_values(index, value)
 
     def get_global_grad_norm(self) -> torch.Tensor | None:
         """The gradient norm measured for the last (or coming) step, as DeepSpeed's engine reports it."""
@@ -280,6 +357,7 @@ class ZeroEngine(ShardedState, nn.Module):
 
     def _reduce_grads(self, reason: str) -> None:
         if not self._grads_reduced:
+            self.end_backward()
             self.grad_sync.reduce()
             self.grad_sync.closed_by = reason
             self._grads_reduced = True
@@ -309,7 +387,7 @@ class ZeroEngine(ShardedState, nn.Module):
         return self._grad_scale * self._inverse_world
 
     def _check_parameters_in_place(self) -> None:
-        for group in self.groups:
+        for group in self.groups + self.frozen:
             moved = group.moved_parameter()
             if moved is not None:
                 param = group.params[moved]
@@ -365,6 +443,11 @@ class ZeroEngine(ShardedState, nn.Module):
         self.comm.check_fingerprint()
         self.last_step_comm_bytes = self.comm.bytes_sent
         self.comm.bytes_sent = 0
+        if self.gatherer is not None:
+            self.gatherer.release_all()  # anything still gathered now holds the old weights
+            self.gather_comm.check_fingerprint()
+            self.last_step_comm_bytes += self.gather_comm.bytes_sent
+            self.gather_comm.bytes_sent = 0
 
 
 def initialize(
@@ -403,11 +486,6 @@ def check_available(config: ZeroConfig) -> None:
     config at once rather than when training starts.
     """
     compute_dtype_for(config.precision)
-    if config.stage == 3:
-        raise NotImplementedError(
-            "ZeRO stage 3 (parameter sharding) is not available yet in this hf_zero release; use "
-            "stage 0, 1 or 2"
-        )
     if config.offload_optimizer != "none" or config.offload_params != "none":
         raise NotImplementedError(
             "offloading to CPU or NVMe is not available yet in this hf_zero release; set "

@@ -30,7 +30,8 @@ class ShardedState:
         every rank must join, which a `state_dict()` call made on one rank cannot do.
         """
         values: dict[int, torch.Tensor] = {}
-        for group in self.groups:
+        # Stage 3 keeps frozen weights in shards too: those are gathered from their 16-bit values.
+        for group in self.groups + ([] if trainable_only else self.frozen):
             gathered = group.gather_master(self.comm, keep)
             for param, dtype, full in zip(group.params, group.original_dtypes, gathered, strict=keep):
                 values[id(param)] = full.to(dtype)
@@ -48,10 +49,11 @@ class ShardedState:
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes of the persistent tensors the engine allocated on the device, by kind, read off
-        the tensors themselves: 16-bit weights, fp32 masters, gradients, optimizer state, and the
-        most gradient staging (stage 2) held at once so far."""
+        the tensors themselves: 16-bit weights (at stage 3 this rank's shards, frozen ones
+        included), fp32 masters, gradients, optimizer state, and the most gradient staging (stages
+        2 and 3) and gathered parameters (stage 3) held at once so far."""
         breakdown = {"weights": 0, "masters": 0}
-        for group in self.groups:
+        for group in self.groups + self.frozen:
             for kind, size in group.state_bytes().items():
                 breakdown[kind] += size
         breakdown["gradients"] = self.grad_sync.persistent_bytes()
@@ -62,6 +64,7 @@ class ShardedState:
             if torch.is_tensor(value) and value.device == self.ctx.device and value.dim() > 0
         )
         breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
+        breakdown["peak_gathered"] = self.gatherer.peak_gathered_bytes if self.gatherer is not None else 0
         return breakdown
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -22,6 +22,11 @@ class FlatParamGroup:
     the parameters' original values (before any cast to 16 bits). The optimizer updates the
     master and writes its rounded value straight into this rank's chunks of `flat` (`runs` pairs
     the two), from where `publish` all-gathers it in place: no shard-sized 16-bit copy is kept.
+
+    With `sharded_params` (stage 3) the rank keeps only its 16-bit chunk (`shard16`, where the
+    optimizer writes its update); `flat` is a buffer whose storage exists only while the segment is
+    gathered (`gather`) and is released again (`release`), as FSDP2 does, so the parameters stay the
+    same objects, views of it. A frozen segment (`trainable=False`) has no master.
     """
 
     def __init__(
@@ -31,8 +36,9 @@ class FlatParamGroup:
         rank: int,
         compute_dtype: torch.dtype,
         device: torch.device,
-        optimizer_group: int = 0,
+        optimizer_group: int | None = 0,
         unit: int = 0,
+        sharded_params: bool = False,
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -43,17 +49,26 @@ class FlatParamGroup:
         # Unsharded (stage 0), every rank holds the one and only "shard": shard rank 0.
         self.rank = 0 if unsharded else rank
         self.compute_dtype = compute_dtype
+        self.sharded_params = sharded_params
+        self.trainable = optimizer_group is not None
         # fp32 and unsharded: the compute buffer already is the master copy.
-        self.master_is_flat = unsharded and compute_dtype == torch.float32
+        self.master_is_flat = unsharded and compute_dtype == torch.float32 and not sharded_params
 
-        if not self.master_is_flat:
-            master = layout.shard_of([p.data for p in params], self.rank, torch.float32, device)
+        values = [p.data for p in params]
+        master = None
+        if self.trainable and not self.master_is_flat:
+            master = layout.shard_of(values, self.rank, torch.float32, device)
+        self.shard16 = layout.shard_of(values, self.rank, compute_dtype, device) if sharded_params else None
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
         for index, param in enumerate(params):
             view = layout.param_view(self.flat, index)
-            view.copy_(param.data)
+            if not sharded_params:
+                view.copy_(param.data)
             param.data = view
-        self.master = nn.Parameter(self.flat if self.master_is_flat else master)
+        self.gathered = not sharded_params
+        if sharded_params:
+            self.release()
+        self.master = nn.Parameter(self.flat if self.master_is_flat else master) if self.trainable else None
         self.runs: list[Run] = layout.runs(self.rank)
         self.spans_by_slot: list[list] = [[] for _ in self.params]
         for span in layout.spans(self.rank):
@@ -63,10 +78,34 @@ class FlatParamGroup:
         return self.master.data[run.shard_start : run.shard_start + run.length]
 
     def flat_run(self, run: Run) -> torch.Tensor | None:
-        """Where the updated weights of `run` go in the compute dtype (None: the master is the flat buffer)."""
+        """Where the updated weights of `run` go in the compute dtype (None: the master is the flat
+        buffer): this rank's chunk of `flat`, or of `shard16` at stage 3."""
         if self.master_is_flat:
             return None
+        if self.sharded_params:
+            return self.shard16[run.shard_start : run.shard_start + run.length]
         return self.flat[run.flat_start : run.flat_start + run.length]
+
+    def gather(self, comm: Collectives) -> list:
+        """Stage 3: give `flat` its storage back and all-gather every rank's chunks into it.
+
+        Returns the collectives' work handles; the caller waits on them before the parameters are used.
+        """
+        self.flat.untyped_storage().resize_(self.layout.numel * self.flat.element_size())
+        self.gathered = True
+        return [
+            comm.all_gather(
+                self.layout.bucket_view(self.flat, bucket),
+                self.layout.shard_chunk(self.shard16, bucket),
+                async_op=True,
+            )
+            for bucket in self.layout.buckets
+        ]
+
+    def release(self) -> None:
+        """Stage 3: drop the gathered parameters' storage (the parameters keep their shapes)."""
+        self.flat.untyped_storage().resize_(0)
+        self.gathered = False
 
     def round_master(self) -> None:
         """Write the master shard, in the compute dtype, into this rank's chunks of `flat`."""
@@ -76,15 +115,16 @@ class FlatParamGroup:
                 out.copy_(self.master_run(run))
 
     def set_master_values(self, index: int, value: torch.Tensor) -> None:
-        """Overwrite this rank's master elements of slot `index` with the matching ones of `value`."""
-        if self.master_is_flat:
-            return  # the model's own copy already is the master
+        """Overwrite this rank's elements of slot `index` (master and, at stage 3, the 16-bit shard)
+        with the matching ones of `value`."""
         source = value.detach().reshape(-1)
+        targets = [t for t in (None if self.master_is_flat else self.master, self.shard16) if t is not None]
         with torch.no_grad():
-            for span in self.spans_by_slot[index]:
-                self.master.data[span.shard_begin : span.shard_begin + span.length].copy_(
-                    source[span.param_begin : span.param_begin + span.length]
-                )
+            for target in targets:
+                for span in self.spans_by_slot[index]:
+                    target.data[span.shard_begin : span.shard_begin + span.length].copy_(
+                        source[span.param_begin : span.param_begin + span.length]
+                    )
 
     def moved_parameter(self) -> int | None:
         """The first parameter that is no longer a view of `flat` in the compute dtype, if any (a
@@ -101,11 +141,11 @@ class FlatParamGroup:
         return None
 
     def publish(self, comm: Collectives) -> list:
-        """All-gather every rank's updated chunks of `flat`, in place.
+        """All-gather every rank's updated chunks of `flat`, in place (stage 3 gathers on use instead).
 
         Returns the collectives' work handles; the caller waits on them.
         """
-        if self.layout.num_shards == 1:
+        if self.layout.num_shards == 1 or self.sharded_params:
             return []
         return [
             comm.all_gather(
@@ -117,21 +157,22 @@ class FlatParamGroup:
         ]
 
     def gather_master(self, comm: Collectives, keep: bool = True) -> list[torch.Tensor]:
-        """Every parameter's full fp32 master value as CPU tensors (one per slot).
+        """Every parameter's full value as CPU tensors (one per slot): the fp32 master, or for a
+        frozen stage-3 segment its 16-bit value.
 
         Every rank must call it; a rank with `keep=False` only takes part in the all-gathers
         (one bucket at a time, on the device) and gets an empty list, so only the ranks that keep
         the result hold a host copy of the model.
         """
+        source = self.master.data if self.trainable else self.shard16
         if self.layout.num_shards == 1:
             if not keep:
                 return []
-            master = self.master.data
-            return [self.layout.param_view(master, i).to("cpu", copy=True) for i in range(len(self.params))]
+            return [self.layout.param_view(source, i).to("cpu", copy=True) for i in range(len(self.params))]
         full: list[torch.Tensor] = []
         for bucket in self.layout.buckets:
-            gathered = torch.empty(bucket.size, dtype=torch.float32, device=self.master.device)
-            comm.all_gather(gathered, self.layout.shard_chunk(self.master.data, bucket))
+            gathered = torch.empty(bucket.size, dtype=source.dtype, device=source.device)
+            comm.all_gather(gathered, self.layout.shard_chunk(source, bucket))
             if keep:
                 for index in bucket.slots:
                     slot = self.layout.slots[index]
@@ -140,6 +181,8 @@ class FlatParamGroup:
         return full
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes of the persistent tensors this group allocated: the 16-bit weights and the masters."""
-        master = 0 if self.master_is_flat else self.master.untyped_storage().nbytes()
-        return {"weights": self.flat.untyped_storage().nbytes(), "masters": master}
+        """Bytes of the persistent tensors this group allocated: the 16-bit weights (at stage 3 this
+        rank's shard of them; gathered units come and go) and the masters."""
+        master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
+        weights = self.shard16 if self.sharded_params else self.flat
+        return {"weights": weights.untyped_storage().nbytes(), "masters": master}

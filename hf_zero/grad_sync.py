@@ -171,10 +171,14 @@ class BackwardReduceScatter(GradientReducer):
         comm: Collectives,
         overlap: bool,
         positions: Sequence[Sequence[int]],
+        blocking: bool = True,
     ) -> None:
         super().__init__(groups, comm)
         self.overlap = overlap
         self.max_in_flight = 2
+        # Whether the bound on reductions in flight may wait for one; if not, it only completes
+        # those already finished, and the rest at the end of the pass.
+        self.blocking = blocking
         self.grads = [
             torch.zeros(g.layout.shard_numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
         ]
@@ -291,7 +295,9 @@ class BackwardReduceScatter(GradientReducer):
         out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
         work = self.comm.reduce_scatter(out, staging, async_op=True)
         self.in_flight.append((work, out, target, staging, g))  # staging stays alive until it lands
-        while len(self.in_flight) > self.max_in_flight:
+        while len(self.in_flight) > self.max_in_flight and (
+            self.blocking or self.in_flight[0][0].is_completed()
+        ):
             self._complete(self.in_flight.popleft())
 
     def _complete(self, entry) -> None:

@@ -2,7 +2,9 @@
 
 A unit is an instance of one of the model's layer classes (`_no_split_modules`, which every
 Hugging Face model names, e.g. `LlamaDecoderLayer`), or of the classes the config names; a model
-that names none is cut into its top-level children. Parameters outside every unit (embeddings,
+that names none is cut into its top-level children (the members of a ModuleList or ModuleDict
+child, which runs no forward of its own). A unit's forward must run for its parameters to be used:
+hooks on it gather them. Parameters outside every unit (embeddings,
 final norm, head), and parameters that more than one unit uses (weights tied across units), form
 the root unit. Units keep registration order (`named_modules()`), which is the same on every rank
 whatever the data does: the canonical order collectives follow.
@@ -64,20 +66,41 @@ def find_units(model: nn.Module, requested: Sequence[str] | None = None) -> list
             )
     else:
         chosen = [
-            (name, child) for name, child in model.named_children() if any(True for _ in child.parameters())
+            (name, child)
+            for name, child in _called_children(model, "")
+            if any(True for _ in child.parameters())
         ]
     owners: dict[int, set[int]] = {}
     units = [Unit(0, ROOT, model)] + [Unit(i + 1, name, module) for i, (name, module) in enumerate(chosen)]
     for unit in units[1:]:
         for param in unit.module.parameters():
             owners.setdefault(id(param), set()).add(unit.index)
+    # Modules outside every unit belong to the root: a weight they share with a unit (a head tied
+    # to embeddings that sit in a unit) is used outside that unit too.
+    for name, module in model.named_modules():
+        if not any(name == prefix or name.startswith(prefix + ".") for prefix, _ in chosen):
+            for param in module.parameters(recurse=False):
+                owners.setdefault(id(param), set()).add(0)
     for param in model.parameters():  # registration order, tied parameters once
         owner = owners.get(id(param), set())
-        units[next(iter(owner)) if len(owner) == 1 else 0].params.append(param)
+        units[next(iter(owner)) if len(owner) == 1 else 0].params.append(param)  # shared: root
     kept = [unit for unit in units if unit.params or unit.is_root]
     for position, unit in enumerate(kept):
         unit.index = position
     return kept
+
+
+def _called_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """The top-level children, with containers (ModuleList, ModuleDict), which never run a forward
+    of their own, replaced by their members."""
+    found = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found.extend(_called_children(child, full + "."))
+        else:
+            found.append((full, child))
+    return found
 
 
 def _inside(name: str, chosen: list[tuple[str, nn.Module]]) -> bool:

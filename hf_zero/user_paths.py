@@ -40,7 +40,7 @@ def engine_of_parameter(param: torch.Tensor) -> ZeroEngine | None:
 def install(engine: ZeroEngine) -> list:
     """Route the user-facing calls above for `engine`; returns the hook handles."""
     reference = weakref.ref(engine)
-    for group in engine.groups:
+    for group in engine.groups + engine.frozen:
         for param in group.params:
             _ENGINE_OF_PARAM[param] = reference
     _route_zero_grad(engine)
@@ -79,7 +79,7 @@ def _end_backward_on_forward(reference: weakref.ref):
         engine = reference()
         # A forward run inside backward (activation checkpointing recomputes) is not a boundary.
         if engine is not None and engine.grad_sync.pending and torch._C._current_graph_task_id() == -1:
-            engine.grad_sync.end_backward()
+            engine.end_backward()
 
     return hook
 
@@ -91,12 +91,15 @@ def _load_state_dict_hooks(engine: ZeroEngine) -> list:
     themselves (not their 16-bit rounding) to the master shards, so the next step continues from
     what was loaded instead of publishing the old masters over it.
     """
+    located = {
+        id(p): (group, i) for group in engine.groups + engine.frozen for i, p in enumerate(group.params)
+    }
     handles = []
     for module in engine.module.modules():
         owned = [
-            (name, (engine.groups[engine.slot_of[id(param)][0]], engine.slot_of[id(param)][1]))
+            (name, located[id(param)])
             for name, param in module.named_parameters(recurse=False)
-            if id(param) in engine.slot_of
+            if id(param) in located
         ]
         if owned:
             pending: list = []
@@ -115,15 +118,21 @@ def _stash_loaded(owned: list, pending: list):
         for name, (group, index) in owned:
             value = state_dict.get(prefix + name)
             if torch.is_tensor(value) and tuple(value.shape) == tuple(group.layout.slots[index].shape):
-                pending.append((group, index, value))
+                # Stage 3: the parameter's storage is released, so torch must not copy into it; the
+                # shard takes the value instead and the key is not reported missing.
+                if group.sharded_params:
+                    del state_dict[prefix + name]
+                pending.append((group, index, value, prefix + name))
 
     return hook
 
 
 def _apply_loaded(pending: list):
     def hook(module, incompatible_keys) -> None:
-        for group, index, value in pending:
+        for group, index, value, key in pending:
             group.set_master_values(index, value)
+            if group.sharded_params and key in incompatible_keys.missing_keys:
+                incompatible_keys.missing_keys.remove(key)
         pending.clear()
 
     return hook

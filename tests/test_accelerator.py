@@ -180,7 +180,6 @@ def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"zero_config": {"stage": 3}}, "stage 3"),
         ({"zero_config": {"offload_optimizer": "cpu"}}, "offloading"),
         ({"mixed_precision": "fp16"}, "fp16"),
     ],

@@ -101,7 +101,7 @@ def test_optimizer_state_per_rank_is_one_nth(sharded, world, model):
         unsharded = results[0][names[0]]["state_numel"]
         assert all(r[names[0]]["state_numel"] == unsharded for r in results)
         tensors_per_element = unsharded // results[0][names[0]]["param_count"]
-        for stage in (1, 2):
+        for stage in (1, 2, 3):
             per_rank = [r[names[stage]]["state_numel"] for r in results]
             padded = sum(numel for numel, *_ in results[0][names[stage]]["segments"])
             # Each rank holds exactly its 1/N of the (padded) flat buffers; padding stays under 2%.
@@ -125,21 +125,26 @@ def expected_bytes_per_step(case: Case, world: int, got: dict) -> list[int]:
         elif case.stage == 1:
             steady += round(share * numel * reduce_size) + round(share * numel * size)
         else:
-            steady += round(passes * share * numel * size) + round(share * numel * size)
+            steady += round(passes * share * numel * size)
+            if case.stage == 2:  # stage 3 gathers weights on use instead (below)
+                steady += round(share * numel * size)
     if case.stage > 0 and (case.clipping > 0):
         steady += round(2 * share * 4)  # the all-reduced fp32 squared norm
     if case.stage > 0 and got["full_grads"]:
         steady += sum(round(2 * share * 4 * g.numel()) for g in got["full_grads"][0].values())
+    if case.stage == 3:
+        steady += _gather_bytes(case, share, got)
     per_step = [steady] * case.steps
-    if case.stage == 2 and case.overlap:
+    if case.stage >= 2 and case.overlap:
         # The first backward pass of an engine agrees on hook counts, late gradients and launch
         # order, once; a layer shared three times under reentrant checkpointing fires its hooks
         # after its bucket went, so those buckets get a second round in that pass.
         slots = sum(s for _, _, _, s, _ in got["segments"])
         buckets = sum(b for *_, b in got["segments"])
-        # (the first pass's launch order, from rank 0's first forward; then counts and late
-        # gradients; then the order backward really filled the buckets in)
-        calibration = 8 * buckets + round(2 * share * 8 * (slots + buckets)) + 8 * buckets
+        # (at stage 2 the first pass's launch order, from rank 0's first forward; then counts and
+        # late gradients; then the order backward really filled the buckets in)
+        agreed_first_order = 8 * buckets if case.stage == 2 else 0
+        calibration = agreed_first_order + round(2 * share * 8 * (slots + buckets)) + 8 * buckets
         if case.model == "llama-shared":
             for segment, (_, _, size, _, _) in zip(got["buckets"], got["segments"], strict=True):
                 shared = sum(numel for numel, names in segment if any(".layers.0." in n for n in names))
@@ -158,13 +163,33 @@ def test_bytes_sent_per_step_match_data_parallel(sharded, world, case):
     assert got["comm_bytes"] == expected_bytes_per_step(case, reference_world(case, world), got)
 
 
+def _gather_bytes(case: Case, share: float, got: dict) -> int:
+    """Stage 3 gathers every unit in each forward and again in each backward; the root unit once
+    per micro-batch (it stays gathered through the backward pass). A unit used three times in one
+    forward (the shared layer) is gathered at every use there, and once in backward, where it stays
+    gathered from its last use's backward to its first's."""
+    forwards = case.accumulation + (case.scenario == "discard") + (case.scenario == "eval_between")
+    backwards = case.accumulation + (case.scenario == "discard")
+    uses = 3 if case.model == "llama-shared" else 1
+    segments = [
+        (numel, size, unit)
+        for (numel, _, size, _, _), unit in zip(got["segments"], got["segment_units"], strict=True)
+    ]
+    segments += [(numel, size, unit) for numel, _, size, unit in got["frozen_segments"]]
+    root = sum(round(share * numel * size) for numel, size, unit in segments if unit == 0)
+    layers = sum(round(share * numel * size) for numel, size, unit in segments if unit != 0)
+    return forwards * (root + uses * layers) + backwards * layers
+
+
 def expected_memory(case: Case, world: int, got: dict) -> dict[str, int]:
     """The README's per-rank memory table for one case, from the segment sizes (Ψ padded elements)."""
     accumulating = case.accumulation > 1
-    sharded_grads = case.stage == 2 and world > 1
+    sharded_grads = case.stage >= 2 and world > 1
     memory = {"weights": 0, "masters": 0, "gradients": 0, "optimizer_state": 0}
+    for _, shard, size, _ in got["frozen_segments"]:  # stage 3 shards frozen weights too
+        memory["weights"] += shard * size
     for numel, shard, size, _, _ in got["segments"]:
-        memory["weights"] += numel * size
+        memory["weights"] += (shard if case.stage == 3 else numel) * size
         memory["masters"] += 0 if (case.stage == 0 and size == 4) else shard * 4
         memory["gradients"] += (shard if sharded_grads else numel) * (4 if accumulating else size)
         memory["optimizer_state"] += STATE_TENSORS[case.optimizer] * shard * 4
@@ -181,13 +206,27 @@ def test_engine_memory_matches_the_readme_table(sharded, world, case):
         assert measured == expected_memory(case, reference_world(case, world), got)
         full_gradient = sum(numel * size for numel, _, size, _, _ in got["segments"])
         buckets = sum(b for *_, b in got["segments"])
-        if case.stage != 2:
+        if case.stage == 3:
+            # Gathered at once: the root unit, the unit running and at most one more (in backward,
+            # the next unit is gathered as the one before it finishes).
+            per_unit: dict[int, int] = {}
+            for (numel, _, size, _, _), unit in zip(got["segments"], got["segment_units"], strict=True):
+                per_unit[unit] = per_unit.get(unit, 0) + numel * size
+            for numel, _, size, unit in got["frozen_segments"]:
+                per_unit[unit] = per_unit.get(unit, 0) + numel * size
+            largest = sorted((b for u, b in per_unit.items() if u != 0), reverse=True)[:2]
+            assert 0 < got["memory"]["peak_gathered"] <= per_unit.get(0, 0) + sum(largest)
+        else:
+            assert got["memory"]["peak_gathered"] == 0
+        if case.stage < 2:
             assert got["memory"]["peak_staging"] == 0
         elif case.model == "llama-shared":
             # A layer used three times cannot be reduced before its last use's backward: its whole
             # gradient stays staged (in the first pass, with a second buffer for the late uses).
             assert got["memory"]["peak_staging"] <= 2 * full_gradient
-        elif case.model == "branches" or not case.overlap or buckets < 8:
+        elif case.model == "branches" or not case.overlap or buckets < 8 or case.stage == 3:
+            # (Stage 3 on gloo completes reductions at the end of the pass instead of waiting
+            # mid-backward, where a blocked rank could hold up a gather its peer waits on.)
             # A rank cannot send a bucket its data never touched before its backward pass ends.
             assert got["memory"]["peak_staging"] <= full_gradient
         else:

@@ -24,7 +24,6 @@ def _gpt2_and_adamw(**optimizer_kwargs):
 @pytest.mark.parametrize(
     ("config", "error", "message"),
     [
-        ({"stage": 3}, NotImplementedError, "stage 3 .* is not available yet"),
         ({"offload_optimizer": "cpu"}, NotImplementedError, "offloading to CPU or NVMe is not available yet"),
         ({"precision": "fp16"}, NotImplementedError, "needs dynamic loss scaling.*use precision='bf16'"),
     ],

@@ -81,7 +81,14 @@ def zero_stage2(tmp_path_factory, plain_fp32):
     return out, _zero(out, "--stage", "2", "--resume", "--from-plain", str(plain_checkpoint))
 
 
-@pytest.mark.parametrize("run", ["zero_stage1", "zero_stage2"])
+@pytest.fixture(scope="module")
+def zero_stage3(tmp_path_factory):
+    """Stage 3 (parameters sharded), plus resuming its own checkpoint and load_best_model_at_end."""
+    out = tmp_path_factory.mktemp("zero_stage3")
+    return out, _zero(out, "--stage", "3", "--resume")
+
+
+@pytest.mark.parametrize("run", ["zero_stage1", "zero_stage2", "zero_stage3"])
 def test_zero_trainer_matches_plain_trainer(request, plain_fp32, run):
     plain_dir, plain = plain_fp32
     zero_dir, zero = request.getfixturevalue(run)
@@ -97,8 +104,9 @@ def test_zero_trainer_matches_plain_trainer(request, plain_fp32, run):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
-def test_zero_trainer_resumes_its_own_checkpoint(zero_stage2):
-    out, zero = zero_stage2
+@pytest.mark.parametrize("run", ["zero_stage2", "zero_stage3"])
+def test_zero_trainer_resumes_its_own_checkpoint(request, run):
+    out, zero = request.getfixturevalue(run)
     # One optimizer shard per rank: the second half replays the uninterrupted run exactly.
     assert zero["resumed"]["losses"] == zero["losses"][3:]
     assert zero["resumed"]["learning_rates"] == zero["learning_rates"][3:]
@@ -124,8 +132,9 @@ def test_resuming_a_checkpoint_without_optimizer_state_is_refused(zero_stage2):
     assert "without resume_from_checkpoint" in message
 
 
-def test_load_best_model_at_end_restores_the_best_checkpoint(zero_stage2):
-    out, _ = zero_stage2
+@pytest.mark.parametrize("run", ["zero_stage2", "zero_stage3"])
+def test_load_best_model_at_end_restores_the_best_checkpoint(request, run):
+    out, _ = request.getfixturevalue(run)
     # The eval loss falls, and "greater is better" made checkpoint-3 the best: the weights after
     # training are that checkpoint's (masters included, so the saved fp32 weights equal it).
     best = load_file(out / "best_final" / "model.safetensors")
@@ -351,7 +360,6 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
     [
         ({"fp16": True}, None, "precision='fp16' needs dynamic loss scaling"),
         ({}, {"precision": "fp16"}, "precision='fp16' needs dynamic loss scaling"),
-        ({}, {"stage": 3}, "stage 3 .* is not available yet"),
         ({}, {"offload_optimizer": "cpu"}, "offloading to CPU or NVMe is not available yet"),
     ],
 )

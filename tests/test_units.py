@@ -27,13 +27,19 @@ def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
         ("transformer.h.0", 12),
         ("transformer.h.1", 12),
     ]
+    # BERT's MLM head (outside every unit) is tied to the word embeddings (inside a unit): root.
+    bert = build_model("bert")
+    units = find_units(bert)
+    assert any(p is bert.bert.embeddings.word_embeddings.weight for p in units[0].params)
     # A layer reused three times is one unit.
     assert _names(find_units(build_model("llama-shared"))) == [(ROOT, 3), ("model.layers.0", 9)]
 
 
 def test_units_without_layer_classes_are_the_top_level_children_or_what_the_config_names():
     model = build_model("branches")
-    assert _names(find_units(model)) == [(ROOT, 0), ("embed", 1), ("trunk", 2), ("branches", 8), ("head", 2)]
+    assert _names(find_units(model)) == [
+        (ROOT, 0), ("embed", 1), ("trunk", 2), ("branches.0", 4), ("branches.1", 4), ("head", 2)
+    ]  # fmt: skip
     assert _names(find_units(model, ["Sequential"])) == [(ROOT, 5), ("branches.0", 4), ("branches.1", 4)]
     with pytest.raises(ValueError, match=r"unit_classes=\['NoSuchLayer'\] matches no module of BranchNet"):
         find_units(model, ["NoSuchLayer"])

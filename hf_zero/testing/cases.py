@@ -48,6 +48,7 @@ class Case:
     overlap: bool = True
     scenario: str = ""
     subgroups: int = 0  # > 0: the world is split into this many process groups, each training alone
+    units: str = ""  # comma-separated layer classes for ZeroConfig.unit_classes ("": the model's own)
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS or self.loop not in LOOPS:
@@ -71,6 +72,8 @@ class Case:
             parts.append(self.scenario)
         if self.subgroups:
             parts.append(f"in{self.subgroups}groups")
+        if self.units:
+            parts.append(f"units-{self.units.replace(',', '+')}")
         return "-".join(parts)
 
     def global_batch(self, world_size: int) -> int:
@@ -86,6 +89,8 @@ class Case:
         }
         if self.bucket_size:
             config["reduce_bucket_size"] = self.bucket_size
+        if self.units:
+            config["unit_classes"] = self.units.split(",")
         return config
 
 

@@ -196,6 +196,7 @@ def run_sharded(case: Case, group=None) -> dict:
         if case.clipping > 0:
             norms.append(norm if norm is not None else loop.engine.last_grad_norm.item())
     engine = loop.engine
+    memory = engine.memory_breakdown()  # before the checks below gather anything
     with SPY.pause():
         full = engine.full_state_dict()
     state_numel = sum(
@@ -204,8 +205,10 @@ def run_sharded(case: Case, group=None) -> dict:
         for value in state.values()
         if torch.is_tensor(value) and value.dim() > 0
     )
-    # The model must compute with exactly the master weights rounded to its compute dtype.
-    live = loop.model.state_dict()
+    # The model must compute with exactly the master weights rounded to its compute dtype (at
+    # stage 3, once gathered).
+    with SPY.pause(), hf_zero.gathered_parameters(loop.model.parameters()):
+        live = {k: v.clone() for k, v in loop.model.state_dict().items()}
     model_matches_master = all(
         torch.equal(live[key], value.to(live[key].dtype))
         for key, value in full.items()
@@ -227,12 +230,17 @@ def run_sharded(case: Case, group=None) -> dict:
             )
             for g in engine.groups
         ],
+        "segment_units": [g.unit for g in engine.groups],
+        "frozen_segments": [
+            (g.layout.numel, g.layout.shard_numel, g.compute_dtype.itemsize, g.unit) for g in engine.frozen
+        ],
+        "frozen_names": [slot.name for g in engine.frozen for slot in g.layout.slots],
         "buckets": [
             [(b.size, [g.layout.slots[i].name for i in b.slots]) for b in g.layout.buckets]
             for g in engine.groups
         ],
         "param_count": sum(p.numel() for p in loop.model.parameters()),
-        "memory": engine.memory_breakdown(),
+        "memory": memory,
         "model_matches_master": model_matches_master,
         "weights_checksum": sum(v.double().sum().item() for v in full.values() if v.is_floating_point()),
         "peak_staged_elements": getattr(engine.grad_sync, "peak_staged_elements", 0),

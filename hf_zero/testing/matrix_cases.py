@@ -8,7 +8,7 @@ from __future__ import annotations
 from .cases import Case
 from .tiny_models import MODEL_NAMES
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 
 CORE_CASES = [
     Case(model, stage, precision, optimizer, accumulation, clipping)
@@ -34,6 +34,9 @@ ACCELERATE_CASES = [
 ROUTED_CASES = [Case("branches", stage, "fp32", "sgd", bucket_size=1024) for stage in STAGES] + [
     Case("branches", 2, "fp32", "adamw", accumulation=2, bucket_size=1024),
     Case("branches", 2, "fp32", "sgd", bucket_size=1024, overlap=False),
+    # Stage 3 with each branch a unit: each rank gathers a unit its data never runs.
+    Case("branches", 3, "fp32", "sgd", bucket_size=1024, units="Sequential"),
+    Case("branches", 3, "fp32", "adamw", accumulation=2, bucket_size=1024, units="Sequential"),
 ]
 SHARED_LAYER_CASES = [
     Case("llama-shared", 2, "fp32", "sgd", accumulation=2),
@@ -67,8 +70,30 @@ USER_PATH_CASES = [
     Case("llama", 1, "bf16", "adamw", steps=4),
     Case("llama", 1, "bf16", "adamw", steps=4, scenario="resume"),
 ]
+STAGE3_CASES = [
+    Case("llama-shared", 3, "fp32", "sgd", accumulation=2),  # one unit used three times, reentrant
+    Case("llama-ckpt", 3, "fp32", "sgd", accumulation=2),  # non-reentrant checkpointing
+    Case("llama-ckpt", 2, "fp32", "sgd"),
+    Case("llama-deep", 3, "fp32", "adamw", accumulation=2),
+    Case("beam", 3, "bf16", "adamw"),  # MoE: experts without tokens on some rank
+    Case("gpt2-lora", 3, "fp32", "adamw"),  # frozen base sharded, adapters trained
+    Case("gpt2-lora", 3, "bf16", "adamw", accumulation=2),
+    Case("gpt2-lora", 2, "fp32", "adamw"),
+    Case("gpt2", 3, "fp32", "adamw", accumulation=2, scenario="eval_between"),
+    Case("gpt2", 3, "fp32", "sgd", accumulation=2, clipping=0.05, loop="plain", scenario="discard"),
+    Case("llama", 3, "bf16", "adamw", scenario="load_state_dict"),
+    Case("gpt2", 3, "fp32", "adamw_fused", steps=4),
+    Case("gpt2", 3, "fp32", "adamw_fused", steps=4, scenario="resume"),
+    Case("llama", 3, "fp32", "adamw", loop="accelerate"),
+]
 HARDENING_CASES = (
-    ROUTED_CASES + SHARED_LAYER_CASES + MOE_CASES + LAYOUT_CASES + ACCUMULATION_CASES + USER_PATH_CASES
+    ROUTED_CASES
+    + SHARED_LAYER_CASES
+    + MOE_CASES
+    + LAYOUT_CASES
+    + ACCUMULATION_CASES
+    + USER_PATH_CASES
+    + STAGE3_CASES
 )
 
 CASES_BY_WORLD = {
@@ -78,11 +103,16 @@ CASES_BY_WORLD = {
         for stage in STAGES
         for optimizer, accumulation, clipping in (("adamw", 1, 0.0), ("sgd", 2, 0.05))
     ]
-    + [Case("branches", 2, "fp32", "sgd", bucket_size=1024), Case("llama-shared", 2, "fp32", "sgd")],
+    + [
+        Case("branches", 2, "fp32", "sgd", bucket_size=1024),
+        Case("llama-shared", 2, "fp32", "sgd"),
+        Case("branches", 3, "fp32", "sgd", bucket_size=1024, units="Sequential"),
+    ],
     4: [
         *CORE_CASES,
         Case("gpt2", 2, "fp32", "sgd", accumulation=2, subgroups=2),
         Case("llama", 1, "bf16", "adamw", subgroups=2),
+        Case("gpt2", 3, "fp32", "sgd", accumulation=2, subgroups=2),
     ],
 }
 

@@ -2,7 +2,8 @@
 
 Hub architectures built from configs (no downloads): Llama, GPT-2 (tied embeddings), BERT
 masked LM, a Llama whose three layers are one shared layer under reentrant activation
-checkpointing (each shared parameter's gradient hook fires three times per backward pass), and
+checkpointing (each shared parameter's gradient hook fires three times per backward pass), a Llama
+under non-reentrant activation checkpointing, a five-layer Llama, GPT-2 with a `peft` LoRA adapter (frozen base), and
 `beam`, a mixture-of-experts model whose router the model keeps in fp32. Plus `branches`, a small
 network that sends each micro-batch through one of two equally sized branches chosen by the data,
 so ranks use different parameters.
@@ -36,7 +37,7 @@ SEQ_LEN = 16
 MASKED_PER_SEQUENCE = 4
 ROUTE_BLOCK = 2  # consecutive samples that take the same branch of the `branches` model
 MODEL_NAMES = ("llama", "gpt2", "bert")
-EXTRA_MODEL_NAMES = ("llama-shared", "beam", "branches")
+EXTRA_MODEL_NAMES = ("llama-shared", "llama-ckpt", "llama-deep", "gpt2-lora", "beam", "branches")
 
 
 def _llama_config(layers: int = 2) -> LlamaConfig:
@@ -82,6 +83,22 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         model.config.use_cache = False
         return model.train()
+    if name == "llama-deep":  # enough layers that "a unit or two gathered at once" is a real bound
+        return LlamaForCausalLM(_llama_config(layers=5))
+    if name == "llama-ckpt":
+        model = LlamaForCausalLM(_llama_config())
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model.train()
+    if name == "gpt2-lora":
+        from peft import LoraConfig, get_peft_model
+
+        base = build_model("gpt2", seed)
+        torch.manual_seed(seed)
+        lora = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        )
+        return get_peft_model(base, lora)
     if name == "gpt2":
         config = GPT2Config(
             n_layer=2,
@@ -140,7 +157,7 @@ def make_samples(name: str, count: int, seed: int = 1) -> dict[str, torch.Tensor
     if name == "branches":
         route = (torch.arange(count) // ROUTE_BLOCK) % 2
         return {"input_ids": tokens, "labels": tokens.clone(), "route": route}
-    if name != "bert":
+    if name != "bert":  # causal LMs, the LoRA one included
         return {"input_ids": tokens, "labels": tokens.clone()}
     generator = torch.Generator().manual_seed(seed)
     order = torch.rand(count, SEQ_LEN, generator=generator).argsort(dim=1)

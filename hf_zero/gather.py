@@ -1,0 +1,257 @@
+"""Stage 3: gather each unit's parameters just before it runs and release them right after, in
+forward and again in backward.
+
+Hooks on each unit module: a forward pre-hook gathers the unit; a forward post-hook releases it
+(in a forward with gradients it first hooks the unit's outputs, so that the unit is gathered again
+before its backward runs, via `register_multi_grad_hook`); a hook on the unit's inputs releases it
+once its backward has produced their gradients. The root unit (embeddings, final norm, head, and
+weights tied across units) stays gathered from the start of the model's forward to the end of the
+backward pass, or of the forward when there is no gradient.
+
+Collectives pair up across ranks by call order, and ranks whose data skip a unit (a branch, a
+tower) must still take part in its gathers. So each pass walks one canonical order (unit
+registration order in forward, its reverse in backward): a request for unit k first gathers, and
+releases at once, the units before k that this pass has not gathered yet, and the end of the pass
+does the same for the rest. A unit used again after the walk has passed it (a layer reused in one
+forward, a recomputation under activation checkpointing) is gathered again on demand, which every
+rank running the same code does alike. Gathers run on their own process group, so that their
+order never interleaves with the reduce-scatters, whose timing follows each rank's backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils._pytree import tree_flatten
+
+from .distributed import Collectives
+from .flat_group import FlatParamGroup
+from .units import Unit
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _grad_tensors(values: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(values)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+
+
+class _Walk:
+    """One pass over the units in canonical order: which were gathered, and how far the pass got."""
+
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+        self.position = {unit: i for i, unit in enumerate(self.order)}
+        self.cursor = 0
+
+    def up_to(self, unit: int) -> tuple[list[int], bool]:
+        """The units to gather before `unit` (skipped by this rank's data), and whether `unit` is
+        reached in canonical order (False: the walk has already passed it)."""
+        target = self.position[unit]
+        if target < self.cursor:
+            return [], False
+        skipped = self.order[self.cursor : target]
+        self.cursor = target + 1
+        return skipped, True
+
+    def rest(self) -> list[int]:
+        remaining = self.order[self.cursor :]
+        self.cursor = len(self.order)
+        return remaining
+
+
+class UnitGatherer:
+    """Gathers and releases the units of a stage-3 engine; see the module docstring."""
+
+    def __init__(self, units: Sequence[Unit], segments: Sequence[FlatParamGroup], comm: Collectives) -> None:
+        self.units = list(units)
+        self.comm = comm
+        self.segments: list[list[FlatParamGroup]] = [[] for _ in units]
+        for segment in segments:
+            self.segments[segment.unit].append(segment)
+        layers = [unit.index for unit in units if not unit.is_root]
+        self.forward_walk = _Walk(layers)
+        self.backward_walk = _Walk(list(reversed(layers)))
+        self.open_backward = False  # a forward with gradients ran; its backward pass has not ended
+        self.pinned: set[int] = set()  # units kept gathered by `gathered_parameters`
+        # Backward uses of each unit under way: a shared unit's next use is gathered (from the hook
+        # on its output) just before its previous use is done (from the hook on the same tensor, its
+        # input), so releasing must wait until no use needs it.
+        self.holds = [0] * len(self.units)
+        self.gathered_bytes = 0
+        self.peak_gathered_bytes = 0
+
+    # ---- gathering ------------------------------------------------------------------------------
+
+    def gather(self, unit: int) -> None:
+        """Make unit `unit`'s parameters whole (a no-op if they are)."""
+        segments = [s for s in self.segments[unit] if not s.gathered]
+        works = [work for segment in segments for work in segment.gather(self.comm)]
+        for work in works:
+            work.wait()
+        self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
+        self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+
+    def release(self, unit: int) -> None:
+        """Drop unit `unit`'s gathered parameters (a no-op if they are not gathered or pinned)."""
+        if unit in self.pinned:
+            return
+        for segment in self.segments[unit]:
+            if segment.gathered:
+                self.gathered_bytes -= segment.flat.numel() * segment.flat.element_size()
+                segment.release()
+
+    def release_all(self) -> None:
+        for unit in self.units:
+            self.release(unit.index)
+
+    def _gather_in_order(self, walk: _Walk, unit: int) -> None:
+        skipped, _ = walk.up_to(unit)
+        for other in skipped:  # gathered for the ranks that run it; not needed here
+            self.gather(other)
+            self.release(other)
+        self.gather(unit)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def install(self, model: nn.Module) -> list:
+        """Register the hooks on the model (the root unit) and every other unit; returns the handles."""
+        handles = [
+            model.register_forward_pre_hook(self._root_pre_forward),
+            model.register_forward_hook(self._root_post_forward),
+        ]
+        for unit in self.units:
+            if not unit.is_root:
+                handles.append(
+                    unit.module.register_forward_pre_hook(self._pre_forward(unit.index), with_kwargs=True)
+                )
+                handles.append(unit.module.register_forward_hook(self._post_forward(unit.index)))
+        return handles
+
+    @torch.compiler.disable
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if _in_backward():
+            return
+        if self.open_backward:
+            self.end_backward()  # the last forward's backward never came, or ended unnoticed
+        self.forward_walk.cursor = 0
+        self.gather(0)
+
+    @torch.compiler.disable
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _in_backward():
+            return
+        for unit in self.forward_walk.rest():
+            self.gather(unit)
+            self.release(unit)
+        if torch.is_grad_enabled():
+            self.open_backward = True
+            self.backward_walk.cursor = 0
+        else:
+            self.release(0)
+
+    def _pre_forward(self, unit: int):
+        @torch.compiler.disable
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if _in_backward():
+                # Recomputed under activation checkpointing: within a backward use already under way
+                # (the hook on its output gathered it), or else (checkpointing wrapped the whole
+                # call) a use of its own, done when its inputs have their gradients.
+                if self.holds[unit]:
+                    self.gather(unit)
+                    return
+                self._acquire(unit)
+            else:
+                self._gather_in_order(self.forward_walk, unit)
+            if torch.is_grad_enabled():
+                inputs = _grad_tensors((args, kwargs))
+                if inputs:
+                    register_multi_grad_hook(inputs, lambda grads: self._drop(unit), mode="all")
+
+        return hook
+
+    def _post_forward(self, unit: int):
+        @torch.compiler.disable
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if _in_backward():
+                return  # a recomputation: its backward follows at once
+            outputs = _grad_tensors(output) if torch.is_grad_enabled() else []
+            if outputs:
+                register_multi_grad_hook(outputs, lambda grads: self._acquire(unit), mode="any")
+            self.release(unit)
+
+        return hook
+
+    def _acquire(self, unit: int) -> None:
+        """A backward use of `unit` begins: gather it (in canonical order)."""
+        self._gather_in_order(self.backward_walk, unit)
+        self.holds[unit] += 1
+
+    def _drop(self, unit: int) -> None:
+        """A backward use of `unit` is done (its inputs have their gradients): release it when no
+        other use needs it."""
+        self.holds[unit] = max(0, self.holds[unit] - 1)
+        if not self.holds[unit]:
+            self.release(unit)
+
+    def end_backward(self) -> None:
+        """After a backward pass: take part in the gathers of the units this rank's backward never
+        reached, then release everything."""
+        if not self.open_backward:
+            return
+        for unit in self.backward_walk.rest():
+            self.gather(unit)
+            self.release(unit)
+        self.holds = [0] * len(self.units)
+        self.release_all()
+        self.open_backward = False
+
+
+@contextlib.contextmanager
+def gathered_parameters(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Give the code inside the block the complete values of `params` (every rank must enter it).
+
+    At stage 3 the units holding the parameters are gathered for the block and kept gathered while
+    it runs (forward passes inside it gather nothing more); elsewhere parameters are whole anyway.
+    With `modifier_rank`, the values that rank leaves in the parameters at the end of the block are
+    written back everywhere: into every rank's copy, its shard and its fp32 masters. Without it,
+    edits are discarded at stage 3 (and stay rank-local elsewhere) and the masters are untouched.
+    """
+    from .user_paths import engine_of_parameter
+
+    params = list(params)
+    engines = {id(e): e for e in (engine_of_parameter(p) for p in params) if e is not None}
+    if len(engines) > 1:
+        raise ValueError(
+            "gathered_parameters was given parameters of several hf_zero engines; use one block each"
+        )
+    if not engines:
+        yield
+        return
+    (engine,) = engines.values()
+    gatherer = engine.gatherer
+    units = sorted({engine.unit_of[id(p)] for p in params if id(p) in engine.unit_of})
+    pinned = [u for u in units if gatherer is not None and u not in gatherer.pinned]
+    for unit in pinned:  # ascending unit order: the same on every rank
+        gatherer.gather(unit)
+        gatherer.pinned.add(unit)
+    before = (
+        [p.detach().clone() for p in params]
+        if modifier_rank is not None and engine.rank == modifier_rank
+        else None
+    )
+    try:
+        yield
+        if modifier_rank is not None:
+            engine.write_back(params, modifier_rank, before)
+    finally:
+        for unit in pinned:
+            gatherer.pinned.discard(unit)
+            gatherer.release(unit)
