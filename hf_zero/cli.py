@@ -61,7 +61,19 @@ def train(argv: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"hf-zero train: done; model saved to {recipe.training['output_dir']}; metrics: {shown}")
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process groups before the interpreter exits: gloo's worker threads, torn down
+    with Python's modules instead, can abort a finished run ("terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def env(argv: list[str]) -> int:

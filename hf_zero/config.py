@@ -20,6 +20,7 @@ import yaml
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+GENERATE_GATHER = ("auto", "once", "per_unit")
 _PRECISION_ALIASES = {
     "float32": "fp32",
     "no": "fp32",
@@ -63,6 +64,12 @@ class ZeroConfig:
         unit_classes: names of the layer classes whose instances are units (laid out together
             and, at stage 3, gathered together); None takes the model's `_no_split_modules`, or its
             top-level children when it names none.
+        prefetch_bytes: stage 3: how many bytes of units may be gathered ahead of the one running
+            (their all-gathers overlap its compute, in forward and in backward). None gathers one
+            unit ahead, whatever its size; 0 turns prefetching off.
+        generate_gather: stage 3, `model.generate()`: "auto" gathers the whole model once per call
+            when its 16-bit weights fit in half the free device memory, else unit by unit for every
+            token; "once" and "per_unit" force either.
     """
 
     stage: int = 2
@@ -82,6 +89,8 @@ class ZeroConfig:
     allow_untested_optimizer: bool = False
     debug_collectives: bool = False
     unit_classes: list[str] | None = None
+    prefetch_bytes: int | None = None
+    generate_gather: str = "auto"
 
     def __post_init__(self) -> None:
         self.stage = _check_int("stage", self.stage, minimum=0, maximum=3)
@@ -108,6 +117,9 @@ class ZeroConfig:
         self.allow_untested_optimizer = _check_bool("allow_untested_optimizer", self.allow_untested_optimizer)
         self.debug_collectives = _check_bool("debug_collectives", self.debug_collectives)
         self.unit_classes = _check_names("unit_classes", self.unit_classes)
+        if self.prefetch_bytes is not None:
+            self.prefetch_bytes = _check_int("prefetch_bytes", self.prefetch_bytes, minimum=0)
+        self.generate_gather = _check_choice("generate_gather", self.generate_gather, GENERATE_GATHER)
         self._check_combinations()
 
     def _check_combinations(self) -> None:

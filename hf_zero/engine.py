@@ -1,13 +1,14 @@
-"""`ZeroEngine`: ZeRO stages 0-2 over any Hugging Face or plain PyTorch model.
+"""`ZeroEngine`: ZeRO stages 0-3 over any Hugging Face or plain PyTorch model.
 
 `hf_zero.initialize(model, optimizer, config)` re-homes the model's trainable parameters into
-flat buffers (see `layout.py`), gives each rank fp32 master weights for its slice only, turns the
+flat segments, one per unit and param group (see `units.py`, `layout.py`), gives each rank fp32 master weights for its slice only, turns the
 user's optimizer into an optimizer over those slices (in place, see `optim.py`), installs one
 gradient hook per parameter (see `grad_sync.py`) and routes the ordinary PyTorch calls users make
 on the model to the engine (see `user_paths.py`). The optimizer's own `step()` then does the
 whole ZeRO step through step hooks: reduce gradients, clip, update the shard (Adam/AdamW groups
 in one fused pass, see `fused_adam.py`), all-gather the new weights. So `engine.step()`,
-`optimizer.step()` and the Trainer's optimizer step are the same.
+`optimizer.step()` and the Trainer's optimizer step are the same. At stage 3 each rank keeps only
+its chunks of the 16-bit weights too, and `gather.py` gathers units as they run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import user_paths
 from .config import ZeroConfig
-from .distributed import Collectives, DistContext, second_group, setup_distributed
+from .distributed import Collectives, DistContext, free_device_memory, second_group, setup_distributed
 from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
 from .fused_adam import fused_adam_step, supports_fused_adam
@@ -129,7 +130,9 @@ class ZeroEngine(ShardedState, nn.Module):
             # Gathers get a process group of their own: their order never mixes with the
             # reduce-scatters, whose timing follows each rank's backward.
             self.gather_comm = Collectives(second_group(self.ctx), fingerprint=config.debug_collectives)
-            self.gatherer = UnitGatherer(self.units, self.groups + self.frozen, self.gather_comm)
+            self.gatherer = UnitGatherer(
+                self.units, self.groups + self.frozen, self.gather_comm, config.prefetch_bytes
+            )
             self._hooks.extend(self.gatherer.install(module))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
 
@@ -306,6 +309,22 @@ class ZeroEngine(ShardedState, nn.Module):
             self._clipped = True
         self.last_grad_norm = total
         return total
+
+    def generate_gathers_once(self) -> bool:
+        """Stage 3: whether `model.generate` should gather the whole model once for the call
+        (`ZeroConfig.generate_gather`; "auto": when every rank has room for the full 16-bit
+        weights in half its free device memory). A collective under "auto"."""
+        mode = self.config.generate_gather
+        if len(self.gatherer.pinned) == len(self.units):  # inside gathered_parameters: nothing to gather
+            return True
+        if mode != "auto":
+            return mode == "once"
+        needed = sum(self.gatherer.unit_bytes)
+        fits = torch.tensor(
+            [float(needed <= free_device_memory(self.ctx.device) // 2)], device=self.ctx.device
+        )
+        self.gather_comm.all_reduce(fits, op=dist.ReduceOp.MIN)
+        return bool(fits.item())
 
     def write_back(self, params: list[torch.Tensor], source: int, before: list[torch.Tensor] | None) -> None:
         """After `gathered_parameters(..., modifier_rank=source)`: every rank takes rank `source`'s

@@ -16,11 +16,19 @@ does the same for the rest. A unit used again after the walk has passed it (a la
 forward, a recomputation under activation checkpointing) is gathered again on demand, which every
 rank running the same code does alike. Gathers run on their own process group, so that their
 order never interleaves with the reduce-scatters, whose timing follows each rank's backward.
+
+Prefetch: once a pass has gathered the unit it needs, it issues the gathers of the next units in
+its walk (asynchronously, while the unit computes) as long as the units gathered ahead of the walk
+stay within `prefetch_bytes`. Issuing follows the walk, so every rank still issues the same
+gathers in the same order. On a GPU the collectives run on the process group's own stream: a
+gather issued before the unit's kernels are queued overlaps them, and waiting on it only orders
+the compute stream after it, without blocking the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -50,6 +58,12 @@ class _Walk:
         self.order = list(order)
         self.position = {unit: i for i, unit in enumerate(self.order)}
         self.cursor = 0
+        self.issued = 0  # units order[:issued] have had their gathers issued in this pass
+        self.used: set[int] = set()  # units this pass asked for
+
+    def restart(self) -> None:
+        self.cursor = self.issued = 0
+        self.used.clear()
 
     def up_to(self, unit: int) -> tuple[list[int], bool]:
         """The units to gather before `unit` (skipped by this rank's data), and whether `unit` is
@@ -59,23 +73,47 @@ class _Walk:
             return [], False
         skipped = self.order[self.cursor : target]
         self.cursor = target + 1
+        self.issued = max(self.issued, self.cursor)
         return skipped, True
 
     def rest(self) -> list[int]:
         remaining = self.order[self.cursor :]
-        self.cursor = len(self.order)
+        self.cursor = self.issued = len(self.order)
         return remaining
+
+    def ahead(self) -> list[int]:
+        """Units whose gathers were issued ahead of the walk."""
+        return self.order[self.cursor : self.issued]
 
 
 class UnitGatherer:
     """Gathers and releases the units of a stage-3 engine; see the module docstring."""
 
-    def __init__(self, units: Sequence[Unit], segments: Sequence[FlatParamGroup], comm: Collectives) -> None:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        segments: Sequence[FlatParamGroup],
+        comm: Collectives,
+        prefetch_bytes: int | None = None,
+    ) -> None:
         self.units = list(units)
         self.comm = comm
         self.segments: list[list[FlatParamGroup]] = [[] for _ in units]
         for segment in segments:
             self.segments[segment.unit].append(segment)
+        self.unit_bytes = [
+            sum(s.layout.numel * s.flat.element_size() for s in unit_segments)
+            for unit_segments in self.segments
+        ]
+        # None: one unit ahead, whatever its size (the largest layer unit's bytes).
+        self.prefetch_bytes = (
+            max((b for u, b in enumerate(self.unit_bytes) if u != 0), default=0)
+            if prefetch_bytes is None
+            else prefetch_bytes
+        )
+        self.in_flight: dict[int, list] = {}  # unit -> work handles of its gathers, not waited yet
+        self.prefetched_units = 0
+        self.warned_order = False
         layers = [unit.index for unit in units if not unit.is_root]
         self.forward_walk = _Walk(layers)
         self.backward_walk = _Walk(list(reversed(layers)))
@@ -90,19 +128,28 @@ class UnitGatherer:
 
     # ---- gathering ------------------------------------------------------------------------------
 
-    def gather(self, unit: int) -> None:
-        """Make unit `unit`'s parameters whole (a no-op if they are)."""
+    def issue(self, unit: int) -> None:
+        """Start gathering unit `unit` (a no-op for segments already gathered or under way)."""
         segments = [s for s in self.segments[unit] if not s.gathered]
+        if not segments:
+            return
         works = [work for segment in segments for work in segment.gather(self.comm)]
-        for work in works:
-            work.wait()
+        self.in_flight.setdefault(unit, []).extend(works)
         self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+
+    def gather(self, unit: int) -> None:
+        """Make unit `unit`'s parameters whole (a no-op if they are)."""
+        self.issue(unit)
+        for work in self.in_flight.pop(unit, []):
+            work.wait()
 
     def release(self, unit: int) -> None:
         """Drop unit `unit`'s gathered parameters (a no-op if they are not gathered or pinned)."""
         if unit in self.pinned:
             return
+        for work in self.in_flight.pop(unit, []):  # never free storage a collective still writes
+            work.wait()
         for segment in self.segments[unit]:
             if segment.gathered:
                 self.gathered_bytes -= segment.flat.numel() * segment.flat.element_size()
@@ -113,11 +160,35 @@ class UnitGatherer:
             self.release(unit.index)
 
     def _gather_in_order(self, walk: _Walk, unit: int) -> None:
-        skipped, _ = walk.up_to(unit)
+        skipped, reached = walk.up_to(unit)
+        if not reached and unit not in walk.used and not self.warned_order:
+            self.warned_order = True
+            warnings.warn(
+                f"hf_zero stage 3: unit {self.units[unit].name!r} ran after units registered later "
+                "than it; units are gathered (and prefetched) in registration order, so it was "
+                "gathered twice in this pass. Results are unaffected; communication grows. Register "
+                "the model's layers in the order they run, or name coarser units in "
+                "ZeroConfig.unit_classes.",
+                stacklevel=2,
+            )
+        walk.used.add(unit)
         for other in skipped:  # gathered for the ranks that run it; not needed here
             self.gather(other)
             self.release(other)
         self.gather(unit)
+        self._prefetch(walk)
+
+    def _prefetch(self, walk: _Walk) -> None:
+        """Issue the gathers of the walk's next units, within the prefetch budget."""
+        ahead = sum(self.unit_bytes[u] for u in walk.ahead())
+        while walk.issued < len(walk.order):
+            upcoming = walk.order[walk.issued]
+            if ahead + self.unit_bytes[upcoming] > self.prefetch_bytes:
+                return
+            self.issue(upcoming)
+            ahead += self.unit_bytes[upcoming]
+            walk.issued += 1
+            self.prefetched_units += 1
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -141,7 +212,7 @@ class UnitGatherer:
             return
         if self.open_backward:
             self.end_backward()  # the last forward's backward never came, or ended unnoticed
-        self.forward_walk.cursor = 0
+        self.forward_walk.restart()
         self.gather(0)
 
     @torch.compiler.disable
@@ -153,7 +224,7 @@ class UnitGatherer:
             self.release(unit)
         if torch.is_grad_enabled():
             self.open_backward = True
-            self.backward_walk.cursor = 0
+            self.backward_walk.restart()
         else:
             self.release(0)
 

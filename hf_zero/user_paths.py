@@ -10,7 +10,10 @@ below would otherwise silently do nothing or be undone at the next step:
 - the model's next forward marks the end of a backward pass (for loops that call
   `loss.backward()` themselves rather than `engine.backward`);
 - `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)` clips through the engine, and
-  `clip_grad_value_` on managed parameters is refused.
+  `clip_grad_value_` on managed parameters is refused;
+- at stage 3, `model.generate(...)` gathers the whole model once for the call when it fits (see
+  `ZeroConfig.generate_gather`), else keeps every rank's forward passes in step (`synced_gpus`),
+  since each one gathers units with the other ranks.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def install(engine: ZeroEngine) -> list:
     _route_clip_functions()
     handles = _load_state_dict_hooks(engine)
     handles.append(engine.module.register_forward_pre_hook(_end_backward_on_forward(reference)))
+    if engine.config.stage == 3:
+        _route_generate(engine)
     return handles
 
 
@@ -71,6 +76,35 @@ def _refuse_add_param_group(optimizer: torch.optim.Optimizer) -> None:
         )
 
     optimizer.add_param_group = add_param_group
+
+
+def _route_generate(engine: ZeroEngine) -> None:
+    """Wrap `generate` on every module of the model that has one (a PEFT model and the model it
+    wraps both do)."""
+    from .gather import gathered_parameters
+
+    reference = weakref.ref(engine)
+    for module in engine.module.modules():
+        original = getattr(module, "generate", None)
+        if not callable(original) or getattr(original, "_hf_zero_route", False):
+            continue
+
+        def generate(*args: Any, _original=original, **kwargs: Any) -> Any:
+            engine = reference()
+            if engine is None:
+                return _original(*args, **kwargs)
+            if engine.generate_gathers_once():
+                with gathered_parameters(engine.module.parameters()):
+                    return _original(*args, **kwargs)
+            if engine.ctx.world_size > 1 and engine.ctx.group is torch.distributed.group.WORLD:
+                # (transformers' own all-reduce runs on the world group; under a sub-group the
+                # caller must keep the ranks' generation lengths equal.)
+                kwargs.setdefault("synced_gpus", True)
+            return _original(*args, **kwargs)
+
+        generate = functools.wraps(original)(generate)
+        generate._hf_zero_route = True
+        module.generate = generate
 
 
 def _end_backward_on_forward(reference: weakref.ref):

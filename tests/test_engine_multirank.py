@@ -207,15 +207,20 @@ def test_engine_memory_matches_the_readme_table(sharded, world, case):
         full_gradient = sum(numel * size for numel, _, size, _, _ in got["segments"])
         buckets = sum(b for *_, b in got["segments"])
         if case.stage == 3:
-            # Gathered at once: the root unit, the unit running and at most one more (in backward,
-            # the next unit is gathered as the one before it finishes).
+            # Gathered at once: the root unit, the unit running, at most one more (in backward,
+            # the next unit is gathered as the one before it finishes), and the prefetch budget.
             per_unit: dict[int, int] = {}
             for (numel, _, size, _, _), unit in zip(got["segments"], got["segment_units"], strict=True):
                 per_unit[unit] = per_unit.get(unit, 0) + numel * size
             for numel, _, size, unit in got["frozen_segments"]:
                 per_unit[unit] = per_unit.get(unit, 0) + numel * size
-            largest = sorted((b for u, b in per_unit.items() if u != 0), reverse=True)[:2]
-            assert 0 < got["memory"]["peak_gathered"] <= per_unit.get(0, 0) + sum(largest)
+            layers = sorted((b for u, b in per_unit.items() if u != 0), reverse=True)
+            root = per_unit.get(0, 0)
+            peak = got["memory"]["peak_gathered"]
+            assert 0 < peak <= root + sum(layers[:2]) + got["prefetch_bytes"]
+            if case.model == "llama-deep" and got["prefetch_bytes"]:
+                # Prefetching really holds more: in backward, the unit after the next one too.
+                assert peak >= root + 3 * layers[-1]
         else:
             assert got["memory"]["peak_gathered"] == 0
         if case.stage < 2:
@@ -232,3 +237,16 @@ def test_engine_memory_matches_the_readme_table(sharded, world, case):
         else:
             # Stage 2 stages gradients per bucket: at most a few buckets' worth are alive at once.
             assert 0 < got["memory"]["peak_staging"] <= 0.5 * full_gradient
+
+
+STAGE3_DEEP = [(w, c) for w, c in MATRIX if c.model == "llama-deep"]
+
+
+@pytest.mark.parametrize(("world", "case"), STAGE3_DEEP, ids=[f"{w}ranks-{c.name}" for w, c in STAGE3_DEEP])
+def test_stage3_prefetches_each_next_unit_within_the_budget(sharded, world, case):
+    """Every pass gathers its first unit on demand and each later one ahead of its use (the
+    budget holds at least one unit), or none ahead when prefetching is off."""
+    got = sharded(world)[0][case.name]
+    layers = len(set(got["segment_units"]) - {0})
+    passes = 2 * case.accumulation * case.steps  # forward and backward of every micro-batch
+    assert got["prefetched_units"] == (passes * (layers - 1) if got["prefetch_bytes"] else 0)

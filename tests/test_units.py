@@ -71,3 +71,42 @@ def test_segments_follow_units_and_param_groups():
     ]
     with pytest.raises(ValueError, match="unit_classes"):
         hf_zero.ZeroConfig(unit_classes=[3])
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x))
+
+
+class _ReversedBlocks(nn.Module):
+    """Registers `first` before `second` but runs them the other way round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = _Block(), _Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(self.second(x))
+
+
+def test_stage3_warns_when_units_run_out_of_registration_order_and_still_computes_right():
+    torch.manual_seed(0)
+    model = _ReversedBlocks()
+    reference = _ReversedBlocks()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(3, 8)
+    engine = hf_zero.initialize(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), {"stage": 3, "unit_classes": ["_Block"]}
+    )
+    with pytest.warns(UserWarning, match=r"unit 'first' ran after units registered later"):
+        out = engine(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    out.sum().backward()
+    reference(x).sum().backward()
+    grads = {n: hf_zero.full_grad(p) for n, p in model.named_parameters()}
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=0, atol=0)

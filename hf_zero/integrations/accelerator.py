@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
+from ..saving import save_full_weights
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -217,6 +218,22 @@ class ZeroAccelerator(Accelerator):
         if engine is None:
             return super().get_state_dict(model, unwrap=unwrap)
         return engine.full_state_dict(keep=self._writes_files())
+
+    def save_model(
+        self,
+        model: torch.nn.Module,
+        save_directory: str | os.PathLike,
+        max_shard_size: int | str = "10GB",
+        safe_serialization: bool = True,
+    ) -> None:
+        """`Accelerator.save_model`; for the sharded model, its full fp32 weights are gathered and
+        written one unit at a time (the writing process holds one unit and one output file's worth
+        on the host), as safetensors. Every rank must call it."""
+        engine = self._engine_for(model)
+        if engine is None or not safe_serialization:
+            super().save_model(model, save_directory, max_shard_size, safe_serialization)
+            return
+        save_full_weights(engine, save_directory, keep=self._writes_files(), max_shard_size=max_shard_size)
 
     def save(self, obj: Any, f: Any, safe_serialization: bool = False) -> None:
         """`Accelerator.save`, atomic when `f` is a path: the file appears complete or not at all."""

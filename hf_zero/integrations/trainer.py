@@ -2,9 +2,10 @@
 
 It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepare`,
 `accelerator.backward`, `accelerator.clip_grad_norm_`, `optimizer.step()`) drive the engine;
-nothing in transformers is patched. `save_model` all-gathers the full fp32 weights (only the
-writing rank holds them on the host) into a normal `save_pretrained` folder, or for a PEFT model
-only the trainable adapter weights into an adapter folder. Trainer checkpoints keep one optimizer
+nothing in transformers is patched. `save_model` writes the full fp32 weights into a normal
+`save_pretrained` folder unit by unit (the writing rank holds one unit and one output file's worth
+on the host at a time), or for a PEFT model only the trainable adapter weights into an adapter
+folder. Trainer checkpoints keep one optimizer
 shard per rank; full weights reloaded from them go through the engine, adapters through PEFT's
 own loading (the engine's `load_state_dict` hooks keep the fp32 masters in step). A checkpoint of
 the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on loading.
@@ -20,19 +21,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers import PretrainedConfig, Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.utils import is_peft_available
 
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
 from ..optim_state import load_unsharded_optimizer_state
+from ..saving import save_full_weights
 from ..weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
 
 
 class ZeroTrainer(Trainer):
-    """A `transformers.Trainer` that trains with ZeRO stages 0-2 (see `ZeroConfig`).
+    """A `transformers.Trainer` that trains with ZeRO stages 0-3 (see `ZeroConfig`).
 
     Args:
         zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Training
@@ -100,7 +102,8 @@ class ZeroTrainer(Trainer):
     # ---- saving ------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write a normal `save_pretrained` folder with the full fp32 master weights.
+        """Write a normal `save_pretrained` folder with the full fp32 master weights, gathered and
+        written one unit at a time (see `hf_zero.saving`).
 
         For a PEFT model the folder is PEFT's adapter folder (`PeftModel.from_pretrained` loads
         it) holding the fp32 masters of the trainable weights; the frozen base is neither gathered
@@ -113,16 +116,29 @@ class ZeroTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if _is_peft_model(self.model):
-            state_dict = self._adapter_state_dict(engine)
+            self._save(output_dir, state_dict=self._adapter_state_dict(engine))
         else:
-            state_dict = engine.full_state_dict(keep=self.args.should_save)
-        # save_pretrained empties the dict it is given: note the masters' dtype first.
-        saved_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-        self._save(output_dir, state_dict=state_dict)
-        if saved_dtype is not None and not _is_peft_model(self.model):
-            _record_saved_dtype(output_dir, saved_dtype)
+            self._save_full_weights(engine, output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_full_weights(self, engine: ZeroEngine, output_dir: str) -> None:
+        """What `Trainer._save` writes, with the weights streamed unit by unit."""
+        save_full_weights(engine, output_dir, keep=self.args.should_save)
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if isinstance(getattr(model, "config", None), PretrainedConfig):
+            model.config.save_pretrained(output_dir)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(output_dir)
+            saved_dtype = next((g.original_dtypes[0] for g in engine.groups if g.params), None)
+            if saved_dtype is not None:
+                _record_saved_dtype(output_dir, saved_dtype)
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        _atomic_torch_save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _adapter_state_dict(self, engine: ZeroEngine) -> dict[str, torch.Tensor]:
         """What a PEFT save picks its tensors from: the gathered fp32 masters of the trainable

@@ -49,6 +49,7 @@ class Case:
     scenario: str = ""
     subgroups: int = 0  # > 0: the world is split into this many process groups, each training alone
     units: str = ""  # comma-separated layer classes for ZeroConfig.unit_classes ("": the model's own)
+    prefetch_bytes: int = -1  # stage 3: ZeroConfig.prefetch_bytes (-1: its default)
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS or self.loop not in LOOPS:
@@ -74,6 +75,8 @@ class Case:
             parts.append(f"in{self.subgroups}groups")
         if self.units:
             parts.append(f"units-{self.units.replace(',', '+')}")
+        if self.prefetch_bytes >= 0:
+            parts.append(f"prefetch{self.prefetch_bytes}")
         return "-".join(parts)
 
     def global_batch(self, world_size: int) -> int:
@@ -91,6 +94,8 @@ class Case:
             config["reduce_bucket_size"] = self.bucket_size
         if self.units:
             config["unit_classes"] = self.units.split(",")
+        if self.prefetch_bytes >= 0:
+            config["prefetch_bytes"] = self.prefetch_bytes
         return config
 
 

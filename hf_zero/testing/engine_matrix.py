@@ -235,6 +235,8 @@ def run_sharded(case: Case, group=None) -> dict:
             (g.layout.numel, g.layout.shard_numel, g.compute_dtype.itemsize, g.unit) for g in engine.frozen
         ],
         "frozen_names": [slot.name for g in engine.frozen for slot in g.layout.slots],
+        "prefetch_bytes": engine.gatherer.prefetch_bytes if engine.gatherer else 0,
+        "prefetched_units": engine.gatherer.prefetched_units if engine.gatherer else 0,
         "buckets": [
             [(b.size, [g.layout.slots[i].name for i in b.slots]) for b in g.layout.buckets]
             for g in engine.groups

@@ -74,8 +74,11 @@ STAGE3_CASES = [
     Case("llama-shared", 3, "fp32", "sgd", accumulation=2),  # one unit used three times, reentrant
     Case("llama-ckpt", 3, "fp32", "sgd", accumulation=2),  # non-reentrant checkpointing
     Case("llama-ckpt", 2, "fp32", "sgd"),
-    Case("llama-deep", 3, "fp32", "adamw", accumulation=2),
+    Case("llama-deep", 3, "fp32", "adamw", accumulation=2),  # prefetch: one unit ahead
+    Case("llama-deep", 3, "fp32", "sgd", prefetch_bytes=0),
+    Case("llama-deep", 3, "bf16", "adamw", prefetch_bytes=160_000),  # two bf16 units ahead
     Case("beam", 3, "bf16", "adamw"),  # MoE: experts without tokens on some rank
+    Case("llama", 3, "bf16", "adamw_trainer", accumulation=2, clipping=0.05),  # Trainer's two groups
     Case("gpt2-lora", 3, "fp32", "adamw"),  # frozen base sharded, adapters trained
     Case("gpt2-lora", 3, "bf16", "adamw", accumulation=2),
     Case("gpt2-lora", 2, "fp32", "adamw"),
