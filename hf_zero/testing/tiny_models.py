@@ -4,7 +4,8 @@ Hub architectures built from configs (no downloads): Llama, GPT-2 (tied embeddin
 masked LM, a Llama whose three layers are one shared layer under reentrant activation
 checkpointing (each shared parameter's gradient hook fires three times per backward pass), a Llama
 under non-reentrant activation checkpointing, a five-layer Llama, GPT-2 with a `peft` LoRA adapter (frozen base), and
-`beam`, a mixture-of-experts model whose router the model keeps in fp32. Plus `branches`, a small
+`beam`, a mixture-of-experts model whose router the model keeps in fp32, and a Mixtral (top-2 of 4
+experts). Plus `branches`, a small
 network that sends each micro-batch through one of two equally sized branches chosen by the data,
 so ranks use different parameters.
 
@@ -27,6 +28,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
 )
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -37,7 +40,7 @@ SEQ_LEN = 16
 MASKED_PER_SEQUENCE = 4
 ROUTE_BLOCK = 2  # consecutive samples that take the same branch of the `branches` model
 MODEL_NAMES = ("llama", "gpt2", "bert")
-EXTRA_MODEL_NAMES = ("llama-shared", "llama-ckpt", "llama-deep", "gpt2-lora", "beam", "branches")
+EXTRA_MODEL_NAMES = ("llama-shared", "llama-ckpt", "llama-deep", "gpt2-lora", "beam", "mixtral", "branches")
 
 
 def _llama_config(layers: int = 2) -> LlamaConfig:
@@ -146,6 +149,20 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
             sliding_window=8,
         )
         return AutoModelForCausalLM.from_config(config)
+    if name == "mixtral":  # top-2 of 4 experts (fused into one tensor per layer), no router noise
+        config = MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=64,
+            router_jitter_noise=0.0,
+        )
+        return MixtralForCausalLM(config)
     if name == "branches":
         return BranchNet()
     raise ValueError(f"unknown tiny model {name!r}; choose from {MODEL_NAMES + EXTRA_MODEL_NAMES}")
