@@ -2,7 +2,8 @@
 
 Three ways in, one engine: `hf_zero.ZeroTrainer` (a `transformers.Trainer`), the Accelerate
 integration (`hf_zero.ZeroAccelerator`), and `hf_zero.initialize(model, optimizer, config)` for
-plain PyTorch loops.
+plain PyTorch loops. `hf_zero.from_pretrained` loads a pretrained model of which, at stage 3, each
+rank reads only its own shard.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ __all__ = [
     "ZeroEngine",
     "ZeroTrainer",
     "engine_of",
+    "from_pretrained",
     "full_grad",
     "gathered_parameters",
     "initialize",
 ]
 
-# The integrations import transformers/accelerate, which takes seconds; load them on first use.
+# The integrations and loading import transformers/accelerate, which takes seconds; load them on first use.
 _LAZY = {
     "ZeroTrainer": ".integrations.trainer",
     "ZeroAccelerator": ".integrations.accelerator",
+    "from_pretrained": ".loading",
 }
 
 

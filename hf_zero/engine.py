@@ -31,6 +31,7 @@ from .grad_sync import BackwardReduceScatter, StepReduction
 from .layout import FlatLayout
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
+from .pending import PendingWeights
 from .precision import compute_dtype_for
 from .units import find_units
 
@@ -66,13 +67,23 @@ class ZeroEngine(ShardedState, nn.Module):
         self.optimizer = optimizer
         self.config = config
         self.compute_dtype = compute_dtype_for(config.precision)
-        self.ctx: DistContext = setup_distributed(device_of(module), process_group)
+        # Weights still on disk (hf_zero.from_pretrained): the model has no device of its own yet.
+        pending = _take_pending_weights(module)
+        self.ctx: DistContext = setup_distributed(None if pending else device_of(module), process_group)
         self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
 
         self.source_param_names = names_in_groups(module, optimizer)
         named = trainable_parameters_by_group(module, optimizer)
-        module.to(self.ctx.device)
-        self._broadcast_module_state()
+        # Stage 3 reads the weights still on disk straight into the shards (below), each rank its own
+        # part; below stage 3 every rank keeps whole parameters, so it reads them whole now.
+        to_shard = pending if config.stage == 3 else None
+        if pending is not None and to_shard is None:
+            pending.materialise_all(module)
+        if to_shard is None:
+            module.to(self.ctx.device)
+        else:
+            module._apply(lambda tensor: tensor if tensor.is_meta else tensor.to(self.ctx.device))
+        self._broadcast_module_state(skip=pending)
         keep_fp32 = keep_in_fp32_parameter_ids(module, self.compute_dtype)
         # Stage 3 shards frozen weights too (in segments without masters); below, they stay whole.
         frozen = [
@@ -88,8 +99,12 @@ class ZeroEngine(ShardedState, nn.Module):
             {id(param) for pairs in named + frozen for _, param in pairs} | keep_fp32
         )
         self.units = find_units(module, config.unit_classes)
-        self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32)
-        self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, trainable=False)
+        self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32, pending=to_shard)
+        self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, False, to_shard)
+        # Bytes this rank read from a pretrained model's files: at stage 3, its own shard of them.
+        self.loaded_bytes = pending.reader.bytes_read if pending is not None else 0
+        if pending is not None:
+            pending.close()
         rebind_to_shards(optimizer, self.groups)
         # id(parameter) -> its unit, for every parameter laid out in segments (frozen ones included).
         self.unit_of = {id(p): g.unit for g in self.groups + self.frozen for p in g.params}
@@ -144,19 +159,26 @@ class ZeroEngine(ShardedState, nn.Module):
 
     # ---- set-up helpers ---------------------------------------------------------------------------
 
-    def _broadcast_module_state(self) -> None:
-        """Start every rank from the first rank's weights and buffers, as DistributedDataParallel does."""
+    def _broadcast_module_state(self, skip: PendingWeights | None = None) -> None:
+        """Start every rank from the first rank's weights and buffers, as DistributedDataParallel does
+        (weights still on disk excepted: every rank reads them from the same files)."""
         with torch.no_grad():
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-                self.comm.broadcast(tensor.data)
+                if skip is None or tensor not in skip:
+                    self.comm.broadcast(tensor.data)
 
     def _layout_segments(
-        self, named: list[list], keep_fp32: set[int], trainable: bool = True
+        self,
+        named: list[list],
+        keep_fp32: set[int],
+        trainable: bool = True,
+        pending: PendingWeights | None = None,
     ) -> list[FlatParamGroup]:
         """One flat segment per (unit, param group, compute dtype), units in registration order, so a
         unit's parameters are laid out (and at stage 3 gathered) together. Parameters of modules the
         model keeps in fp32 get fp32 segments; an empty param group gets one empty segment. Frozen
-        weights (`trainable=False`, stage 3) form segments of their own, per unit and dtype."""
+        weights (`trainable=False`, stage 3) form segments of their own, per unit and dtype. Weights
+        still on disk (`pending`, stage 3) are read into the shards, each rank only its own part."""
         unit_of = {id(p): unit.index for unit in self.units for p in unit.params}
         dtypes = list(dict.fromkeys((self.compute_dtype, torch.float32)))
         segments = []
@@ -171,15 +193,20 @@ class ZeroEngine(ShardedState, nn.Module):
                     ]
                     if members or (trainable and unit.is_root and not pairs and dtype == self.compute_dtype):
                         segments.append(
-                            self._segment(members, dtype, index if trainable else None, unit.index)
+                            self._segment(members, dtype, index if trainable else None, unit.index, pending)
                         )
         return segments
 
-    def _segment(self, members: list, dtype: torch.dtype, group: int | None, unit: int) -> FlatParamGroup:
+    def _segment(
+        self, members: list, dtype: torch.dtype, group: int | None, unit: int, pending: PendingWeights | None
+    ) -> FlatParamGroup:
         num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
         names = [name for name, _ in members]
         params = [param for _, param in members]
         layout = FlatLayout(names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size)
+        read = (
+            pending.values_of(params) if pending is not None and any(p in pending for p in params) else None
+        )
         return FlatParamGroup(
             params,
             layout,
@@ -189,6 +216,7 @@ class ZeroEngine(ShardedState, nn.Module):
             group,
             unit,
             sharded_params=self.config.stage == 3,
+            read=read,
         )
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
@@ -510,6 +538,25 @@ def check_available(config: ZeroConfig) -> None:
             "offloading to CPU or NVMe is not available yet in this hf_zero release; set "
             "offload_optimizer='none' and offload_params='none'"
         )
+
+
+def _take_pending_weights(module: nn.Module) -> PendingWeights | None:
+    """The weights of `module` still on disk (see `hf_zero.from_pretrained`), taken off the model.
+
+    A tensor on the meta device with no file behind it has no value anywhere, and is refused by name.
+    """
+    pending = PendingWeights.take(module)
+    empty = [
+        name for name, p in module.named_parameters() if p.is_meta and (pending is None or p not in pending)
+    ]
+    empty += [name for name, b in module.named_buffers() if b.is_meta]
+    if empty:
+        raise ValueError(
+            f"{empty[:3]} of the model are on the meta device with no values: hf_zero cannot shard tensors that "
+            "hold nothing. Load pretrained weights with hf_zero.from_pretrained, or give those tensors values "
+            "(e.g. model.to_empty(device='cpu') and the model's weight initialisation) before initialize"
+        )
+    return pending
 
 
 def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:

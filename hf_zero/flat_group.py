@@ -3,13 +3,14 @@ and the fp32 master weights of the slice this rank owns. Gradients live in `grad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .distributed import Collectives
 from .layout import FlatLayout, Run
+from .pending import assign
 
 
 class FlatParamGroup:
@@ -27,6 +28,10 @@ class FlatParamGroup:
     optimizer writes its update); `flat` is a buffer whose storage exists only while the segment is
     gathered (`gather`) and is released again (`release`), as FSDP2 does, so the parameters stay the
     same objects, views of it. A frozen segment (`trainable=False`) has no master.
+
+    `read(slot, begin, length)`, given at stage 3 only, supplies the values of the shard's elements
+    instead of the parameters' `.data`: a pretrained model's weights still on disk, which each rank
+    thus reads only in part (see `pending.py`).
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class FlatParamGroup:
         optimizer_group: int | None = 0,
         unit: int = 0,
         sharded_params: bool = False,
+        read: Callable[[int, int, int], torch.Tensor] | None = None,
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -54,17 +60,26 @@ class FlatParamGroup:
         # fp32 and unsharded: the compute buffer already is the master copy.
         self.master_is_flat = unsharded and compute_dtype == torch.float32 and not sharded_params
 
-        values = [p.data for p in params]
-        master = None
-        if self.trainable and not self.master_is_flat:
-            master = layout.shard_of(values, self.rank, torch.float32, device)
-        self.shard16 = layout.shard_of(values, self.rank, compute_dtype, device) if sharded_params else None
+        if read is None:
+            values = [p.data for p in params]
+
+            def read(slot: int, begin: int, length: int) -> torch.Tensor:
+                return values[slot].detach().reshape(-1)[begin : begin + length]
+
+        elif not sharded_params:
+            raise ValueError("FlatParamGroup reads values in shards only at stage 3 (sharded_params)")
+        # One pass over the values gives the fp32 master shard and, at stage 3, the 16-bit one.
+        with_master = self.trainable and not self.master_is_flat
+        dtypes = [torch.float32] * with_master + [compute_dtype] * sharded_params
+        shards = layout.shards_of(read, self.rank, dtypes, device)
+        master = shards[0] if with_master else None
+        self.shard16 = shards[-1] if sharded_params else None
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
         for index, param in enumerate(params):
             view = layout.param_view(self.flat, index)
             if not sharded_params:
                 view.copy_(param.data)
-            param.data = view
+            assign(param, view)
         self.gathered = not sharded_params
         if sharded_params:
             self.release()

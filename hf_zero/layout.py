@@ -13,7 +13,7 @@ Everything here is arithmetic on sizes; no tensors are allocated except where as
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +136,28 @@ class FlatLayout:
         self, tensors: Sequence[torch.Tensor], rank: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         """Rank `rank`'s shard of the flat concatenation of `tensors` (one per slot); padding is zero."""
-        shard = torch.zeros(self.shard_numel, dtype=dtype, device=device)
+
+        def read(slot: int, begin: int, length: int) -> torch.Tensor:
+            return tensors[slot].detach().reshape(-1)[begin : begin + length]
+
+        return self.shards_of(read, rank, [dtype], device)[0]
+
+    def shards_of(
+        self,
+        read: Callable[[int, int, int], torch.Tensor],
+        rank: int,
+        dtypes: Sequence[torch.dtype],
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        """Rank `rank`'s shard in each of `dtypes`, of the values `read(slot, begin, length)` gives
+        (elements `begin .. begin + length` of slot `slot`'s flattened parameter). Each span is read
+        once, however many dtypes are asked for; padding is zero."""
+        shards = [torch.zeros(self.shard_numel, dtype=dtype, device=device) for dtype in dtypes]
         for span in self.spans(rank):
-            source = tensors[span.slot].detach().reshape(-1)
-            shard[span.shard_begin : span.shard_begin + span.length].copy_(
-                source[span.param_begin : span.param_begin + span.length]
-            )
-        return shard
+            values = read(span.slot, span.param_begin, span.length)
+            for shard in shards:
+                shard[span.shard_begin : span.shard_begin + span.length].copy_(values)
+        return shards
 
     def param_view(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Slot `index`'s parameter as a view into a full flat buffer."""

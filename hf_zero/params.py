@@ -19,16 +19,24 @@ def device_of(module: nn.Module) -> torch.device | None:
 def keep_in_fp32_parameter_ids(module: nn.Module, compute_dtype: torch.dtype) -> set[int]:
     """Parameters that compute in fp32 under `compute_dtype`, as `from_pretrained` keeps them: those
     of the model's `_keep_in_fp32_modules_strict` (bf16 and fp16) and `_keep_in_fp32_modules` (fp16)."""
-    if compute_dtype == torch.float32:
+    matcher = keep_in_fp32_matcher(module, compute_dtype)
+    if matcher is None:
         return set()
+    return {id(param) for name, param in module.named_parameters() if matcher.search(name)}
+
+
+def keep_in_fp32_matcher(module: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """A pattern matching the names of the parameters and buffers the model keeps in fp32 when it
+    is loaded in `dtype` (None when there are none)."""
+    if dtype == torch.float32:
+        return None
     patterns = list(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
-    if compute_dtype == torch.float16:
+    if dtype == torch.float16:
         patterns += list(getattr(module, "_keep_in_fp32_modules", None) or [])
     if not patterns:
-        return set()
-    alternatives = "|".join(re.escape(p).replace(r"\*", r"[^.]*") for p in patterns)
-    matcher = re.compile(rf"(?:^|\.)(?:{alternatives})(?:\.|$)")
-    return {id(param) for name, param in module.named_parameters() if matcher.search(name)}
+        return None
+    alternatives = "|".join(re.escape(p).replace(r"\*", r"[^.]*") for p in sorted(patterns))
+    return re.compile(rf"(?:^|\.)(?:{alternatives})(?:\.|$)")
 
 
 def names_in_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str | None]]:

@@ -28,6 +28,7 @@ from transformers.utils import is_peft_available
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
 from ..optim_state import load_unsharded_optimizer_state
+from ..pending import PendingWeights
 from ..saving import save_full_weights
 from ..weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
@@ -93,6 +94,12 @@ class ZeroTrainer(Trainer):
                 "in TrainingArguments"
             )
         return config
+
+    def _move_model_to_device(self, model: torch.nn.Module, device: torch.device) -> None:
+        """A model from `hf_zero.from_pretrained` at stage 3 still has its weights on disk: the engine
+        places it when it shards it, reading each rank's part."""
+        if PendingWeights.of(model) is None:
+            super()._move_model_to_device(model, device)
 
     @property
     def zero_engine(self) -> ZeroEngine | None:

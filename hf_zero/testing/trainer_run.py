@@ -2,7 +2,7 @@
 
     python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16] [--lora]
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.trainer_run zero OUT_DIR --stage 2 \\
-        [--lora] [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3]
+        [--lora] [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3] [--from-pretrained]
 
 Both see the same global batch per step (the plain run uses a per-device batch `world` times
 larger) of sequences from a Markov chain, so the loss has somewhere to fall. The run trains
@@ -16,7 +16,9 @@ With `--resume`, a ZeroTrainer run then also:
   which must be refused (the error goes into the report);
 - trains with `load_best_model_at_end` (the first checkpoint being the best) into OUT_DIR/best_final.
 With `--from-plain CKPT`, a ZeroTrainer resumes from a plain Trainer's checkpoint into
-OUT_DIR/from_plain. Rank 0 writes OUT_DIR/report.json.
+OUT_DIR/from_plain. With `--from-pretrained`, the model is the same GPT-2, saved to
+OUT_DIR/pretrained and loaded with `hf_zero.from_pretrained` for the run's ZeRO stage (at stage 3
+each rank reads only its shard of it). Rank 0 writes OUT_DIR/report.json.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from ..data import markov_corpus
 from ..integrations.trainer import ZeroTrainer
+from ..loading import from_pretrained
 from .launch import exit_cleanly
 from .tiny_models import SEQ_LEN, VOCAB, build_model
 
@@ -154,13 +157,25 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
         kwargs = {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
     train, held_out = _datasets(options.steps)
     return cls(
-        model=build_lora_model() if options.lora else build_model("gpt2"),
+        model=_model(options, args),
         args=args,
         train_dataset=train,
         eval_dataset=held_out,
         callbacks=[recorder],
         **kwargs,
     )
+
+
+def _model(options, args: TrainingArguments) -> torch.nn.Module:
+    if options.lora:
+        return build_lora_model()
+    if not options.from_pretrained:
+        return build_model("gpt2")
+    folder = options.out / "pretrained"
+    with args.main_process_first(desc="saving the pretrained folder"):
+        if not folder.exists():
+            build_model("gpt2").save_pretrained(folder)
+    return from_pretrained(AutoModelForCausalLM, folder, {"stage": options.stage})
 
 
 def _resume(options, name: str, checkpoint: Path) -> dict:
@@ -197,13 +212,19 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-plain", type=Path)
+    parser.add_argument("--from-pretrained", action="store_true")
     options = parser.parse_args()
-    if options.mode == "plain" and (options.resume or options.from_plain):
-        parser.error("--resume and --from-plain are checks of ZeroTrainer runs (mode zero)")
+    if options.mode == "plain" and (options.resume or options.from_plain or options.from_pretrained):
+        parser.error(
+            "--resume, --from-plain and --from-pretrained are checks of ZeroTrainer runs (mode zero)"
+        )
 
     recorder = LogRecorder()
     trainer = _trainer(options, "run", recorder)
-    initial_eval_loss = _loss(trainer.model, trainer.eval_dataset)
+    # A stage-3 model from from_pretrained runs only once sharded: measure the model it was saved from.
+    initial_eval_loss = _loss(
+        build_model("gpt2") if options.from_pretrained else trainer.model, trainer.eval_dataset
+    )
     trainer.train()
     report = {
         **recorder.curves(),
