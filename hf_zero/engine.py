@@ -31,7 +31,7 @@ from .grad_sync import BackwardReduceScatter, StepReduction
 from .layout import FlatLayout
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
-from .pending import PendingWeights
+from .pending import PendingWeights, initialise_new_adapters
 from .precision import compute_dtype_for
 from .units import find_units
 
@@ -546,6 +546,8 @@ def _take_pending_weights(module: nn.Module) -> PendingWeights | None:
     A tensor on the meta device with no file behind it has no value anywhere, and is refused by name.
     """
     pending = PendingWeights.take(module)
+    if pending is not None:
+        initialise_new_adapters(module, pending)
     empty = [
         name for name, p in module.named_parameters() if p.is_meta and (pending is None or p not in pending)
     ]

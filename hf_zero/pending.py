@@ -136,16 +136,19 @@ class PendingWeights:
 
     @staticmethod
     def of(model: nn.Module) -> PendingWeights | None:
-        """The pending weights of `model`, if it has any."""
-        return model.__dict__.get(_ATTR)
+        """The pending weights of `model`, if it has any (also when it wraps the loaded model, as a
+        PEFT model made from it does)."""
+        holder = _holder(model)
+        return None if holder is None else holder.__dict__[_ATTR]
 
     @staticmethod
     def take(model: nn.Module) -> PendingWeights | None:
         """Remove the pending weights (and their guards) from `model` and return them: the engine
         calls this before it places, casts and shards the model."""
-        pending = model.__dict__.pop(_ATTR, None)
+        holder = _holder(model)
+        pending = None if holder is None else holder.__dict__.pop(_ATTR)
         if pending is not None:
-            model.__dict__.pop("_apply", None)
+            holder.__dict__.pop("_apply", None)
             for handle in pending._guards:
                 handle.remove()
             pending._guards.clear()
@@ -154,6 +157,11 @@ class PendingWeights:
     def close(self) -> None:
         self.reader.close()
         self._params.clear()
+
+
+def _holder(model: nn.Module) -> nn.Module | None:
+    """The module (`model` or one inside it) that `from_pretrained` attached pending weights to."""
+    return next((m for m in model.modules() if _ATTR in m.__dict__), None)
 
 
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -206,3 +214,52 @@ def _refuse_apply(*args: Any, **kwargs: Any) -> None:
         "hf_zero.initialize, ZeroTrainer or ZeroAccelerator as it is, and the engine puts it on each rank's "
         "device; choose the dtype with from_pretrained(..., dtype=...) and ZeroConfig.precision"
     )
+
+
+def initialise_new_adapters(model: nn.Module, pending: PendingWeights) -> None:
+    """Give values to the LoRA weights of a PEFT model made from a stage-3 `from_pretrained` model.
+
+    `get_peft_model` creates each adapter on the device of the layer it wraps, here the meta device,
+    and so the adapter has no values; this initialises them on the host as PEFT would have
+    (`init_lora_weights` True or "gaussian": A random, B zero; False: as `nn.Linear` does). The
+    engine then starts every rank from the first rank's values. Initialisations that need the base
+    weights (PiSSA, OLoRA, LoftQ, EVA, DoRA's magnitudes) are refused with what to do instead.
+    """
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        empty = [
+            (name, p)
+            for name, p in module.named_parameters()
+            if p.is_meta and p not in pending and not name.startswith("base_layer.")
+        ]
+        if not empty:
+            continue
+        adapters = [a for a in configs if any(f".{a}." in f".{name}." for name, _ in empty)]
+        for adapter in adapters:
+            init = configs[adapter].init_lora_weights
+            if init not in (True, False, "gaussian") or module.use_dora.get(adapter, False):
+                raise NotImplementedError(
+                    f"LoRA adapter {adapter!r} asks for init_lora_weights={init!r}"
+                    f"{' with DoRA' if module.use_dora.get(adapter, False) else ''}, which needs the base "
+                    "weights, but at stage 3 hf_zero.from_pretrained leaves them on disk until the model "
+                    "is sharded. Use init_lora_weights=True or 'gaussian' without DoRA, or load the base "
+                    "model with transformers' from_pretrained before get_peft_model"
+                )
+        for _, param in empty:
+            assign(param, torch.empty(param.shape, dtype=param.dtype, device="cpu"))
+        for adapter in adapters:
+            init = configs[adapter].init_lora_weights
+            if init is False:
+                for part in (module.lora_A, module.lora_B):
+                    if adapter in part:
+                        part[adapter].reset_parameters()
+            else:
+                module.reset_lora_parameters(adapter, init)

@@ -294,3 +294,52 @@ def test_a_tensor_the_model_has_no_place_for_is_named(folders, tmp_path):
 def test_placement_options_are_refused_at_stage_3(folders):
     with pytest.raises(ValueError, match=r"does not take \['device_map'\] at ZeRO stage 3"):
         hf_zero.from_pretrained(AutoModelForCausalLM, folders / "llama", STAGE3, device_map="auto")
+
+
+def _lora(**kwargs):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.0, **kwargs)
+
+
+def test_a_lora_model_made_from_it_trains_as_the_same_lora_model_loaded_by_transformers(folders):
+    from peft import get_peft_model
+
+    # get_peft_model builds the adapters beside the base weights, on the meta device: the engine
+    # initialises them as PEFT does (A random, B zero) before sharding.
+    model = get_peft_model(hf_zero.from_pretrained(AutoModelForCausalLM, folders / "gpt2", STAGE3), _lora())
+    torch.manual_seed(5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine = hf_zero.initialize(model, torch.optim.AdamW(trainable, lr=1e-2), STAGE3)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(folders / "gpt2"), _lora())
+    torch.manual_seed(5)  # draw A in the same order, from the same seed
+    for module in reference.modules():
+        if hasattr(module, "reset_lora_parameters"):
+            module.reset_lora_parameters("default", True)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    _assert_state_equal(engine.full_state_dict(), before)
+    assert all(not v.any() for k, v in before.items() if "lora_B" in k)
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2)
+    batch = make_samples("gpt2", 4)
+    for _ in range(3):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+        reference(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = reference.state_dict()
+    _assert_state_equal(engine.full_state_dict(), after)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lora_" not in k)  # base frozen
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if "lora_B" in k)
+
+
+def test_an_adapter_initialised_from_the_base_weights_is_refused(folders):
+    from peft import get_peft_model
+
+    model = hf_zero.from_pretrained(AutoModelForCausalLM, folders / "gpt2", STAGE3)
+    model = get_peft_model(model, _lora(use_dora=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(
+        NotImplementedError, match=r"adapter 'default' asks for .* with DoRA, which needs the base"
+    ):
+        hf_zero.initialize(model, torch.optim.AdamW(trainable, lr=1e-2), STAGE3)
