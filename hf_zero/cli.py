@@ -61,19 +61,29 @@ def train(argv: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"hf-zero train: done; model saved to {recipe.training['output_dir']}; metrics: {shown}")
-    _leave_process_group()
+    _end_launched_worker()
     return 0
 
 
-def _leave_process_group() -> None:
-    """Destroy the process groups before the interpreter exits: gloo's worker threads, torn down
-    with Python's modules instead, can abort a finished run ("terminate called without an active
-    exception")."""
+def _end_launched_worker() -> None:
+    """End a rank started by torchrun once its work is done and written: leave the process group,
+    flush, and exit without tearing the interpreter down. Gloo and other native worker threads,
+    torn down with Python's modules, can abort a finished run ("terminate called without an active
+    exception", about one run in eight here, after the model was saved); everything the run writes
+    is closed by then (the Trainer closes its loggers when training ends)."""
+    if "WORLD_SIZE" not in os.environ:
+        return
+    import logging
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def env(argv: list[str]) -> int:
