@@ -32,9 +32,7 @@ class ShardedState:
         values: dict[int, torch.Tensor] = {}
         # Stage 3 keeps frozen weights in shards too: those are gathered from their 16-bit values.
         for group in self.groups + ([] if trainable_only else self.frozen):
-            gathered = group.gather_master(self.comm, keep)
-            for param, dtype, full in zip(group.params, group.original_dtypes, gathered, strict=keep):
-                values[id(param)] = full.to(dtype)
+            values.update((id(param), full) for param, full in self.gather_segment(group, keep))
         if not keep:
             return {}
         state = {}
@@ -43,9 +41,23 @@ class ShardedState:
             if found is not None:
                 state[name] = found
             elif not trainable_only:
-                dtype = self._frozen_dtypes.get(id(tensor), tensor.dtype)
-                state[name] = tensor.detach().to("cpu", dtype, copy=True)
+                state[name] = self.host_copy(tensor)
         return state
+
+    def gather_segment(self, group: Any, keep: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its complete value as a CPU tensor in the dtype the model had when handed to
+        the engine) for every parameter of segment `group`: from the fp32 masters, or a frozen
+        stage-3 segment's 16-bit values. A collective; ranks with `keep=False` get an empty list."""
+        gathered = group.gather_master(self.comm, keep)
+        return [
+            (param, full.to(dtype))
+            for param, dtype, full in zip(group.params, group.original_dtypes, gathered, strict=keep)
+        ]
+
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of a tensor the engine keeps whole (a buffer; below stage 3 a frozen weight),
+        in the dtype it is saved in."""
+        return tensor.detach().to("cpu", self._frozen_dtypes.get(id(tensor), tensor.dtype), copy=True)
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes of the persistent tensors the engine allocated on the device, by kind, read off

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
+from transformers.utils.hub import convert_file_size_to_int
 
 if TYPE_CHECKING:
     from .engine import ZeroEngine
@@ -31,19 +32,6 @@ if TYPE_CHECKING:
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a string such as "5GB" or "500MiB" (as `save_pretrained` takes)."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", str(size).upper())
-    if match is None:
-        raise ValueError(
-            f"max_shard_size={size!r} is not a size: give bytes as an int, or a string like '5GB'"
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 class _FileWriter:
@@ -115,7 +103,7 @@ def save_full_weights(
     Returns, on writing ranks, what was written: `files`, `total_size` and `peak_host_bytes`
     (the most weight bytes this rank held on the host at once).
     """
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = convert_file_size_to_int(max_shard_size)  # as save_pretrained reads it
     folder = Path(output_dir)
     writer = None
     if keep:
@@ -129,10 +117,9 @@ def save_full_weights(
     for unit in engine.units:
         gathered: list[tuple[str, torch.Tensor]] = []
         for segment in (s for s in segments if s.unit == unit.index):
-            values = segment.gather_master(engine.comm, keep)
-            for param, dtype, value in zip(segment.params, segment.original_dtypes, values, strict=keep):
+            for param, value in engine.gather_segment(segment, keep):
                 if id(param) in first_name:
-                    gathered.append((first_name.pop(id(param)), value.to(dtype)))
+                    gathered.append((first_name.pop(id(param)), value))
         gathered.reverse()
         held = sum(t.numel() * t.element_size() for _, t in gathered)
         while gathered:  # hand each tensor over, so a written file's tensors are freed
@@ -145,8 +132,7 @@ def save_full_weights(
     # What the engine does not shard (buffers; below stage 3, frozen weights): whole on every rank.
     for name, tensor in engine.module.state_dict(keep_vars=True).items():
         if first_name.get(id(tensor)) == name:
-            dtype = engine._frozen_dtypes.get(id(tensor), tensor.dtype)
-            writer.add(name, tensor.detach().to("cpu", dtype, copy=True))
+            writer.add(name, engine.host_copy(tensor))
     writer.finish()
     return {
         "files": [p.name for p in sorted(folder.glob("model*.safetensors"))],

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from transformers.utils.hub import convert_file_size_to_int
 
 import hf_zero
-from hf_zero.saving import parse_size, save_full_weights
+from hf_zero.saving import save_full_weights
 
 from .launch import exit_cleanly
 from .tiny_models import build_model, make_samples
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> None:
     save_full_weights(engine, out / "saved", keep)
     report["saved_single"] = sorted(p.name for p in (out / "saved").iterdir()) if keep else []
     report["saved"] = save_full_weights(engine, out / "saved", keep, max_shard_size=SHARD_SIZE)
-    report["shard_bytes"] = parse_size(SHARD_SIZE)
+    report["shard_bytes"] = convert_file_size_to_int(SHARD_SIZE)
     report["unit_fp32_bytes"] = [4 * sum(p.numel() for p in unit.params) for unit in engine.units]
     if keep:
         model.config.save_pretrained(out / "saved")
