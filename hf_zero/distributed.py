@@ -178,6 +178,22 @@ class Collectives:
         source = self._source if src == 0 else dist.get_global_rank(self.group, src)
         dist.broadcast(tensor, src=source, group=self.group)
 
+    def broadcast_object(self, value: object) -> object:
+        """The group's rank 0's `value` (any picklable object), on every rank."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=self._source, group=self.group)
+        return holder[0]
+
+    def all_gather_object(self, value: object) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, value, group=self.group)
+        return everyone
+
     def barrier(self) -> None:
         """Wait until every rank of the group gets here."""
         if self.world_size > 1:

@@ -4,7 +4,9 @@ allocated. Mixed into `ZeroEngine`."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +60,27 @@ class ShardedState:
         """A CPU copy of a tensor the engine keeps whole (a buffer; below stage 3 a frozen weight),
         in the dtype it is saved in."""
         return tensor.detach().to("cpu", self._frozen_dtypes.get(id(tensor), tensor.dtype), copy=True)
+
+    def save_checkpoint(self, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
+        """Write this engine's training state as a sharded safetensors checkpoint folder: each rank's
+        fp32 masters and optimizer state, frozen weights and buffers, and a JSON manifest (see
+        `hf_zero.checkpoint`). The folder appears complete or not at all. Every rank must call it.
+        With `include_frozen=False` frozen weights are left out (an adapter run's base model)."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, include_frozen)
+
+    def load_checkpoint(
+        self, directory: str | os.PathLike, restore_rng: bool = True, verify: bool = True
+    ) -> dict[str, Any]:
+        """Restore what `save_checkpoint` wrote, on any number of ranks and at any stage (each rank
+        reads only the elements its shard needs); returns the checkpoint's manifest. The manifest
+        and the files' checksums are checked first, and nothing changes if a check fails. Every
+        rank must call it. `restore_rng` sets each rank's random generators as saved (when the
+        number of ranks is the same)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self, directory, restore_rng, verify)
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes of the persistent tensors the engine allocated on the device, by kind, read off
