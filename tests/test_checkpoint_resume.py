@@ -1,0 +1,126 @@
+"""Checkpoints resume exactly on the same layout and reshard onto other world sizes and stages.
+
+The tiny GPT-2 (tied embeddings) trains 6 steps of global batch 4; checkpoints are taken after
+step 3. A resume on the same world size and stage, in fresh processes, must give bit-identical
+losses and weights (with dropout on too: each rank's random stream continues). A resume on
+another world size or stage must continue the loss curve of an uninterrupted run on that new
+layout, to fp32 reduction-order rounding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_zero.testing.launch import torchrun
+
+STEPS, SAVE_AT = 6, 3
+
+# (world size, jobs) in launch order: each launch may resume checkpoints earlier ones saved.
+LAUNCHES = [
+    (
+        2,
+        [
+            {"name": "w2s1", "stage": 1, "save": "w2s1"},
+            {"name": "w2s2", "stage": 2, "bucket": 2048, "save": "w2s2"},
+            {"name": "w2s3", "stage": 3, "save": "w2s3"},
+            {"name": "w2s2_dropout", "stage": 2, "dropout": 0.1, "save": "w2s2_dropout"},
+            {"name": "s1_to_s2", "stage": 2, "bucket": 2048, "resume": "w2s1"},
+            {"name": "s2_to_s3", "stage": 3, "resume": "w2s2"},
+            {"name": "s3_to_s1", "stage": 1, "resume": "w2s3"},
+        ],
+    ),
+    (
+        4,
+        [
+            {"name": "w4s1", "stage": 1, "save": "w4s1"},
+            {"name": "w2_to_w4", "stage": 1, "resume": "w2s1"},
+            {"name": "w2s3_to_w4s2", "stage": 2, "resume": "w2s3"},
+            {"name": "w4s2", "stage": 2},
+        ],
+    ),
+    (
+        2,
+        [
+            {"name": "exact_s2", "stage": 2, "bucket": 2048, "resume": "w2s2"},
+            {"name": "exact_s3", "stage": 3, "resume": "w2s3"},
+            {"name": "exact_s2_dropout", "stage": 2, "dropout": 0.1, "resume": "w2s2_dropout"},
+            {"name": "w4_to_w2", "stage": 1, "resume": "w4s1"},
+        ],
+    ),
+    (
+        1,
+        [
+            {"name": "w1s1", "stage": 1},
+            {"name": "w1s0", "stage": 0},
+            {"name": "w2_to_w1", "stage": 1, "resume": "w2s1"},
+            {"name": "w2s3_to_w1s0", "stage": 0, "resume": "w2s3"},
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("resume")
+    results = {}
+    for index, (world, jobs) in enumerate(LAUNCHES):
+        specs = []
+        for job in jobs:
+            spec = {key: value for key, value in job.items() if key not in ("save", "resume")}
+            spec["steps"] = STEPS
+            if "save" in job:
+                spec.update(save_at=SAVE_AT, save_dir=str(root / job["save"]))
+            if "resume" in job:
+                spec["resume"] = str(root / job["resume"])
+            specs.append(spec)
+        out = root / f"launch{index}"
+        out.mkdir()
+        (out / "jobs.json").write_text(json.dumps(specs))
+        torchrun("hf_zero.testing.checkpoint_resume", world, [str(out / "jobs.json"), str(out)])
+        for job in jobs:
+            results[job["name"]] = torch.load(out / f"{job['name']}.pt")
+    return results
+
+
+def test_the_steps_after_the_checkpoint_move_the_weights_far_beyond_the_tolerance(runs):
+    # So a resume that lost or mis-placed state (masters, Adam moments, step count) cannot pass.
+    run = runs["w2s1"]
+    moved = [(run["weights"][n] - run["saved_weights"][n]).abs().max().item() for n in run["weights"]]
+    assert len(run["losses"]) == STEPS and min(moved) > 1e-4, moved
+
+
+@pytest.mark.parametrize(
+    "resumed, uninterrupted",
+    [("exact_s2", "w2s2"), ("exact_s3", "w2s3"), ("exact_s2_dropout", "w2s2_dropout")],
+)
+def test_same_layout_resume_is_bit_identical(runs, resumed, uninterrupted):
+    resume, full = runs[resumed], runs[uninterrupted]
+    assert resume["start"] == SAVE_AT
+    assert resume["losses"] == full["losses"][SAVE_AT:]
+    assert resume["weights"].keys() == full["weights"].keys()
+    for name, value in full["weights"].items():
+        assert torch.equal(resume["weights"][name], value), name
+
+
+@pytest.mark.parametrize(
+    "resumed, uninterrupted",
+    [
+        ("s1_to_s2", "w2s2"),
+        ("s2_to_s3", "w2s3"),
+        ("s3_to_s1", "w2s1"),
+        ("w2_to_w4", "w4s1"),
+        ("w2s3_to_w4s2", "w4s2"),
+        ("w4_to_w2", "w2s1"),
+        ("w2_to_w1", "w1s1"),
+        ("w2s3_to_w1s0", "w1s0"),
+    ],
+)
+def test_resharded_resume_continues_the_new_layouts_curve(runs, resumed, uninterrupted):
+    resume, full = runs[resumed], runs[uninterrupted]
+    assert resume["start"] == SAVE_AT
+    torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-6, atol=1e-6)
+    for name, value in full["weights"].items():
+        torch.testing.assert_close(resume["weights"][name], value, rtol=0, atol=2e-6, msg=name)
