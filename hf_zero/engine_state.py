@@ -1,6 +1,6 @@
-"""The engine's weights and shard state: complete fp32 weights gathered from the shards, loading
-them back, this rank's own training state with the layout it was cut with, and what the engine
-allocated. Mixed into `ZeroEngine`."""
+"""The engine's weights and training state: complete fp32 weights gathered from the shards,
+loading them back, checkpoints (see `hf_zero.checkpoint`), and what the engine allocated. Mixed
+into `ZeroEngine`."""
 
 from __future__ import annotations
 
@@ -154,83 +154,3 @@ class ShardedState:
         works = [work for group in self.groups for work in group.publish(self.comm)]
         for work in works:
             work.wait()
-
-    def layout_record(self) -> dict[str, Any]:
-        """What a shard's positions mean: world size, stage, bucket size and every segment's
-        parameters in order. Shard state is positional, so it loads only into the same layout."""
-        return {
-            "world_size": self.ctx.world_size,
-            "stage": self.config.stage,
-            "reduce_bucket_size": self.config.reduce_bucket_size,
-            "segments": [
-                {
-                    "optimizer_group": group.optimizer_group,
-                    "dtype": str(group.compute_dtype).removeprefix("torch."),
-                    "parameters": [[slot.name, list(slot.shape)] for slot in group.layout.slots],
-                }
-                for group in self.groups
-            ],
-        }
-
-    def shard_state_dict(self) -> dict[str, Any]:
-        """This rank's own training state: its fp32 master shards, its optimizer state, and the
-        layout they were cut with."""
-        return {
-            "world_size": self.ctx.world_size,
-            "stage": self.config.stage,
-            "layout": self.layout_record(),
-            "masters": [group.master.detach().to("cpu", copy=True) for group in self.groups],
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `shard_state_dict` returned on this rank: same world size, stage, bucket
-        size, parameters and param groups, or a `ValueError` naming the first difference."""
-        saved = state.get("layout")
-        if saved is None:
-            raise ValueError(
-                "this shard state has no layout record (it was saved by an older hf_zero), so hf_zero cannot "
-                "check that its positions match this model; start from the saved model weights instead"
-            )
-        difference = describe_layout_difference(saved, self.layout_record())
-        if difference is not None:
-            raise ValueError(f"cannot load this shard state: {difference}")
-        with torch.no_grad():
-            for group, master in zip(self.groups, state["masters"], strict=True):
-                group.master.copy_(master)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._publish_masters()
-
-
-def describe_layout_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """The first way two layout records differ, in words, or None when they match."""
-    for key, what in (
-        ("world_size", "world size"),
-        ("stage", "stage"),
-        ("reduce_bucket_size", "reduce_bucket_size"),
-    ):
-        if saved.get(key) != current.get(key):
-            return (
-                f"it was saved with {what} {saved.get(key)} but the engine runs {what} {current.get(key)}; resume "
-                f"with the same {what} (or start from the saved model weights)"
-            )
-    old, new = saved.get("segments", []), current.get("segments", [])
-    if len(old) != len(new):
-        return (
-            f"it holds {len(old)} parameter segments but the engine has {len(new)}: the param groups differ"
-        )
-    for index, (a, b) in enumerate(zip(old, new, strict=True)):
-        if (a["optimizer_group"], a["dtype"]) != (b["optimizer_group"], b["dtype"]):
-            return f"segment {index} belongs to param group {a['optimizer_group']} in {a['dtype']} when saved, not {b['optimizer_group']} in {b['dtype']}"
-        for position, (x, y) in enumerate(zip(a["parameters"], b["parameters"], strict=False)):
-            if list(x) != list(y):
-                return (
-                    f"position {position} of param group {a['optimizer_group']} held {x[0]} {tuple(x[1])} when "
-                    f"saved but holds {y[0]} {tuple(y[1])} now: the parameters or their order differ"
-                )
-        if len(a["parameters"]) != len(b["parameters"]):
-            return (
-                f"param group {a['optimizer_group']} held {len(a['parameters'])} parameters when saved but "
-                f"holds {len(b['parameters'])} now"
-            )
-    return None

@@ -72,3 +72,12 @@ def trainable_parameters_by_group(
             "to the optimizer or set requires_grad=False"
         )
     return grouped
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model (its checkpoints hold an adapter, not a whole model)."""
+    try:
+        from peft import PeftMixedModel, PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, (PeftModel, PeftMixedModel))

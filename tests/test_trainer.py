@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hf_zero
 from hf_zero import ZeroTrainer
+from hf_zero.checkpoint import read_manifest
+from hf_zero.checkpoint.reader import SpanReader
 from hf_zero.optim_state import load_unsharded_optimizer_state
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
@@ -132,6 +134,24 @@ def test_zero_trainer_resumes_its_own_checkpoint(request, run):
     _assert_same_tensors(resumed, load_file(out / "final" / "model.safetensors"), atol=0)
 
 
+def test_zero_trainer_resumes_its_checkpoint_at_another_stage(zero_stage2, zero_stage3):
+    # Stage 2's checkpoint resumed at stage 3 continues stage 3's own run, and stage 3's at stage 1
+    # continues stage 2's (stages 1 and 2 compute alike), to fp32 reduction-order rounding.
+    for (out, resumed), (_, other) in ((zero_stage2, zero_stage3), (zero_stage3, zero_stage2)):
+        curve = resumed["resumed_at_other_stage"]
+        _assert_curves_close(curve, {key: other[key][3:] for key in curve})
+        weights = load_file(out / "resumed_at_other_stage" / "model.safetensors")
+        _assert_same_tensors(weights, load_file(out / "final" / "model.safetensors"), atol=5e-5)
+    checkpoint = zero_stage2[0] / "run" / "checkpoint-3"
+    # The Trainer's own files and the hf_zero checkpoint; no full weights, no pickled shards.
+    assert {p.name for p in checkpoint.iterdir()} >= {
+        "trainer_state.json",
+        "scheduler.pt",
+        "hf_zero_checkpoint",
+    }
+    assert not list(checkpoint.glob("*.safetensors")) and not list(checkpoint.glob("hf_zero_shard*"))
+
+
 def test_zero_trainer_resumes_a_plain_trainer_checkpoint(plain_fp32, zero_stage2):
     plain_dir, plain = plain_fp32
     out, zero = zero_stage2
@@ -146,7 +166,7 @@ def test_resuming_a_checkpoint_without_optimizer_state_is_refused(zero_stage2):
     _, zero = zero_stage2
     message = zero["weights_only_resume_error"]
     assert "holds no optimizer state" in message
-    assert "hf_zero_shard_rank00000_of_00002.pt" in message and "optimizer.pt" in message
+    assert "hf_zero_checkpoint/" in message and "optimizer.pt" in message
     assert "without resume_from_checkpoint" in message
 
 
@@ -158,7 +178,21 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(request, run):
     best = load_file(out / "best_final" / "model.safetensors")
     last = load_file(out / "final" / "model.safetensors")
     assert any(not torch.equal(best[key], last[key]) for key in last)
-    _assert_same_tensors(best, load_file(out / "best" / HALFWAY / "model.safetensors"), atol=0)
+    _assert_same_tensors(best, _checkpoint_weights(out / "best" / HALFWAY / "hf_zero_checkpoint"), atol=0)
+
+
+def _checkpoint_weights(folder) -> dict[str, torch.Tensor]:
+    """Every weight an hf_zero checkpoint holds, read whole from its rank files (tied ones once)."""
+    manifest = read_manifest(folder)
+    reader = SpanReader(folder, manifest)
+    try:
+        return {
+            record["name"]: reader.read_whole(record).to(getattr(torch, record["dtype"]))
+            for record in manifest["tensors"]
+            if record["kind"] != "buffer"
+        }
+    finally:
+        reader.close()
 
 
 # ---- full model, bf16 -----------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 MANIFEST = "manifest.json"
+# Where ZeroTrainer and ZeroAccelerator put the engine's checkpoint inside their own checkpoint folder.
+TRAINER_SUBFOLDER = "hf_zero_checkpoint"
 FORMAT = "hf_zero.checkpoint"
 FORMAT_VERSION = 1
 STATE_SEPARATOR = "::"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..params import is_peft_model
 from .format import FORMAT, FORMAT_VERSION, MANIFEST, fsync_path, is_checkpoint, rank_file_name, sha256_of
 from .records import describe, encode_value, rank_tensors
 from .rng import capture_rng
@@ -136,7 +137,7 @@ def _model_record(module) -> dict[str, Any]:
     """What rebuilds a loadable folder: the model class, its config and generation config."""
     from transformers import PretrainedConfig
 
-    record: dict[str, Any] = {"class": type(module).__name__, "peft": _is_peft(module)}
+    record: dict[str, Any] = {"class": type(module).__name__, "peft": is_peft_model(module)}
     config = getattr(module, "config", None)
     if isinstance(config, PretrainedConfig) and not record["peft"]:
         record["config"] = json.loads(config.to_json_string(use_diff=False))
@@ -145,14 +146,6 @@ def _model_record(module) -> dict[str, Any]:
         if generation is not None and can_generate():
             record["generation_config"] = json.loads(generation.to_json_string(use_diff=True))
     return record
-
-
-def _is_peft(module) -> bool:
-    try:
-        from peft import PeftMixedModel, PeftModel
-    except ImportError:
-        return False
-    return isinstance(module, (PeftModel, PeftMixedModel))
 
 
 def _publish(manifest: dict[str, Any], temporary: Path, target: Path) -> None:

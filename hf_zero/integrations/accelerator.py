@@ -9,20 +9,20 @@ and GradScaler stay off.
 
 Checkpoints: `save_state`/`load_state` keep everything Accelerate saves (schedulers, data loader
 samplers, RNG states, objects registered for checkpointing, `step`, automatic naming and
-`total_limit` rotation) except the sharded model and its optimizer, which hf_zero writes itself:
-the full fp32 weights once (`hf_zero_model.safetensors`) and, per rank, that rank's fp32 master
-shards and optimizer state (`hf_zero_shard_rank00000_of_00002.safetensors`). Accelerate's own
-writer would keep one view per flat buffer (safetensors drops tensors that share storage) and only
-rank 0's optimizer shard. `get_state_dict` and `save_model` give the full fp32 weights.
+`total_limit` rotation) except the sharded model and its optimizer, which go into an hf_zero
+checkpoint in the `hf_zero_checkpoint/` subfolder (see `hf_zero.checkpoint`: per-rank fp32
+masters and optimizer state as safetensors plus a manifest, written atomically, loadable on any
+number of processes and at any stage). Accelerate's own writer would keep one view per flat buffer
+(safetensors drops tensors that share storage) and only rank 0's optimizer shard.
+`get_state_dict` and `save_model` give the full fp32 weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,14 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DynamoBackend, compile_regions
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint.format import TRAINER_SUBFOLDER
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
+from ..params import is_peft_model
 from ..saving import save_full_weights
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
-
-MODEL_FILE = "hf_zero_model.safetensors"
-_SHARD_PREFIX = "hf_zero_shard_rank"
-_LAYOUT_KEY = "hf_zero_shard_layout"  # safetensors metadata: the shard state with tensors named
-
-
-def shard_file_name(rank: int, world_size: int) -> str:
-    """The file holding rank `rank`'s masters and optimizer state in a checkpoint of `world_size` ranks."""
-    return f"{_SHARD_PREFIX}{rank:05d}_of_{world_size:05d}.safetensors"
 
 
 def resolve_precision(config: ZeroConfig, requested: str | None) -> ZeroConfig:
@@ -254,11 +245,10 @@ class ZeroAccelerator(Accelerator):
     ) -> Path:
         """Save everything `Accelerator.save_state` saves; hf_zero writes the sharded model and optimizer.
 
-        Every rank must call it. Besides Accelerate's files, the folder gets the full fp32 weights
-        (`hf_zero_model.safetensors`, written once) and one safetensors file per rank with its
-        master shards and optimizer state, each written atomically; `safe_serialization` applies
-        to Accelerate's own files only. The sharded model and its optimizer are not handed to
-        save-state pre-hooks. Resume with the same number of processes and ZeRO stage.
+        Every rank must call it. Besides Accelerate's files, the folder gets the engine's
+        checkpoint in `hf_zero_checkpoint/` (a PEFT model's frozen base left out: the script
+        rebuilds it); `safe_serialization` applies to Accelerate's own files only. The sharded
+        model and its optimizer are not handed to save-state pre-hooks.
         """
         engine = self.zero_engine
         if engine is None:
@@ -269,8 +259,9 @@ class ZeroAccelerator(Accelerator):
             location = super().save_state(
                 output_dir, safe_serialization=safe_serialization, **save_model_func_kwargs
             )
-        save_engine_state(engine, location, write_weights=self._writes_files())
-        self.wait_for_everyone()  # every rank's shard is on disk before any rank moves on
+        engine.save_checkpoint(
+            Path(location) / TRAINER_SUBFOLDER, include_frozen=not is_peft_model(engine.module)
+        )
         return location
 
     def load_state(
@@ -278,8 +269,9 @@ class ZeroAccelerator(Accelerator):
     ) -> None:
         """Load what `save_state` saved: the engine's weights and this rank's shard, then the rest.
 
-        Every rank must call it, with the number of processes and ZeRO stage the checkpoint was
-        saved with. The sharded model and its optimizer are not handed to load-state pre-hooks.
+        Every rank must call it; the checkpoint may come from another number of processes or
+        another ZeRO stage. Accelerate restores the RNG states. The sharded model and its
+        optimizer are not handed to load-state pre-hooks.
         """
         engine = self.zero_engine
         if engine is None:
@@ -287,7 +279,9 @@ class ZeroAccelerator(Accelerator):
             return
         # Accelerate resolves the folder (automatic naming picks the latest) and passes it to its
         # load-state pre-hooks, which run before it loads anything else.
-        handle = self.register_load_state_pre_hook(lambda models, folder: load_engine_state(engine, folder))
+        handle = self.register_load_state_pre_hook(
+            lambda models, folder: engine.load_checkpoint(Path(folder) / TRAINER_SUBFOLDER, restore_rng=False)
+        )
         try:
             with self._hidden_from_accelerate(engine):
                 super().load_state(input_dir, load_kwargs, **load_model_func_kwargs)
@@ -319,7 +313,7 @@ def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     return optimizer
 
 
-# ---- the engine's part of a checkpoint --------------------------------------------------------------
+# ---- files written whole or not at all --------------------------------------------------------------
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -335,119 +329,3 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> N
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-
-
-def save_engine_state(engine: ZeroEngine, folder: str | os.PathLike, write_weights: bool) -> None:
-    """Write this rank's shard file into `folder`, and the full fp32 weights where `write_weights`.
-
-    Every rank must call it: gathering the weights is a collective.
-    """
-    folder = Path(folder)
-    weights = engine.full_state_dict(keep=write_weights)
-    if write_weights:
-        unique = _without_aliases(weights)
-        write_atomically(folder / MODEL_FILE, lambda partial: save_file(unique, partial, {"format": "pt"}))
-    tensors: dict[str, torch.Tensor] = {}
-    layout = _pack(engine.shard_state_dict(), "shard", tensors)
-    metadata = {"format": "pt", _LAYOUT_KEY: json.dumps(layout)}
-    write_atomically(
-        folder / shard_file_name(engine.rank, engine.world_size),
-        lambda partial: save_file(tensors, partial, metadata),
-    )
-
-
-def load_engine_state(engine: ZeroEngine, folder: str | os.PathLike) -> None:
-    """Restore the engine from the files `save_engine_state` wrote into `folder`.
-
-    Every rank must call it, with the world size and ZeRO stage of the save. The full weights set
-    frozen weights and buffers; this rank's shard then sets its fp32 masters and optimizer state
-    exactly.
-    """
-    folder = Path(folder)
-    shard_path = folder / shard_file_name(engine.rank, engine.world_size)
-    if not shard_path.is_file():
-        raise _missing_shard_error(folder, engine.world_size)
-    if not (folder / MODEL_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder} has no {MODEL_FILE}: it was not written by ZeroAccelerator.save_state"
-        )
-    shard = _read_shard(shard_path)
-    engine.load_full_state_dict(load_file(folder / MODEL_FILE))
-    engine.load_shard_state_dict(shard)
-
-
-def _missing_shard_error(folder: Path, world_size: int) -> Exception:
-    others = sorted(path.name for path in folder.glob(f"{_SHARD_PREFIX}*.safetensors"))
-    if others:
-        return ValueError(
-            f"checkpoint {folder} holds hf_zero shards {others[:2]}... of a run with another number of "
-            f"processes, not {world_size}; resume with the number of processes it was saved with"
-        )
-    return FileNotFoundError(
-        f"{folder} has no {shard_file_name(0, world_size)}: it was not written by ZeroAccelerator.save_state"
-    )
-
-
-def _without_aliases(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One entry per tensor: a tied weight stays under its first name only (safetensors refuses
-    aliases; `from_pretrained` and the engine restore a tied weight from any one of its names)."""
-    seen: set[int] = set()
-    unique = {}
-    for name, tensor in weights.items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            unique[name] = tensor.contiguous()
-    return unique
-
-
-def _pack(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """`value` as JSON, each tensor moved into `tensors` under its path (e.g. `shard.optimizer.state[0].exp_avg`).
-
-    Dicts become key/value pairs so integer keys stay integers, and tuples stay tuples.
-    """
-    if torch.is_tensor(value):
-        if path in tensors:
-            raise ValueError(f"two entries of the shard state map to the same tensor name {path!r}")
-        tensor = value.detach().to("cpu").contiguous()
-        if any(
-            tensor.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors.values()
-        ):
-            tensor = tensor.clone()  # safetensors refuses tensors that share storage
-        tensors[path] = tensor
-        return {"tensor": path}
-    if isinstance(value, Mapping):
-        return {"dict": [[key, _pack(item, _child(path, key), tensors)] for key, item in value.items()]}
-    if isinstance(value, (list, tuple)):
-        kind = "tuple" if isinstance(value, tuple) else "list"
-        return {kind: [_pack(item, f"{path}[{index}]", tensors) for index, item in enumerate(value)]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(
-        f"cannot store {type(value).__name__} at {path} in an hf_zero shard file: the optimizer state may "
-        "hold tensors, numbers, strings, None, and lists, tuples and dicts of them"
-    )
-
-
-def _child(path: str, key: Any) -> str:
-    return f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
-
-
-def _unpack(layout: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of `_pack`."""
-    if not isinstance(layout, dict):
-        return layout
-    ((kind, content),) = layout.items()
-    if kind == "tensor":
-        return tensors[content]
-    if kind == "dict":
-        return {key: _unpack(item, tensors) for key, item in content}
-    items = [_unpack(item, tensors) for item in content]
-    return tuple(items) if kind == "tuple" else items
-
-
-def _read_shard(path: Path) -> dict[str, Any]:
-    with safe_open(path, framework="pt") as reader:
-        layout = (reader.metadata() or {}).get(_LAYOUT_KEY)
-    if layout is None:
-        raise ValueError(f"{path} is not an hf_zero shard file (its metadata has no {_LAYOUT_KEY!r})")
-    return _unpack(json.loads(layout), load_file(path))

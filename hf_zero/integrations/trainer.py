@@ -5,10 +5,16 @@ It swaps in a `ZeroAccelerator`, so the Trainer's own seams (`accelerator.prepar
 nothing in transformers is patched. `save_model` writes the full fp32 weights into a normal
 `save_pretrained` folder unit by unit (the writing rank holds one unit and one output file's worth
 on the host at a time), or for a PEFT model only the trainable adapter weights into an adapter
-folder. Trainer checkpoints keep one optimizer
-shard per rank; full weights reloaded from them go through the engine, adapters through PEFT's
-own loading (the engine's `load_state_dict` hooks keep the fp32 masters in step). A checkpoint of
-the plain Trainer resumes too: its `optimizer.pt` is cut into per-rank shards on loading.
+folder.
+
+A Trainer checkpoint (`checkpoint-N/`) keeps the Trainer's own files (`trainer_state.json`, the LR
+schedule, RNG states, training arguments, config and tokenizer) and puts the model's training
+state in an hf_zero checkpoint, `checkpoint-N/hf_zero_checkpoint/` (see `hf_zero.checkpoint`):
+per-rank safetensors and a manifest, written atomically. It resumes on any number of processes
+and at any stage, serves `load_best_model_at_end`, and `hf-zero merge` turns it into a
+`from_pretrained` folder. With `save_only_model=True` a checkpoint holds the full weights instead.
+A checkpoint of the plain Trainer resumes too: its weights load through the engine and its
+`optimizer.pt` is cut into per-rank shards.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
-from transformers.utils import is_peft_available
 
+from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
 from ..optim_state import load_unsharded_optimizer_state
+from ..params import is_peft_model
 from ..pending import PendingWeights
 from ..saving import save_full_weights
 from ..weights import load_pretrained_weights
@@ -108,6 +115,15 @@ class ZeroTrainer(Trainer):
 
     # ---- saving ------------------------------------------------------------------------------------
 
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # While a checkpoint is written, its weights go into the hf_zero checkpoint (see
+        # `_save_optimizer_and_scheduler`), so `save_model` need not gather them too.
+        self._writing_checkpoint = self.zero_engine is not None and not self.args.save_only_model
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights, gathered and
         written one unit at a time (see `hf_zero.saving`).
@@ -122,25 +138,30 @@ class ZeroTrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if _is_peft_model(self.model):
+        if is_peft_model(self.model):
             self._save(output_dir, state_dict=self._adapter_state_dict(engine))
         else:
-            self._save_full_weights(engine, output_dir)
+            self._save_full_weights(
+                engine, output_dir, weights=not getattr(self, "_writing_checkpoint", False)
+            )
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def _save_full_weights(self, engine: ZeroEngine, output_dir: str) -> None:
-        """What `Trainer._save` writes, with the weights streamed unit by unit."""
-        save_full_weights(engine, output_dir, keep=self.args.should_save)
+    def _save_full_weights(self, engine: ZeroEngine, output_dir: str, weights: bool = True) -> None:
+        """What `Trainer._save` writes, with the weights streamed unit by unit (left out with
+        `weights=False`: a checkpoint keeps them in its hf_zero checkpoint)."""
+        if weights:
+            save_full_weights(engine, output_dir, keep=self.args.should_save)
         if not self.args.should_save:
             return
+        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if isinstance(getattr(model, "config", None), PretrainedConfig):
             model.config.save_pretrained(output_dir)
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 model.generation_config.save_pretrained(output_dir)
             saved_dtype = next((g.original_dtypes[0] for g in engine.groups if g.params), None)
-            if saved_dtype is not None:
+            if saved_dtype is not None and weights:
                 _record_saved_dtype(output_dir, saved_dtype)
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
@@ -163,45 +184,58 @@ class ZeroTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        """Once the model is sharded, full weights load through the engine so the fp32 masters follow.
+        """The weights of an hf_zero checkpoint load with its optimizer state, once the engine exists
+        (`_load_optimizer_and_scheduler`); so does nothing here for one.
 
-        Adapters load as the Trainer loads them (PEFT's `load_adapter`), whose
-        `model.load_state_dict` the engine extends to the masters.
+        Other checkpoints (the plain Trainer's, `save_only_model` ones) load as the Trainer loads
+        them; once the model is sharded, full weights go through the engine so the fp32 masters
+        follow, and adapters through PEFT's `load_adapter`, whose `model.load_state_dict` the
+        engine extends to the masters.
         """
+        if _engine_checkpoint(resume_from_checkpoint) is not None:
+            return
         engine = self.zero_engine
-        if engine is None or _is_peft_model(self.model):
+        if engine is None or is_peft_model(self.model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         engine.load_full_state_dict(load_pretrained_weights(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
+        """The best checkpoint's fp32 masters (and its optimizer state) from its hf_zero checkpoint."""
         engine = self.zero_engine
-        if engine is None or _is_peft_model(self.model):
+        best = self.state.best_model_checkpoint
+        state = _engine_checkpoint(best)
+        if engine is not None and state is not None:
+            engine.load_checkpoint(state, restore_rng=False)
+        elif engine is None or is_peft_model(self.model):
             super()._load_best_model()
-            return
-        engine.load_full_state_dict(load_pretrained_weights(self.state.best_model_checkpoint))
+        else:
+            engine.load_full_state_dict(load_pretrained_weights(best))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Every rank writes its own optimizer shard; the writing rank also writes the LR schedule.
+        """The engine's checkpoint (masters, optimizer state, frozen weights but a PEFT model's base,
+        buffers) into `hf_zero_checkpoint/`; the writing rank also writes the LR schedule.
 
-        Every rank calls this (the Trainer does), and all of them wait here until every shard is
-        on disk: right after, the writing rank records the checkpoint and may delete older ones.
+        Every rank calls this (the Trainer does), and the engine's save returns on every rank only
+        once its checkpoint is complete: right after, the writing rank records the checkpoint and
+        may delete older ones.
         """
         engine = self.zero_engine
         if engine is None:
             super()._save_optimizer_and_scheduler(output_dir)
             return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, _shard_file(engine.rank, engine.world_size))
-        _atomic_torch_save(engine.shard_state_dict(), path)
+        engine.save_checkpoint(
+            os.path.join(output_dir, TRAINER_SUBFOLDER), include_frozen=not is_peft_model(self.model)
+        )
         if self.args.should_save:
             _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
         if engine.world_size > 1:
             dist.barrier(group=engine.ctx.group)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Resume the optimizer from hf_zero's per-rank shards or, for a checkpoint the plain
-        Trainer wrote, from its unsharded `optimizer.pt`; then the LR schedule.
+        """Resume the model and optimizer from the hf_zero checkpoint (saved on any number of
+        processes, at any stage) or, for a checkpoint the plain Trainer wrote, the optimizer from its
+        unsharded `optimizer.pt`; then the LR schedule. (The Trainer restores the RNG states.)
 
         A checkpoint with neither is refused rather than silently resumed with a fresh optimizer
         and a restarted schedule. Every rank sees the same files, so all ranks decide alike.
@@ -220,39 +254,26 @@ class ZeroTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
 
-def _is_peft_model(model: torch.nn.Module) -> bool:
-    """Whether `model` is a PEFT model, whose checkpoints hold adapter weights rather than a full model."""
-    if not is_peft_available():
-        return False
-    from peft import PeftMixedModel, PeftModel
-
-    return isinstance(model, (PeftModel, PeftMixedModel))
-
-
-def _shard_file(rank: int, world_size: int) -> str:
-    return f"hf_zero_shard_rank{rank:05d}_of_{world_size:05d}.pt"
+def _engine_checkpoint(folder: str | None) -> str | None:
+    """The hf_zero checkpoint inside a Trainer checkpoint folder, if it has one."""
+    if folder is None:
+        return None
+    path = os.path.join(folder, TRAINER_SUBFOLDER)
+    return path if is_checkpoint(path) else None
 
 
 def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
-    """Load this rank's optimizer state from hf_zero's shards for this world size or the plain
-    Trainer's `optimizer.pt`; refuse, naming what is missing, a checkpoint with neither."""
-    world_size = engine.world_size
-    wanted = [_shard_file(rank, world_size) for rank in range(world_size)]
-    present = sorted(name for name in os.listdir(checkpoint) if name.startswith("hf_zero_shard_rank"))
-    if all(name in present for name in wanted):
-        path = os.path.join(checkpoint, wanted[engine.rank])
-        engine.load_shard_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    """Load the engine's state from the checkpoint's hf_zero checkpoint or the plain Trainer's
+    `optimizer.pt`; refuse, naming what is missing, a checkpoint with neither."""
+    state = _engine_checkpoint(checkpoint)
+    if state is not None:
+        engine.load_checkpoint(state, restore_rng=False)
         return
-    if present:
-        missing = [name for name in wanted if name not in present]
-        if len(missing) < world_size:
-            raise FileNotFoundError(
-                f"checkpoint {checkpoint} lacks the optimizer shards {missing[:4]} of a {world_size}-rank run: "
-                "it was not completely written; resume from an earlier checkpoint"
-            )
-        raise ValueError(
-            f"checkpoint {checkpoint} holds optimizer shards {present[:2]}... from another world size, not "
-            f"{world_size} ranks; resume with the number of processes it was saved with"
+    partial = [name for name in os.listdir(checkpoint) if name.startswith(f".{TRAINER_SUBFOLDER}.partial")]
+    if partial:
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} holds only an unfinished {TRAINER_SUBFOLDER} ({partial[0]}): its save was "
+            "interrupted; resume from an earlier checkpoint"
         )
     unsharded = os.path.join(checkpoint, OPTIMIZER_NAME)
     if os.path.isfile(unsharded):
@@ -261,8 +282,8 @@ def _load_optimizer_state(checkpoint: str, engine: ZeroEngine) -> None:
         load_unsharded_optimizer_state(engine, state)
         return
     raise FileNotFoundError(
-        f"checkpoint {checkpoint} holds no optimizer state: neither hf_zero's per-rank shards "
-        f"({wanted[0]}, ...) nor the plain Trainer's {OPTIMIZER_NAME} (a checkpoint written with "
+        f"checkpoint {checkpoint} holds no optimizer state: neither an hf_zero checkpoint "
+        f"({TRAINER_SUBFOLDER}/) nor the plain Trainer's {OPTIMIZER_NAME} (a checkpoint written with "
         "save_only_model=True keeps only the weights). Resuming from it would silently restart the "
         "optimizer and the learning-rate schedule. To start a new run from its weights, load them with "
         f"from_pretrained({checkpoint!r}) (PeftModel.from_pretrained for an adapter) and call train() "

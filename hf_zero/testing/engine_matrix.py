@@ -14,8 +14,9 @@ through `ZeroAccelerator`; `loop="plain"` the way a plain PyTorch user does (`lo
 from __future__ import annotations
 
 import contextlib
-import copy
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -145,12 +146,16 @@ def _build(case: Case, group):
 
 
 def _resumed(case: Case, loop, group):
-    """Save the engine's state, build everything afresh and load it, as a restarted job would."""
-    weights = loop.engine.full_state_dict()
-    shard = copy.deepcopy(loop.engine.shard_state_dict())
+    """Save a checkpoint, build everything afresh and load it, as a restarted job would."""
+    holder = [tempfile.mkdtemp(prefix="hf_zero_resume_") if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    folder = Path(holder[0]) / "checkpoint"
+    loop.engine.save_checkpoint(folder)
     fresh = _build(case, group)
-    fresh.engine.load_full_state_dict(weights)
-    fresh.engine.load_shard_state_dict(shard)
+    fresh.engine.load_checkpoint(folder)
+    dist.barrier(group=group)
+    if dist.get_rank(group) == 0:
+        shutil.rmtree(holder[0])
     return fresh
 
 

@@ -188,12 +188,16 @@ def _resume(options, name: str, checkpoint: Path) -> dict:
 
 
 def _resume_without_optimizer_state(options, checkpoint: Path) -> str:
-    """The error a resume from a copy of `checkpoint` holding only weights and trainer state raises."""
+    """The error a resume from a copy of `checkpoint` holding only weights and trainer state (as
+    `save_only_model=True` writes) raises."""
     stripped = options.out / "weights_only_checkpoint"
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.copytree(
-            checkpoint, stripped, ignore=shutil.ignore_patterns("hf_zero_shard_*", "scheduler.pt")
+            checkpoint, stripped, ignore=shutil.ignore_patterns("hf_zero_checkpoint", "scheduler.pt")
         )
+        weights = options.out / "final" / "model.safetensors"  # (an adapter's checkpoint has its own)
+        if weights.is_file():
+            shutil.copy(weights, stripped / weights.name)
     torch.distributed.barrier()
     try:
         _trainer(options, "weights_only", LogRecorder()).train(resume_from_checkpoint=str(stripped))
@@ -239,6 +243,8 @@ def main() -> None:
     halfway = options.out / "run" / f"checkpoint-{options.steps // 2}"
     if options.resume:
         report["resumed"] = _resume(options, "resumed", halfway)
+        other_stage = argparse.Namespace(**{**vars(options), "stage": 1 if options.stage == 3 else 3})
+        report["resumed_at_other_stage"] = _resume(other_stage, "resumed_at_other_stage", halfway)
         report["weights_only_resume_error"] = _resume_without_optimizer_state(options, halfway)
         # The eval loss falls, so "greater is better" makes the first checkpoint the best one: the
         # model saved after training must be that checkpoint's, not the last step's.
