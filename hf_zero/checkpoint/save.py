@@ -41,8 +41,10 @@ def save_checkpoint(engine: ZeroEngine, directory: str | os.PathLike, include_fr
     comm = engine.comm
     temporary = _agree(engine, lambda: _make_temporary(target), "prepare")
     try:
+        # Every rank builds the manifest (only rank 0 writes it), so that a value it cannot record
+        # raises on every rank alike rather than leaving the others waiting below.
         records, mine = describe(engine, include_frozen)
-        manifest = _manifest(engine, records, include_frozen) if engine.rank == 0 else None
+        manifest = _manifest(engine, records, include_frozen)
         report = _run(lambda: _write_rank_file(engine, temporary, mine))
         reports = comm.all_gather_object(report)
         failed = [message for ok, message in reports if not ok]
