@@ -1,6 +1,8 @@
 """The `hf-zero` command.
 
 hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
+hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
+hf-zero merge --verify CKPT_DIR
 hf-zero env
 """
 
@@ -17,6 +19,10 @@ USAGE = """usage: hf-zero COMMAND ...
 commands:
   train RECIPE.yaml [--nproc N] [section.key=value ...]
         train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU)
+  merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
+        write an hf_zero checkpoint as a save_pretrained folder (one CPU process)
+  merge --verify CKPT_DIR
+        check a checkpoint's manifest and checksums and print a summary
   env   print the versions and devices hf_zero sees
 """
 
@@ -86,6 +92,39 @@ def _end_launched_worker() -> None:
     os._exit(0)
 
 
+def merge(argv: list[str]) -> int:
+    """Merge a checkpoint into a `save_pretrained` folder, or (`--verify`) check it."""
+    parser = argparse.ArgumentParser(
+        prog="hf-zero merge", description="Write an hf_zero checkpoint as a save_pretrained folder."
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder (or a Trainer checkpoint-N folder holding one)")
+    parser.add_argument("output", nargs="?", help="folder to write (new or empty)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file (default 5GB)")
+    parser.add_argument("--verify", action="store_true", help="only check the checkpoint and summarise it")
+    options = parser.parse_args(argv)
+    from .checkpoint.merge import merge_checkpoint, verify_checkpoint
+
+    try:
+        if options.verify:
+            summary = verify_checkpoint(options.checkpoint)
+            print("hf-zero merge --verify: checkpoint is complete and every checksum matches")
+            for key, value in summary.items():
+                print(f"  {key:21s} {value}")
+            return 0
+        if options.output is None:
+            parser.error("OUT_DIR is needed (or pass --verify)")
+        result = merge_checkpoint(options.checkpoint, options.output, options.dtype, options.max_shard_size)
+    except (ValueError, OSError) as error:
+        print(f"hf-zero merge: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"hf-zero merge: wrote {len(result['files'])} weight file(s), {result['total_size'] / 2**20:.1f} MiB "
+        f"in {result['dtype']}, to {result['output_dir']}"
+    )
+    return 0
+
+
 def env(argv: list[str]) -> int:
     """Print the software and devices relevant to hf_zero."""
     import importlib.metadata
@@ -116,7 +155,7 @@ def env(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "env": env}
+COMMANDS = {"train": train, "merge": merge, "env": env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,10 @@ INDEX_FILE = "model.safetensors.index.json"
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
-class _FileWriter:
-    """Fills output files up to `max_bytes` each, under temporary names, and tracks the host bytes
-    held (`held` is what the caller has gathered but not yet handed over)."""
+class WeightFileWriter:
+    """Fills `save_pretrained` weight files in `folder` up to `max_bytes` each, under temporary
+    names, and tracks the host bytes held (`held` is what the caller has read or gathered but not
+    yet handed over). `finish` names the files, writes the index and removes stale weight files."""
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = folder
@@ -108,7 +109,7 @@ def save_full_weights(
     writer = None
     if keep:
         folder.mkdir(parents=True, exist_ok=True)
-        writer = _FileWriter(folder, max_bytes)
+        writer = WeightFileWriter(folder, max_bytes)
     # Each tensor once, under its first name (a tied weight's other names point at it on loading).
     first_name: dict[int, str] = {}
     for name, tensor in engine.module.state_dict(keep_vars=True).items():

@@ -13,8 +13,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
+from hf_zero.checkpoint.merge import merge_checkpoint
 from hf_zero.testing.launch import torchrun
+from hf_zero.testing.tiny_models import build_model, make_samples
 
 STEPS, SAVE_AT = 6, 3
 
@@ -39,6 +43,8 @@ LAUNCHES = [
             {"name": "w2_to_w4", "stage": 1, "resume": "w2s1"},
             {"name": "w2s3_to_w4s2", "stage": 2, "resume": "w2s3"},
             {"name": "w4s2", "stage": 2},
+            {"name": "w4s2_bf16", "stage": 2, "precision": "bf16", "save": "w4s2_bf16", "steps": SAVE_AT},
+            {"name": "w4s3_save", "stage": 3, "save": "w4s3", "steps": SAVE_AT},
         ],
     ),
     (
@@ -63,14 +69,18 @@ LAUNCHES = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("resume")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def runs(root) -> dict[str, dict]:
     results = {}
     for index, (world, jobs) in enumerate(LAUNCHES):
         specs = []
         for job in jobs:
             spec = {key: value for key, value in job.items() if key not in ("save", "resume")}
-            spec["steps"] = STEPS
+            spec.setdefault("steps", STEPS)
             if "save" in job:
                 spec.update(save_at=SAVE_AT, save_dir=str(root / job["save"]))
             if "resume" in job:
@@ -124,3 +134,26 @@ def test_resharded_resume_continues_the_new_layouts_curve(runs, resumed, uninter
     torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-6, atol=1e-6)
     for name, value in full["weights"].items():
         torch.testing.assert_close(resume["weights"][name], value, rtol=0, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("saved", ["w4s1", "w4s2_bf16", "w4s3"])
+def test_merge_of_a_four_rank_checkpoint_equals_full_state_dict(runs, root, tmp_path, saved):
+    job = {"w4s1": "w4s1", "w4s2_bf16": "w4s2_bf16", "w4s3": "w4s3_save"}[saved]
+    expected = runs[job]["saved_weights"]
+    result = merge_checkpoint(root / saved, tmp_path / "merged", max_shard_size="100KB")
+    assert len(result["files"]) > 1 and (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    merged = {}
+    for name in result["files"]:
+        merged.update(load_file(tmp_path / "merged" / name))
+    # Tied lm_head.weight is written once, under transformer.wte.weight, as save_pretrained does.
+    assert merged.keys() == expected.keys() - {"lm_head.weight"}
+    for name, value in merged.items():
+        assert value.dtype == expected[name].dtype == torch.float32, name
+        assert torch.equal(value, expected[name]), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    reference = build_model("gpt2")
+    reference.load_state_dict(expected)
+    batch = make_samples("gpt2", 2)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(batch).logits, reference(batch).logits)

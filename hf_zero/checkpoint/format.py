@@ -67,10 +67,10 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, read in 8 MiB blocks."""
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (a merge holds little else)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while block := file.read(8 << 20):
+        while block := file.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
@@ -87,6 +87,19 @@ def fsync_path(path: str | os.PathLike) -> None:
 def is_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds an hf_zero checkpoint manifest."""
     return (Path(folder) / MANIFEST).is_file()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The folder holding the manifest: `path` itself, or the `hf_zero_checkpoint` folder inside a
+    ZeroTrainer or ZeroAccelerator checkpoint folder."""
+    path = Path(path)
+    for candidate in (path, path / TRAINER_SUBFOLDER):
+        if is_checkpoint(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"{str(path)!r} holds no hf_zero checkpoint: no {MANIFEST} in it or in its {TRAINER_SUBFOLDER}/ "
+        "folder (a save that did not finish has none; use an earlier checkpoint)"
+    )
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

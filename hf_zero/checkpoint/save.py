@@ -10,9 +10,11 @@ disk, an unwritable folder) is raised on every rank, so none is left waiting in 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,17 +153,34 @@ def _model_record(module) -> dict[str, Any]:
 
 
 def _publish(manifest: dict[str, Any], temporary: Path, target: Path) -> None:
-    """Write the manifest last, then move the finished folder into place (replacing an earlier
-    checkpoint there only now)."""
+    """Write the manifest last, then move the finished folder into place. An earlier checkpoint at
+    the target is swapped out in one atomic step where the system can (Linux), so no moment passes
+    without a complete checkpoint there; elsewhere it is moved aside just before."""
     path = temporary / MANIFEST
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     fsync_path(path)
     fsync_path(temporary)
-    replaced = None
-    if target.exists():
+    if not target.exists():
+        os.replace(temporary, target)
+    elif _exchange(temporary, target):
+        shutil.rmtree(temporary, ignore_errors=True)  # now the earlier checkpoint
+    else:
         replaced = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex[:8]}"
         os.replace(target, replaced)
-    os.replace(temporary, target)
-    fsync_path(target.parent)
-    if replaced is not None:
+        os.replace(temporary, target)
         shutil.rmtree(replaced, ignore_errors=True)
+    fsync_path(target.parent)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders atomically (Linux `renameat2` with RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    return result == 0

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node W -m hf_zero.testing.checkpoint_resume JOBS.json OUT_DIR
 
 Each job (a dict) builds a fresh model and optimizer (two param groups, AdamW) and engine at its
-`stage` (and `bucket` size, so layouts differ even on the same world size), optionally loads the
+`stage` (`precision`, and `bucket` size, so layouts differ even on the same world size), optionally loads the
 checkpoint `resume` and continues from its step, trains up to `steps` steps on global batches of
 `GLOBAL_BATCH` samples split evenly over the ranks, and saves a checkpoint into `save_dir` after
 `save_at` steps. `dropout` switches dropout on (the resumed run must then continue each rank's
@@ -41,7 +41,11 @@ def run_job(job: dict) -> dict:
         # GPT-2's attention key bias gets a gradient of pure rounding noise (softmax ignores it),
         # which Adam with a tiny eps turns into full-size steps that differ between world sizes.
         group["eps"] = 1e-4
-    config = {"stage": job["stage"], "reduce_bucket_size": job.get("bucket", 4096)}
+    config = {
+        "stage": job["stage"],
+        "reduce_bucket_size": job.get("bucket", 4096),
+        "precision": job.get("precision", "fp32"),
+    }
     engine = hf_zero.initialize(model, optimizer, config)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
     start = 0

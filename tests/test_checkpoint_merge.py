@@ -1,0 +1,143 @@
+"""`hf-zero merge` and `hf-zero merge --verify` on checkpoints saved in this process (world size 1).
+
+Merging checkpoints saved on 4 ranks at stages 1-3 is checked against `full_state_dict` in
+`test_checkpoint_resume.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import hf_zero
+from hf_zero.checkpoint.format import TRAINER_SUBFOLDER, rank_file_name
+from hf_zero.testing.tiny_models import build_model, make_samples
+
+
+def _hf_zero(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hf_zero.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _trained_checkpoint(folder, name: str = "gpt2", precision: str = "fp32", stage: int = 1) -> dict:
+    model = build_model(name)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = hf_zero.initialize(model, optimizer, {"stage": stage, "precision": precision})
+    engine.backward(engine(**make_samples(name, 2)).loss)
+    engine.step()
+    engine.save_checkpoint(folder)
+    return engine.full_state_dict()
+
+
+def test_merge_casts_copies_tokenizer_files_and_reads_a_trainer_checkpoint_folder(tmp_path):
+    checkpoint = tmp_path / "checkpoint-1"
+    weights = _trained_checkpoint(checkpoint / TRAINER_SUBFOLDER, precision="bf16")
+    (checkpoint / "tokenizer.json").write_text("{}")
+    result = _hf_zero("merge", str(checkpoint), str(tmp_path / "merged"), "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(value.dtype == torch.bfloat16 for value in merged.values())
+    assert all(torch.equal(value, weights[name].to(torch.bfloat16)) for name, value in merged.items())
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.dtype == torch.bfloat16
+
+
+def test_verify_summarises_a_good_checkpoint_and_names_a_damaged_file(tmp_path):
+    _trained_checkpoint(tmp_path / "checkpoint", stage=2)
+    result = _hf_zero("merge", "--verify", str(tmp_path / "checkpoint"))
+    assert result.returncode == 0, result.stderr
+    assert "every checksum matches" in result.stdout and "trainable_parameters" in result.stdout
+    shard = tmp_path / "checkpoint" / rank_file_name(0, 1)
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # same size: only the SHA-256 tells
+    shard.write_bytes(bytes(data))
+    result = _hf_zero("merge", "--verify", str(tmp_path / "checkpoint"))
+    assert result.returncode == 1
+    assert rank_file_name(0, 1) in result.stderr and "SHA-256" in result.stderr
+    result = _hf_zero("merge", str(tmp_path / "checkpoint"), str(tmp_path / "merged"))
+    assert result.returncode == 1 and not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path):
+    _trained_checkpoint(tmp_path / "lora", name="gpt2-lora")
+    result = _hf_zero("merge", str(tmp_path / "lora"), str(tmp_path / "out"))
+    assert result.returncode == 1 and "PEFT model" in result.stderr
+    _trained_checkpoint(tmp_path / "gpt2")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    result = _hf_zero("merge", str(tmp_path / "gpt2"), str(tmp_path / "busy"))
+    assert result.returncode == 1 and "exists and is not empty" in result.stderr
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    result = _hf_zero("merge", str(tmp_path), str(tmp_path / "out"))
+    assert result.returncode == 1 and "holds no hf_zero checkpoint" in result.stderr
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import json, sys
+    from hf_zero.checkpoint.merge import merge_checkpoint
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
+    before = status("VmRSS:")
+    result = merge_checkpoint(sys.argv[1], sys.argv[2], max_shard_size="4MB")
+    print(json.dumps({"growth": status("VmHWM:") - before, "files": result["files"]}))
+    """
+)
+
+
+def test_merge_streams_holding_about_one_output_file(tmp_path):
+    config = GPT2Config(n_layer=12, n_embd=256, n_head=4, vocab_size=1024, n_positions=64)
+    model = GPT2LMHeadModel(config)
+    model_bytes = sum(p.numel() for p in model.parameters()) * 4
+    assert model_bytes > 35 * 2**20
+    engine = hf_zero.initialize(model, torch.optim.AdamW(model.parameters()), {"stage": 1})
+    engine.save_checkpoint(tmp_path / "checkpoint")
+    expected = engine.full_state_dict()
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path / "checkpoint"), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(measured["files"]) > 5
+    # One 4 MB output file plus the tensor being read, not the ~40 MB model.
+    print(
+        f"merge peak RSS growth {measured['growth'] / 2**20:.1f} MiB for a {model_bytes / 2**20:.1f} MiB model"
+    )
+    assert measured["growth"] < 0.25 * model_bytes, (measured["growth"], model_bytes)
+    merged = {}
+    for name in measured["files"]:
+        merged.update(load_file(tmp_path / "merged" / name))
+    assert merged.keys() == expected.keys() - {"lm_head.weight"}
+    assert all(torch.equal(value, expected[name]) for name, value in merged.items())
+
+
+@pytest.mark.parametrize("bad", ["fp8", None])
+def test_merge_api_refuses_an_unknown_dtype(tmp_path, bad):
+    from hf_zero.checkpoint.merge import merge_checkpoint
+
+    _trained_checkpoint(tmp_path / "checkpoint")
+    if bad is None:
+        result = merge_checkpoint(tmp_path / "checkpoint", tmp_path / "fp16", dtype="fp16")
+        assert result["dtype"] == "float16"
+        return
+    with pytest.raises(ValueError, match="dtype 'fp8' is not one of"):
+        merge_checkpoint(tmp_path / "checkpoint", tmp_path / "out", dtype=bad)
