@@ -150,10 +150,7 @@ def test_two_ranks_agree_on_a_damaged_file_and_on_a_failed_save(tmp_path):
     for rank_seen in seen:
         # Rank 1's file is damaged; rank 0 hashed it or not, both ranks raise the same error.
         assert rank_file_name(1, 2) in rank_seen["damaged"] and "SHA-256" in rank_seen["damaged"]
-        assert (
-            "No space left on device" in rank_seen["failed_save"]
-           
-        )
+        assert "No space left on device" in rank_seen["failed_save"]
         assert rank_seen["leftovers"] == []
         assert rank_seen["earlier_unchanged"] and rank_seen["earlier_loads"]
     assert seen[0]["damaged"] == seen[1]["damaged"]
