@@ -35,8 +35,8 @@ def _plain(out: Path, *options: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _zero(out: Path, *options: str) -> dict:
-    torchrun("hf_zero.testing.trainer_run", 2, ["zero", str(out), *options])
+def _zero(out: Path, *options: str, nproc: int = 2) -> dict:
+    torchrun("hf_zero.testing.trainer_run", nproc, ["zero", str(out), *options])
     return json.loads((out / "report.json").read_text())
 
 
@@ -88,6 +88,14 @@ def zero_stage3(tmp_path_factory):
     """Stage 3 (parameters sharded), plus resuming its own checkpoint and load_best_model_at_end."""
     out = tmp_path_factory.mktemp("zero_stage3")
     return out, _zero(out, "--stage", "3", "--resume")
+
+
+@pytest.fixture(scope="module")
+def zero_one_process_from_two(tmp_path_factory, zero_stage2):
+    """One process at stage 1 resuming stage 2's 2-process checkpoint."""
+    out = tmp_path_factory.mktemp("zero_one_process")
+    checkpoint = zero_stage2[0] / "run" / HALFWAY
+    return out, _zero(out, "--stage", "1", "--resume-elsewhere", str(checkpoint), nproc=1)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +158,16 @@ def test_zero_trainer_resumes_its_checkpoint_at_another_stage(zero_stage2, zero_
         "hf_zero_checkpoint",
     }
     assert not list(checkpoint.glob("*.safetensors")) and not list(checkpoint.glob("hf_zero_shard*"))
+
+
+def test_zero_trainer_resumes_a_two_process_checkpoint_on_one_process(zero_stage2, zero_one_process_from_two):
+    out, zero = zero_stage2
+    one_dir, one = zero_one_process_from_two
+    # Same global batch, data order and schedule: the stage-2 run's second half, to rounding.
+    curve = one["resumed_elsewhere"]
+    _assert_curves_close(curve, {key: zero[key][3:] for key in curve})
+    weights = load_file(one_dir / "resumed_elsewhere" / "model.safetensors")
+    _assert_same_tensors(weights, load_file(out / "final" / "model.safetensors"), atol=5e-5)
 
 
 def test_zero_trainer_resumes_a_plain_trainer_checkpoint(plain_fp32, zero_stage2):

@@ -217,8 +217,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-plain", type=Path)
     parser.add_argument("--from-pretrained", action="store_true")
+    parser.add_argument(
+        "--resume-elsewhere", type=Path, help="a ZeroTrainer checkpoint of another run to resume"
+    )
     options = parser.parse_args()
-    if options.mode == "plain" and (options.resume or options.from_plain or options.from_pretrained):
+    if options.mode == "plain" and (
+        options.resume or options.from_plain or options.from_pretrained or options.resume_elsewhere
+    ):
         parser.error(
             "--resume, --from-plain and --from-pretrained are checks of ZeroTrainer runs (mode zero)"
         )
@@ -256,6 +261,8 @@ def main() -> None:
         best.save_model(str(options.out / "best_final"))
     if options.from_plain:
         report["from_plain"] = _resume(options, "from_plain", options.from_plain)
+    if options.resume_elsewhere:
+        report["resumed_elsewhere"] = _resume(options, "resumed_elsewhere", options.resume_elsewhere)
     if trainer.is_world_process_zero():
         (options.out / "report.json").write_text(json.dumps(report))
     exit_cleanly()
