@@ -101,7 +101,8 @@ class ZeroEngine(ShardedState, nn.Module):
         self.units = find_units(module, config.unit_classes)
         self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32, pending=to_shard)
         self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, False, to_shard)
-        # Bytes this rank read from a pretrained model's files: at stage 3, its own shard of them.
+        # Bytes this rank read from weight files: a pretrained model's (at stage 3 its own shard of
+        # them), or the last checkpoint loaded (its own elements of the saved runs).
         self.loaded_bytes = pending.reader.bytes_read if pending is not None else 0
         if pending is not None:
             pending.close()

@@ -136,6 +136,15 @@ def test_resharded_resume_continues_the_new_layouts_curve(runs, resumed, uninter
         torch.testing.assert_close(resume["weights"][name], value, rtol=0, atol=2e-6, msg=name)
 
 
+def test_each_rank_reads_only_its_own_elements(runs, root):
+    # Resumed on 4 ranks from 2: rank 0 read its quarter of the masters and both Adam moments (plus
+    # its share of padding-free runs), not the files of the checkpoint.
+    checkpoint_bytes = sum(p.stat().st_size for p in (root / "w2s1").glob("rank-*.safetensors"))
+    read = runs["w2_to_w4"]["loaded_bytes"]
+    assert 0.2 * checkpoint_bytes < read < 0.3 * checkpoint_bytes, (read, checkpoint_bytes)
+    assert 0.45 * checkpoint_bytes < runs["w4_to_w2"]["loaded_bytes"] < 0.55 * checkpoint_bytes
+
+
 @pytest.mark.parametrize("saved", ["w4s1", "w4s2_bf16", "w4s3"])
 def test_merge_of_a_four_rank_checkpoint_equals_full_state_dict(runs, root, tmp_path, saved):
     job = {"w4s1": "w4s1", "w4s2_bf16": "w4s2_bf16", "w4s3": "w4s3_save"}[saved]

@@ -54,6 +54,7 @@ def load_checkpoint(
             engine._publish_masters()
     finally:
         reader.close()
+    engine.loaded_bytes = reader.bytes_read
     engine.global_steps = manifest.get("global_steps", 0)
     if restore_rng_state and manifest["world_size"] == engine.world_size and manifest.get("rng"):
         restore_rng(manifest["rng"][engine.rank], engine.device)

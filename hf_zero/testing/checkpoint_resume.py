@@ -48,10 +48,10 @@ def run_job(job: dict) -> dict:
     }
     engine = hf_zero.initialize(model, optimizer, config)
     torch.manual_seed(1000 + rank)  # each rank its own dropout stream
-    start = 0
+    start, loaded_bytes = 0, 0
     if job.get("resume"):
         manifest = engine.load_checkpoint(job["resume"])
-        start = manifest["global_steps"]
+        start, loaded_bytes = manifest["global_steps"], engine.loaded_bytes
         assert engine.global_steps == start
     samples = make_samples("gpt2", job["steps"] * GLOBAL_BATCH)
     per_rank = GLOBAL_BATCH // world
@@ -69,7 +69,13 @@ def run_job(job: dict) -> dict:
             engine.save_checkpoint(job["save_dir"])
             saved = engine.full_state_dict(keep=rank == 0)
     weights = engine.full_state_dict(keep=rank == 0)
-    return {"losses": losses, "start": start, "weights": weights, "saved_weights": saved}
+    return {
+        "losses": losses,
+        "start": start,
+        "weights": weights,
+        "saved_weights": saved,
+        "loaded_bytes": loaded_bytes,  # rank 0's
+    }
 
 
 def main(argv: list[str]) -> None:
