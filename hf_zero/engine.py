@@ -5,8 +5,11 @@ flat segments, one per unit and param group (see `units.py`, `layout.py`), gives
 user's optimizer into an optimizer over those slices (in place, see `optim.py`), installs one
 gradient hook per parameter (see `grad_sync.py`) and routes the ordinary PyTorch calls users make
 on the model to the engine (see `user_paths.py`). The optimizer's own `step()` then does the
-whole ZeRO step through step hooks: reduce gradients, clip, update the shard (Adam/AdamW groups
-in one fused pass, see `fused_adam.py`), all-gather the new weights. So `engine.step()`,
+whole ZeRO step through step hooks: reduce gradients, measure them in one read (norm and fp16
+overflow, see `kernels/grad_stats.py`), update the shard (Adam/AdamW and SGD groups in one fused
+pass with unscale and clip folded in, see `fused_step.py`), all-gather the new weights. Under fp16
+a `LossScaler` scales the loss in `backward`, and a step whose gradient overflowed on any rank is
+skipped on every rank. So `engine.step()`,
 `optimizer.step()` and the Trainer's optimizer step are the same. At stage 3 each rank keeps only
 its chunks of the 16-bit weights too, and `gather.py` gathers units as they run.
 """
@@ -25,10 +28,12 @@ from .config import ZeroConfig
 from .distributed import Collectives, DistContext, free_device_memory, second_group, setup_distributed
 from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
-from .fused_adam import fused_adam_step, supports_fused_adam
+from .fused_step import fused_step, supports_fused_step
 from .gather import UnitGatherer
 from .grad_sync import BackwardReduceScatter, StepReduction
+from .kernels import grad_stats
 from .layout import FlatLayout
+from .loss_scaler import LossScaler
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .pending import PendingWeights, initialise_new_adapters
@@ -152,6 +157,9 @@ class ZeroEngine(ShardedState, nn.Module):
             self._hooks.extend(self.gatherer.install(module))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
 
+        self.loss_scaler = LossScaler(config) if config.precision == "fp16" else None
+        self._in_backward = False
+        self.last_step_skipped = False
         self._reset_step_state()
         self.last_grad_norm: torch.Tensor | None = None
         self.last_step_comm_bytes = 0
@@ -263,6 +271,12 @@ class ZeroEngine(ShardedState, nn.Module):
     def _grad_hook(self, group: int, index: int):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
+            if self.loss_scaler is not None and not self._in_backward:
+                raise RuntimeError(
+                    "under fp16 the loss must be scaled before backward: call engine.backward(loss) (or "
+                    "accelerator.backward(loss)) instead of loss.backward(); hf_zero multiplies the loss by "
+                    "engine.loss_scale there and divides it out in the optimizer step"
+                )
             if grad is not None:
                 self.grad_sync.on_grad(group, index, grad)
                 param.grad = None
@@ -278,7 +292,12 @@ class ZeroEngine(ShardedState, nn.Module):
     @property
     def loss_scale(self) -> float:
         """The factor `backward` multiplies the loss by (1.0 outside fp16)."""
-        return 1.0
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far because the fp16 gradient overflowed (0 outside fp16)."""
+        return self.loss_scaler.skipped_steps if self.loss_scaler is not None else 0
 
     @property
     def world_size(self) -> int:
@@ -295,7 +314,13 @@ class ZeroEngine(ShardedState, nn.Module):
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Backpropagate `loss`; gradients add to those of earlier backward calls since the last step."""
         self.grad_sync._check_open()
-        loss.backward(**kwargs)
+        if self.loss_scaler is not None:
+            loss = loss.float() * self.loss_scaler.scale
+        self._in_backward = True
+        try:
+            loss.backward(**kwargs)
+        finally:
+            self._in_backward = False
         # Every rank ends the pass here, whatever its gradients reached: stage 2 sends every bucket.
         self.end_backward(force=True)
 
@@ -325,13 +350,13 @@ class ZeroEngine(ShardedState, nn.Module):
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global 2-norm of the accumulated (rank-averaged) gradient; scales it down to `max_norm`.
 
-        Returns the norm before clipping. An infinite `max_norm` only measures. The scaling is
-        applied inside the optimizer step (folded into the fused update where there is one), so
-        the host never waits for the norm. `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`
+        Returns the norm before clipping (of the unscaled gradient under fp16; inf or NaN when it
+        overflowed, and the step will be skipped). An infinite `max_norm` only measures. The
+        scaling is applied inside the optimizer step (folded into the fused update where there is
+        one), so the host never waits for the norm. `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`
         comes here too. No further backward pass may add to this step's gradients afterwards.
         """
-        self._reduce_grads("clip_grad_norm_")
-        total = self._global_grad_norm()
+        total = self._gradient_stats()[0].sqrt() * self._unscale_factor()
         if max_norm != float("inf"):
             coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             self._grad_scale = coefficient if self._grad_scale is None else self._grad_scale * coefficient
@@ -399,7 +424,7 @@ class ZeroEngine(ShardedState, nn.Module):
             full[span.param_begin : span.param_begin + span.length].copy_(self.grad_sync.span_grad(g, span))
         if group.layout.num_shards > 1:
             self.comm.all_reduce(full)
-        return full.mul_(self._inverse_world).view(slot.shape)
+        return full.mul_(self._unscale_factor()).view(slot.shape)
 
     # ---- optimizer step hooks ------------------------------------------------------------------
 
@@ -410,29 +435,43 @@ class ZeroEngine(ShardedState, nn.Module):
             self.grad_sync.closed_by = reason
             self._grads_reduced = True
 
-    def _global_grad_norm(self) -> torch.Tensor:
-        squares = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for g in range(len(self.groups)):
-            for tensor in self.grad_sync.owned_grads(g):
-                squares += _sum_of_squares(tensor)
-        if any(group.layout.num_shards > 1 for group in self.groups):
-            self.comm.all_reduce(squares)
-        return squares.sqrt().mul_(self._inverse_world)
+    def _gradient_stats(self) -> torch.Tensor:
+        """`[Σg², non-finite count]` of this step's reduced gradient (summed over ranks, still
+        loss-scaled) on every rank, as a device tensor: one read of each owned shard and one
+        all-reduce carrying both numbers. Measured once per step."""
+        if self._stats is None:
+            self._reduce_grads("clip_grad_norm_")
+            owned = [t for g in range(len(self.groups)) for t in self.grad_sync.owned_grads(g)]
+            stats = grad_stats(owned).to(self.ctx.device)
+            if any(group.layout.num_shards > 1 for group in self.groups):
+                self.comm.all_reduce(stats)
+            self._stats = stats
+        return self._stats
+
+    def _unscale_factor(self) -> torch.Tensor:
+        """What turns the reduced gradient sum into the mean unscaled gradient: 1/(world * loss scale)."""
+        if self.loss_scaler is None:
+            return self._inverse_world
+        return self._inverse_world / self.loss_scaler.scale
 
     def _reset_step_state(self) -> None:
         self._grads_reduced = False
         self._clipped = False
-        self._grad_scale: torch.Tensor | None = None  # clip (and later unscale) factor, on device
+        self._grad_scale: torch.Tensor | None = None  # clip coefficient, on device
+        self._stats: torch.Tensor | None = None  # see _gradient_stats
+        self._found_inf: torch.Tensor | None = None  # fp16: nonzero when this step overflowed, on device
         self._zeroed_in_kernel: set[int] = set()  # groups whose gradient the fused kernel zeroed
         self._fused_groups: set[int] = set()  # groups the fused kernel updated this step
+        self._undo_if_skipped: list = []  # the fused steps' host bookkeeping, for a skipped step
 
     def _step_scale(self) -> torch.Tensor | None:
-        """What the optimizer multiplies the reduced gradient sum by: 1/world and the clip factor."""
-        if self.ctx.world_size == 1:
+        """What the optimizer multiplies the reduced gradient sum by: 1/world, the fp16 unscale
+        and the clip coefficient, as one device scalar (None: nothing to multiply by)."""
+        if self.ctx.world_size == 1 and self.loss_scaler is None:
             return self._grad_scale
         if self._grad_scale is None:
-            return self._inverse_world
-        return self._grad_scale * self._inverse_world
+            return self._unscale_factor()
+        return self._grad_scale * self._unscale_factor()
 
     def _check_parameters_in_place(self) -> None:
         for group in self.groups + self.frozen:
@@ -448,26 +487,35 @@ class ZeroEngine(ShardedState, nn.Module):
                 )
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        """Reduce and clip, then update Adam groups with the fused kernel; the rest get their
-        gradient and are updated by the optimizer's own step, which skips gradient-less params."""
+        """Reduce and clip, then update Adam/SGD groups with the fused kernels; the rest get their
+        gradient and are updated by the optimizer's own step, which skips gradient-less params.
+
+        Under fp16 the overflow flag stays on the device for the fused kernels (which then change
+        nothing); only groups on torch's path make the host read it here, to withhold their
+        gradients from a skipped step."""
         self._check_parameters_in_place()
         self._reduce_grads("the optimizer step")
         if self.config.gradient_clipping > 0 and not self._clipped:
             self.clip_grad_norm_(self.config.gradient_clipping)
+        found_inf = self._found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
         scale = self._step_scale()
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
-            if supports_fused_adam(optimizer, param_group):
+            if supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
                 pieces = [
                     (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
                     for run in group.runs
                 ]
-                fused_adam_step(optimizer, param_group, group.master, pieces, scale, zero_grad=zero)
+                self._undo_if_skipped.append(
+                    fused_step(optimizer, param_group, group.master, pieces, scale, zero, found_inf)
+                )
                 group.master.grad = None
                 self._fused_groups.add(g)
                 if zero:
                     self._zeroed_in_kernel.add(g)
+            elif found_inf is not None and bool(found_inf.item()):
+                group.master.grad = None  # torch's optimizers leave gradient-less parameters alone
             else:
                 grad = torch.empty_like(group.master.data)
                 for run in group.runs:
@@ -486,6 +534,12 @@ class ZeroEngine(ShardedState, nn.Module):
         for work in works:
             work.wait()
         self.grad_sync.clear_after_step(self._zeroed_in_kernel)
+        # The one host read of the overflow flag, after every kernel and collective was issued.
+        skipped = self._found_inf is not None and bool(self._found_inf.item())
+        if skipped:
+            for undo in self._undo_if_skipped:
+                undo()
+        self.last_step_skipped = skipped
         self._reset_step_state()
         self.global_steps += 1
         self.comm.check_fingerprint()
@@ -496,6 +550,8 @@ class ZeroEngine(ShardedState, nn.Module):
             self.gather_comm.check_fingerprint()
             self.last_step_comm_bytes += self.gather_comm.bytes_sent
             self.gather_comm.bytes_sent = 0
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(skipped)  # last: it raises when the scale cannot go lower
 
 
 def initialize(
@@ -560,14 +616,3 @@ def _take_pending_weights(module: nn.Module) -> PendingWeights | None:
             "(e.g. model.to_empty(device='cpu') and the model's weight initialisation) before initialize"
         )
     return pending
-
-
-def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
-    """Σx² in fp32 without a tensor-sized temporary: one tree reduction on the GPU; on the CPU,
-    where `vector_norm` accumulates sequentially (1e-4 relative error at 5M elements), pairwise
-    sums over bounded chunks."""
-    if tensor.is_cuda:
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
-    return sum(
-        (chunk.float().pow(2).sum() for chunk in tensor.split(1 << 22)), torch.zeros((), dtype=torch.float32)
-    )

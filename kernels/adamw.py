@@ -1,9 +1,11 @@
 """Fused Adam/AdamW step over one flat fp32 shard, in one memory pass.
 
-Per element: scale the gradient (unscale and clip folded into one factor, read from a device
-scalar so the host never waits for the norm), apply weight decay (decoupled for AdamW, L2 for
+Per element: scale the gradient (1/world, the fp16 unscale and the clip coefficient folded into
+one factor, read from a device scalar so the host never waits for the norm), apply weight decay (decoupled for AdamW, L2 for
 Adam), update both moments, update the fp32 master, write its 16-bit copy for the all-gather,
 and optionally reset the gradient accumulator. Unfused, the same work is five to seven passes.
+A device flag (fp16: a non-finite gradient somewhere) turns the step into nothing but the
+gradient reset, again without the host reading it: weights and moments are left bit-identical.
 
 The arithmetic follows `torch.optim.Adam`'s single-tensor implementation operation by operation,
 so the result matches it to float32 rounding.
@@ -21,6 +23,11 @@ try:
     import triton.language as tl
 except ImportError:  # Triton is Linux-only; elsewhere the reference runs.
     triton = None
+
+from .copy16 import out_mode
+
+if triton is not None:
+    from .copy16 import store_copy
 
 BLOCK_SIZE = 2048
 
@@ -55,8 +62,13 @@ def adam_step_reference(
     hp: AdamHyperparams,
     grad_scale: torch.Tensor | None = None,
     zero_grad: bool = False,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """The fused step in PyTorch operations (in place). See `adam_step` for the arguments."""
+    if found_inf is not None and bool(found_inf.item()):
+        if zero_grad:
+            grad.zero_()
+        return
     g = grad.float()
     if grad_scale is not None:
         g = g * grad_scale
@@ -85,6 +97,7 @@ if triton is not None:
         exp_avg_sq_ptr,
         out_ptr,
         scale_ptr,
+        skip_ptr,
         n,
         lr,
         beta1,
@@ -95,16 +108,19 @@ if triton is not None:
         bias_correction2_sqrt,
         DECOUPLED: tl.constexpr,
         HAS_SCALE: tl.constexpr,
-        OUT_MODE: tl.constexpr,  # 0: no copy, 1: bf16 (rounded to nearest even by hand), 2: native cast
+        HAS_SKIP: tl.constexpr,
+        OUT_MODE: tl.constexpr,  # see copy16.out_mode
         ZERO_GRAD: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        p = tl.load(param_ptr + offsets, mask=mask)
-        g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-        m = tl.load(exp_avg_ptr + offsets, mask=mask)
-        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+        # A skipped step masks every load and store but the gradient reset: no memory traffic.
+        update = mask & (tl.load(skip_ptr + offsets * 0) == 0) if HAS_SKIP else mask
+        p = tl.load(param_ptr + offsets, mask=update)
+        g = tl.load(grad_ptr + offsets, mask=update).to(tl.float32)
+        m = tl.load(exp_avg_ptr + offsets, mask=update)
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=update)
         if HAS_SCALE:
             g = g * tl.load(scale_ptr)
         if DECOUPLED:
@@ -115,17 +131,10 @@ if triton is not None:
         v = v * beta2 + (1 - beta2) * (g * g)
         denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
         p = p - step_size * tl.div_rn(m, denom)
-        tl.store(param_ptr + offsets, p, mask=mask)
-        tl.store(exp_avg_ptr + offsets, m, mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
-        if OUT_MODE == 1:
-            # Round to nearest even explicitly: Triton's interpreter truncates float32 -> bf16.
-            bits = p.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(p != p, 0x7FC0, rounded)  # keep NaN a NaN
-            tl.store(out_ptr + offsets, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        elif OUT_MODE == 2:
-            tl.store(out_ptr + offsets, p.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(param_ptr + offsets, p, mask=update)
+        tl.store(exp_avg_ptr + offsets, m, mask=update)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=update)
+        store_copy(out_ptr, offsets, p, update, OUT_MODE)
         if ZERO_GRAD:
             tl.store(grad_ptr + offsets, tl.zeros_like(g).to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -139,6 +148,7 @@ def adam_step_triton(
     hp: AdamHyperparams,
     grad_scale: torch.Tensor | None = None,
     zero_grad: bool = False,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """The fused step as one Triton launch. See `adam_step` for the arguments."""
     if triton is None:
@@ -151,13 +161,14 @@ def adam_step_triton(
         raise ValueError("adam_step: param, exp_avg and exp_avg_sq must be float32")
     if n == 0:
         return
-    out_mode = 0 if out is None else (1 if out.dtype == torch.bfloat16 else 2)
     _adam_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         param, grad, exp_avg, exp_avg_sq,
         out if out is not None else param,
         grad_scale if grad_scale is not None else param,
+        found_inf if found_inf is not None else param,
         n, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step_size, hp.bias_correction2_sqrt,
-        DECOUPLED=hp.decoupled, HAS_SCALE=grad_scale is not None, OUT_MODE=out_mode, ZERO_GRAD=zero_grad,
+        DECOUPLED=hp.decoupled, HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None,
+        OUT_MODE=out_mode(out), ZERO_GRAD=zero_grad,
         BLOCK=BLOCK_SIZE, num_warps=8,
     )  # fmt: skip
 
@@ -171,6 +182,7 @@ def adam_step(
     hp: AdamHyperparams,
     grad_scale: torch.Tensor | None = None,
     zero_grad: bool = False,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """One Adam/AdamW step over flat tensors, in place: Triton on CUDA, the reference elsewhere.
 
@@ -181,6 +193,8 @@ def adam_step(
         out: where to write the updated weights in the compute dtype, or None.
         hp: learning rate, betas, eps, weight decay, step number, decoupled or L2 decay.
         grad_scale: a one-element device tensor multiplied into the gradient first, or None.
+        zero_grad: reset `grad` to zero on the way (also when the step is skipped).
+        found_inf: a one-element device tensor; nonzero skips the update (fp16 overflow), or None.
     """
     step = adam_step_triton if param.is_cuda and triton is not None else adam_step_reference
-    step(param, grad, exp_avg, exp_avg_sq, out, hp, grad_scale, zero_grad)
+    step(param, grad, exp_avg, exp_avg_sq, out, hp, grad_scale, zero_grad, found_inf)

@@ -180,7 +180,6 @@ def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
     ("kwargs", "match"),
     [
         ({"zero_config": {"offload_optimizer": "cpu"}}, "offloading"),
-        ({"mixed_precision": "fp16"}, "fp16"),
     ],
 )
 def test_unavailable_features_are_refused_at_construction(monkeypatch, kwargs, match):

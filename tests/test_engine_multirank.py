@@ -129,7 +129,7 @@ def expected_bytes_per_step(case: Case, world: int, got: dict) -> list[int]:
             if case.stage == 2:  # stage 3 gathers weights on use instead (below)
                 steady += round(share * numel * size)
     if case.stage > 0 and (case.clipping > 0):
-        steady += round(2 * share * 4)  # the all-reduced fp32 squared norm
+        steady += round(2 * share * 8)  # the all-reduced fp32 [squared norm, non-finite count]
     if case.stage > 0 and got["full_grads"]:
         steady += sum(round(2 * share * 4 * g.numel()) for g in got["full_grads"][0].values())
     if case.stage == 3:

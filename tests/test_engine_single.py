@@ -25,7 +25,6 @@ def _gpt2_and_adamw(**optimizer_kwargs):
     ("config", "error", "message"),
     [
         ({"offload_optimizer": "cpu"}, NotImplementedError, "offloading to CPU or NVMe is not available yet"),
-        ({"precision": "fp16"}, NotImplementedError, "needs dynamic loss scaling.*use precision='bf16'"),
     ],
 )
 def test_unavailable_features_say_so(config, error, message):

@@ -102,3 +102,24 @@ def test_bad_shapes_and_dtypes_are_refused():
         adam_step_triton(
             torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n), torch.zeros(n), None, hp
         )
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_a_flagged_step_changes_nothing_but_the_gradient_reset(n, zero_grad):
+    hp = AdamHyperparams(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7, decoupled=True)
+    for step in (adam_step_reference, adam_step_triton):
+        param, grad, exp_avg, exp_avg_sq = _inputs(n, torch.float16, seed=n)
+        grad[-1] = float("inf")
+        before = [t.clone() for t in (param, exp_avg, exp_avg_sq)]
+        out = torch.full((n,), 7.0, dtype=torch.float16, device=DEVICE)
+        step(param, grad, exp_avg, exp_avg_sq, out, hp, None, zero_grad, torch.tensor([1.0], device=DEVICE))
+        assert all(torch.equal(a, b) for a, b in zip(before, (param, exp_avg, exp_avg_sq), strict=True))
+        assert torch.equal(out, torch.full_like(out, 7.0))
+        assert torch.equal(grad, torch.zeros_like(grad)) == zero_grad
+        # A zero flag is an ordinary step.
+        flagged_off = _inputs(n, torch.float16, seed=n)
+        plain = _inputs(n, torch.float16, seed=n)
+        step(*flagged_off, None, hp, None, False, torch.zeros(1, device=DEVICE))
+        step(*plain, None, hp)
+        assert all(torch.equal(a, b) for a, b in zip(flagged_off, plain, strict=True))

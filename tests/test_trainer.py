@@ -24,6 +24,7 @@ from hf_zero.checkpoint.reader import SpanReader
 from hf_zero.optim_state import load_unsharded_optimizer_state
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
+from hf_zero.testing.trainer_run import LogRecorder, TensorDataset, causal_lm_samples
 
 HALFWAY = "checkpoint-3"  # trainer_run trains 6 steps and checkpoints after 3
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -428,8 +429,6 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("training_args", "zero_config", "message"),
     [
-        ({"fp16": True}, None, "precision='fp16' needs dynamic loss scaling"),
-        ({}, {"precision": "fp16"}, "precision='fp16' needs dynamic loss scaling"),
         ({}, {"offload_optimizer": "cpu"}, "offloading to CPU or NVMe is not available yet"),
     ],
 )
@@ -438,3 +437,50 @@ def test_unavailable_features_are_refused_when_the_trainer_is_built(
 ):
     with pytest.raises(NotImplementedError, match=message):
         ZeroTrainer(model=build_model("gpt2"), args=_args(tmp_path, **training_args), zero_config=zero_config)
+
+
+# ---- fp16 ------------------------------------------------------------------------------------------
+
+
+class _OverflowOnThirdStep(ZeroTrainer):
+    """Makes the gradient of the third optimizer step overflow (an inf in the loss)."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training and self.state.global_step == 2:
+            if isinstance(result, tuple):
+                return (result[0] * float("inf"), *result[1:])
+            return result * float("inf")
+        return result
+
+
+def test_zero_trainer_fp16_skips_an_overflowing_step_without_advancing_the_schedule(tmp_path):
+    steps = 6
+    args = _args(
+        tmp_path,
+        fp16=True,
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    recorder = LogRecorder()
+    trainer = _OverflowOnThirdStep(
+        model=build_model("gpt2"),
+        args=args,
+        train_dataset=TensorDataset(causal_lm_samples(2 * steps)),
+        callbacks=[recorder],
+        zero_config={"stage": 2},
+    )
+    trainer.train()
+    logs = recorder.logs
+    assert [log["skipped_steps"] for log in logs] == [0, 0, 1, 1, 1, 1]
+    assert all(log["loss_scale"] == 65536.0 for log in logs)  # hysteresis 2: one overflow keeps it
+    rates = [log["learning_rate"] for log in logs]
+    # Linear decay: every taken step lowers the rate; the skipped one leaves it where it was.
+    assert rates[0] > rates[1] > rates[2] == rates[3] > rates[4] > rates[5]
+    assert trainer.lr_scheduler.last_epoch == steps - 1  # five taken steps, one skipped
+    assert trainer.zero_engine.skipped_steps == 1 and trainer.zero_engine.compute_dtype == torch.float16

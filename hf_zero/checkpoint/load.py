@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..loss_scaler import LossScaler
 from .format import CheckpointError, check_files, checksum_mismatch, dtype_of, read_manifest
 from .reader import SpanReader
 from .records import names_by_tensor
@@ -43,6 +44,15 @@ def load_checkpoint(
     if verify:
         _verify_checksums(engine, folder, manifest)
     records = _match_records(engine, manifest)
+    # An fp16 run resumes its loss scale (checked now, set last); one from fp32/bf16 starts afresh.
+    scaler_state = manifest.get("loss_scaler") if engine.loss_scaler is not None else None
+    if scaler_state is not None:
+        try:
+            LossScaler(engine.config).load_state_dict(scaler_state)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"{folder}: the manifest's loss_scaler record is damaged: {error}"
+            ) from error
     reader = SpanReader(folder, manifest)
     try:
         with torch.no_grad():
@@ -56,6 +66,8 @@ def load_checkpoint(
         reader.close()
     engine.loaded_bytes = reader.bytes_read
     engine.global_steps = manifest.get("global_steps", 0)
+    if scaler_state is not None:
+        engine.loss_scaler.load_state_dict(scaler_state)
     if restore_rng_state and manifest["world_size"] == engine.world_size and manifest.get("rng"):
         restore_rng(manifest["rng"][engine.rank], engine.device)
     return manifest

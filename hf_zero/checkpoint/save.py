@@ -129,8 +129,8 @@ def _manifest(engine: ZeroEngine, records: list[dict[str, Any]], include_frozen:
             "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
             "param_groups": groups,
         },
-        # No dynamic loss scaling runs yet (fp16 is not available); a scaler's state goes here.
-        "loss_scaler": None,
+        # fp16: the loss scale and its history (None in fp32/bf16).
+        "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
         "frozen_included": include_frozen,
         "model": _model_record(engine.module),
         "tensors": records,

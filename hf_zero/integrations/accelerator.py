@@ -64,7 +64,7 @@ class ZeroAccelerator(Accelerator):
 
     Args:
         zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Features
-            this release does not have yet (stage 3, offload, fp16) are refused here.
+            this release does not have yet (offload) are refused here.
         *args, **kwargs: passed to `accelerate.Accelerator`. `mixed_precision` (or the launcher's
             setting) fills `ZeroConfig.precision` when that is "auto". On a machine without GPUs,
             pass `cpu=True` when launching several processes.
@@ -192,8 +192,9 @@ class ZeroAccelerator(Accelerator):
 
     @property
     def optimizer_step_was_skipped(self) -> bool:
-        """Whether the last optimizer step was skipped (fp16 overflow); never in fp32/bf16."""
-        return False
+        """Whether the last optimizer step was skipped because the fp16 gradient overflowed on some
+        rank (the Trainer then leaves the LR schedule where it is); never in fp32/bf16."""
+        return self.zero_engine is not None and self.zero_engine.last_step_skipped
 
     # ---- weights and checkpoints -------------------------------------------------------------------
 

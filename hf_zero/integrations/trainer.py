@@ -113,6 +113,14 @@ class ZeroTrainer(Trainer):
         """The engine sharding the model (None before training starts)."""
         return engine_of(self.model)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs under fp16 also report the loss scale and how many steps were skipped for
+        overflowing gradients so far (the LR schedule does not advance on those)."""
+        engine = self.zero_engine
+        if engine is not None and engine.loss_scaler is not None and "loss" in logs:
+            logs = {**logs, "loss_scale": engine.loss_scale, "skipped_steps": engine.skipped_steps}
+        super().log(logs, *args, **kwargs)
+
     # ---- saving ------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
