@@ -3,7 +3,8 @@ arguments and which `ZeroConfig`, run through `ZeroTrainer`.
 
 A recipe has four sections:
 
-    model:    {architecture: gpt2, task: causal-lm, config: {...}}   # built from a config, no download
+    model:    {architecture: gpt2, task: causal-lm, config: {...},   # built from a config, no download
+               kernels: liger, kernel_config: {...}}   # optional: Liger-Kernel's Triton kernels
     data:     {source: markov, num_sequences: ..., sequence_length: ..., branching: ..., seed: ...,
                eval_sequences: ...}
     training: {...}   # transformers.TrainingArguments fields
@@ -28,6 +29,7 @@ from .data import causal_lm_dataset, markov_corpus
 
 SECTIONS = ("model", "data", "training", "zero")
 TASKS = ("causal-lm",)
+KERNELS = ("none", "liger")
 DATA_SOURCES = ("markov",)
 _DATA_DEFAULTS = {
     "source": "markov",
@@ -74,6 +76,15 @@ class Recipe:
         if task not in TASKS:
             raise ValueError(
                 f"recipe {where}: model.task={task!r} is not allowed: expected one of {list(TASKS)}"
+            )
+        kernels = self.model.get("kernels", "none")
+        if kernels not in KERNELS:
+            raise ValueError(
+                f"recipe {where}: model.kernels={kernels!r} is not allowed: expected one of {list(KERNELS)}"
+            )
+        if not isinstance(self.model.get("kernel_config") or {}, dict):
+            raise ValueError(
+                f"recipe {where}: model.kernel_config must be a mapping of Liger options (e.g. rope: false)"
             )
         unknown = [key for key in self.data if key not in _DATA_DEFAULTS]
         if unknown:
@@ -131,12 +142,30 @@ def build_datasets(data_section: dict[str, Any], vocab_size: int):
     return train, evaluation
 
 
-def run_recipe(recipe: Recipe) -> dict[str, float]:
-    """Train the recipe with ZeroTrainer, save the final model to `training.output_dir`, return metrics."""
-    from transformers import TrainingArguments
+def check_liger(model_type: str) -> None:
+    """Refuse `kernels: liger` where Liger-Kernel cannot run or would silently do nothing."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as error:
+        raise ImportError(
+            "model.kernels=liger needs the liger-kernel package: pip install 'hf-zero[liger]'"
+        ) from error
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
+        raise ValueError(
+            f"Liger-Kernel has no kernels for model type {model_type!r}, so model.kernels=liger would change "
+            f"nothing; it supports: {supported}. Remove model.kernels or pick one of those architectures"
+        )
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "model.kernels=liger runs Triton GPU kernels and there is no GPU; for a (slow) test on CPU set "
+            "TRITON_INTERPRET=1 and switch off the kernels its interpreter cannot run: "
+            "model.kernel_config.rms_norm=false model.kernel_config.swiglu=false"
+        )
 
-    from .integrations.trainer import ZeroTrainer
 
+def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
+    """The recipe's `TrainingArguments` fields, completed for this machine and its kernels."""
     training = dict(recipe.training)
     if torch.cuda.is_available():
         # Precision "auto" follows the Trainer: use bf16 where the GPU has it, unless the recipe says.
@@ -145,8 +174,22 @@ def run_recipe(recipe: Recipe) -> dict[str, float]:
     else:
         training.setdefault("use_cpu", True)
     training.setdefault("report_to", [])
-    args = TrainingArguments(**training)
+    if recipe.model.get("kernels", "none") == "liger":
+        check_liger(model_type)
+        # The Trainer patches the model with Liger as training starts, before hf_zero shards it.
+        training["use_liger_kernel"] = True
+        training["liger_kernel_config"] = dict(recipe.model.get("kernel_config") or {})
+    return training
+
+
+def run_recipe(recipe: Recipe) -> dict[str, float]:
+    """Train the recipe with ZeroTrainer, save the final model to `training.output_dir`, return metrics."""
+    from transformers import TrainingArguments
+
+    from .integrations.trainer import ZeroTrainer
+
     model = build_model(recipe.model)
+    args = TrainingArguments(**training_arguments(recipe, model.config.model_type))
     train, evaluation = build_datasets(recipe.data, model.config.vocab_size)
     trainer = ZeroTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation, zero_config=recipe.zero

@@ -38,6 +38,8 @@ def test_shipped_recipe_loads_and_overrides_apply():
         (["data.rows=10"], r"unknown data field\(s\) \['rows'\]"),
         (["data.source=wikipedia"], "data.source='wikipedia' is not allowed"),
         (["model.task=seq2seq"], "model.task='seq2seq' is not allowed"),
+        (["model.kernels=cuda"], "model.kernels='cuda' is not allowed"),
+        (["model.kernel_config=3"], "model.kernel_config must be a mapping"),
     ],
 )
 def test_bad_overrides_are_named(overrides, message):
