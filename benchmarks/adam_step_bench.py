@@ -1,68 +1,100 @@
-"""Optimizer-step bandwidth over one flat fp32 shard: hf_zero's one-pass fused kernel against
-torch's fused AdamW plus the passes the engine would otherwise add (clip scale, bf16 copy).
+"""The optimizer step's tail over one flat fp32 shard: hf_zero's kernels against torch's fused AdamW
+with GradScaler-style unscaling and `clip_grad_norm_`.
 
-    python benchmarks/adam_step_bench.py [N]        # N elements, default 1e9 (Llama-1.1B scale)
+    python benchmarks/adam_step_bench.py [N] [--dtype fp16|bf16]   # N elements, default 1e9
 
-Bytes per element that must move: read p g m v (16), write p m v (12), write the bf16 copy (2):
-30 B (the engine also zeroes the stage-2 gradient in the same pass, +4 B; left out here so no
-variant ever runs on zeroed gradients). Prints one JSON line per variant (median ms, effective
-GB/s), after the device-to-device copy bandwidth, the ceiling.
+The tail is: unscale the gradient, check it for inf/NaN, measure its norm, clip, AdamW, write the
+16-bit copy. hf_zero does it in two reads of the 16-bit gradient shard: `grad_stats` (sum of
+squares and non-finite count in one read) and the fused AdamW kernel with the unscale, clip
+coefficient and skip flag folded in. The one-pass floor moves 28 bytes per element (read the
+master, both moments and the 16-bit gradient: 14; write the master, both moments and the 16-bit
+copy: 14) at the measured device-to-device copy bandwidth. Torch's path needs fp32 gradients for
+its fused AdamW (fp32 master parameters), so it starts from an fp32 gradient: unscale and check
+(`_amp_foreach_non_finite_check_and_unscale_`), `clip_grad_norm_` (a norm read and a scaling
+pass), fused AdamW, and a copy pass to 16 bits.
+
+Prints one JSON line per variant (median ms, effective GB/s over the floor's 28 bytes, × floor).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import torch
 import triton.testing
 
-from hf_zero.kernels import AdamHyperparams, adam_step_triton
+from hf_zero.kernels import AdamHyperparams, adam_step_triton, grad_stats_triton
 
-BYTES_PER_ELEMENT = 30
-
-
-def _report(name: str, n: int, ms: float, bytes_per_element: int) -> None:
-    gbps = n * bytes_per_element / ms / 1e6
-    print(json.dumps({"variant": name, "n": n, "ms": round(ms, 3), "GBps": round(gbps, 1)}), flush=True)
+FLOOR_BYTES_PER_ELEMENT = 28
 
 
-def _copy_ms(n: int) -> float:
-    source = torch.empty(n, device="cuda").uniform_()
-    target = torch.empty_like(source)
-    return triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def _report(name: str, n: int, ms: float, floor_ms: float) -> None:
+    gbps = n * FLOOR_BYTES_PER_ELEMENT / ms / 1e6
+    line = {
+        "variant": name,
+        "n": n,
+        "ms": round(ms, 3),
+        "GBps": round(gbps, 1),
+        "x_floor": round(ms / floor_ms, 3),
+    }
+    print(json.dumps(line), flush=True)
 
 
 def main() -> None:
-    n = int(float(sys.argv[1])) if len(sys.argv) > 1 else 1_000_000_000
-    _report("d2d copy (ceiling)", n, _copy_ms(n), 8)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("n", nargs="?", type=float, default=1e9)
+    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    options = parser.parse_args()
+    n, half = int(options.n), {"fp16": torch.float16, "bf16": torch.bfloat16}[options.dtype]
 
+    source = torch.empty(n, device="cuda").uniform_()
+    target = torch.empty_like(source)
+    copy_ms = _bench(lambda: target.copy_(source))
+    bandwidth = 8 * n / copy_ms / 1e6  # GB/s: read 4 + write 4 bytes per element
+    floor_ms = FLOOR_BYTES_PER_ELEMENT * n / bandwidth / 1e6
+    print(json.dumps({"copy_GBps": round(bandwidth, 1), "floor_ms": round(floor_ms, 3), "n": n}), flush=True)
+
+    loss_scale, max_norm = 65536.0, 1.0
     param = torch.randn(n, device="cuda")
-    grad = torch.randn(n, device="cuda") * 1e-2
+    grad16 = (torch.randn(n, device="cuda") * 1e-2 * loss_scale).to(half)
     exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
-    out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
-    scale = torch.tensor(0.5, device="cuda")
+    out = torch.empty(n, device="cuda", dtype=half)
     hp = AdamHyperparams(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01, step=10, decoupled=True)
-    fused_ms = triton.testing.do_bench(
-        lambda: adam_step_triton(param, grad, exp_avg, exp_avg_sq, out, hp, scale), return_mode="median"
-    )
-    _report("hf_zero fused kernel: scale + AdamW + bf16 copy", n, fused_ms, BYTES_PER_ELEMENT)
+    unscale = 1.0 / loss_scale
+
+    def hf_zero_tail() -> None:
+        stats = grad_stats_triton([grad16])
+        norm = stats[0].sqrt() * unscale
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0) * unscale
+        adam_step_triton(param, grad16, exp_avg, exp_avg_sq, out, hp, factor, False, stats[1:])
+
+    _report(f"hf_zero: grad_stats + fused AdamW ({options.dtype} grad, unscale+inf+clip folded)", n,
+            _bench(hf_zero_tail), floor_ms)  # fmt: skip
+    _report("hf_zero: fused AdamW alone (no stats pass)", n,
+            _bench(lambda: adam_step_triton(param, grad16, exp_avg, exp_avg_sq, out, hp)), floor_ms)  # fmt: skip
 
     master = torch.nn.Parameter(param)
-    master.grad = grad
+    master.grad = torch.randn(n, device="cuda") * 1e-2 * loss_scale
     optimizer = torch.optim.AdamW([master], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
+    found_inf = torch.zeros(1, device="cuda")
+    inv_scale = torch.full((1,), unscale, device="cuda")
 
-    def unfused() -> None:
-        master.grad.mul_(scale)
+    def torch_tail() -> None:
+        torch._amp_foreach_non_finite_check_and_unscale_([master.grad], found_inf, inv_scale)
+        torch.nn.utils.clip_grad_norm_([master], max_norm, foreach=True)
         optimizer.step()
         out.copy_(master.detach())
+        master.grad.mul_(loss_scale)  # back to the scaled gradient, so every timed call sees the same input
 
-    _report(
-        "torch fused AdamW + scale pass + bf16 copy pass",
-        n,
-        triton.testing.do_bench(unfused, return_mode="median"),
-        BYTES_PER_ELEMENT,
-    )
+    torch_ms = _bench(torch_tail)
+    rescale_ms = _bench(lambda: master.grad.mul_(1.0))
+    _report("torch: unscale + clip_grad_norm_ + fused AdamW + 16-bit copy (fp32 grad)", n, torch_ms - rescale_ms,
+            floor_ms)  # fmt: skip
 
 
 if __name__ == "__main__":

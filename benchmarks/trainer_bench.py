@@ -1,19 +1,20 @@
 """Step time and peak GPU memory: plain `transformers.Trainer` against `hf_zero.ZeroTrainer`.
 
-    python benchmarks/trainer_bench.py MODEL MODE [STEPS]
+    python benchmarks/trainer_bench.py MODEL MODE [STEPS] [--precision bf16|fp16] [--liger]
 
 MODEL: gpt2-124m (16 x 1024 tokens) | llama-1b (Llama-1.1B config, 4 x 2048 tokens) | tiny (CPU smoke run)
-MODE : plain | zero0 | zero1 | zero2
-Settings match the anchor script (../shared/bench/trainer_e2e.py): bf16, fused AdamW, lr 1e-4,
-weight decay 0.01, max_grad_norm 1.0, random tokens. Prints one JSON line: median step ms,
-tokens/s, peak GB (max_memory_allocated), final logged loss.
+MODE : plain | zero0 | zero1 | zero2 | zero3
+Settings match the anchor script (../shared/bench/trainer_e2e.py): bf16 (or fp16 with --precision;
+on CPU fp32 unless fp16 is asked for), fused AdamW, lr 1e-4, weight decay 0.01, max_grad_norm 1.0,
+random tokens. --liger switches on the Trainer's `use_liger_kernel` (Llama only). Prints one JSON
+line: median step ms, tokens/s, peak GB (max_memory_allocated), final logged loss.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 
@@ -80,15 +81,22 @@ class StepTimer(TrainerCallback):
 
 
 def main() -> None:
-    name, mode = sys.argv[1], sys.argv[2]
-    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("mode", choices=["plain", "zero0", "zero1", "zero2", "zero3"])
+    parser.add_argument("steps", type=int, nargs="?", default=20)
+    parser.add_argument("--precision", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--liger", action="store_true")
+    options = parser.parse_args()
+    name, mode, steps = options.model, options.mode, options.steps
     make_config, length, batch = MODELS[name]
     config = make_config()
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-        weight_decay=0.01, bf16=cuda, logging_steps=5, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        weight_decay=0.01, bf16=cuda and options.precision == "bf16", fp16=options.precision == "fp16",
+        use_liger_kernel=options.liger, logging_steps=5, save_strategy="no", report_to=[], dataloader_num_workers=0,
         max_grad_norm=1.0, disable_tqdm=True, optim="adamw_torch_fused" if cuda else "adamw_torch", use_cpu=not cuda,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -110,7 +118,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "model": name, "mode": mode, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+                "model": name, "mode": mode, "precision": options.precision if cuda or options.precision == "fp16"
+                else "fp32", "liger": options.liger, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                 "step_ms": round(median * 1000, 1), "tok_s": round(batch * length / median),
                 "peak_GB": peak, "loss": timer.loss, "steps": len(timer.times),
                 "device": torch.cuda.get_device_name(0) if cuda else "cpu",

@@ -239,3 +239,22 @@ def test_scaler_state_round_trips_through_state_dict_and_checkpoints(tmp_path):
     assert manifest["loss_scaler"] == trained.loss_scaler.state_dict()
     assert resumed.loss_scaler.state_dict() == trained.loss_scaler.state_dict()
     assert resumed.loss_scale == 16.0 and resumed.skipped_steps == 1
+
+
+def test_full_grad_and_clip_grad_norm_report_the_unscaled_gradient():
+    batch = slice_samples(make_samples("gpt2", 2), 0, 2)
+    measured = {}
+    for precision in ("fp32", "fp16"):
+        model = build_model("gpt2")
+        engine = hf_zero.initialize(
+            model, torch.optim.AdamW(model.parameters(), lr=1e-3), {"precision": precision}
+        )
+        engine.backward(engine(**batch).loss)
+        weight = model.get_parameter("transformer.h.0.mlp.c_fc.weight")
+        measured[precision] = (
+            hf_zero.full_grad(weight),
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9),
+        )
+    (grad32, norm32), (grad16, norm16) = measured["fp32"], measured["fp16"]
+    assert norm16.item() == pytest.approx(norm32.item(), rel=1e-2)
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() < 1e-2
