@@ -226,6 +226,7 @@ class ZeroEngine(ShardedState, nn.Module):
             unit,
             sharded_params=self.config.stage == 3,
             read=read,
+            offload=self.config.offload_optimizer == "cpu",
         )
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
@@ -501,7 +502,9 @@ class ZeroEngine(ShardedState, nn.Module):
         scale = self._step_scale()
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
-            if supports_fused_step(optimizer, param_group):
+            if group.offloaded:
+                self._host_step(optimizer, g, group, param_group, scale, found_inf)
+            elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
                 pieces = [
                     (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
@@ -523,6 +526,33 @@ class ZeroEngine(ShardedState, nn.Module):
                         self.grad_sync.run_grad(g, run)
                     )
                 group.master.grad = grad if scale is None else grad.mul_(scale)
+
+    def _host_step(
+        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, found_inf
+    ) -> None:
+        """Optimizer offload: bring this rank's reduced gradient to the host, update the host masters
+        there (the fused kernels' CPU path, or the optimizer's own step), and send the new weights
+        back to the device. The clip coefficient, unscale and overflow flag were computed on the
+        device and come along (the host must wait for the gradient anyway)."""
+        group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
+        host = group.master.device
+        scale = scale.to(host) if scale is not None else None
+        found_inf = found_inf.to(host) if found_inf is not None else None
+        if self.ctx.device.type == "cuda":
+            torch.cuda.current_stream(self.ctx.device).synchronize()  # the downloads have landed
+        skipped = found_inf is not None and bool(found_inf.item())
+        if supports_fused_step(optimizer, param_group):
+            self._undo_if_skipped.append(
+                fused_step(optimizer, param_group, group.master, group.host_pieces(), scale, False, found_inf)
+            )
+            group.master.grad = None
+            self._fused_groups.add(g)
+            if not skipped:  # a skipped step wrote no host copy: the device keeps its weights
+                group.upload_weights()
+        elif skipped:
+            group.master.grad = None
+        else:
+            group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         works = []
@@ -590,10 +620,11 @@ def check_available(config: ZeroConfig) -> None:
     config at once rather than when training starts.
     """
     compute_dtype_for(config.precision)
-    if config.offload_optimizer != "none" or config.offload_params != "none":
+    if config.offload_optimizer == "nvme" or config.offload_params != "none":
         raise NotImplementedError(
-            "offloading to CPU or NVMe is not available yet in this hf_zero release; set "
-            "offload_optimizer='none' and offload_params='none'"
+            "NVMe offload and parameter offload are not available yet in this hf_zero release; set "
+            "offload_params='none' and offload_optimizer to 'none' or 'cpu' (optimizer state and fp32 "
+            "masters in host memory)"
         )
 
 

@@ -86,18 +86,25 @@ class ShardedState:
         """Bytes of the persistent tensors the engine allocated on the device, by kind, read off
         the tensors themselves: 16-bit weights (at stage 3 this rank's shards, frozen ones
         included), fp32 masters, gradients, optimizer state, and the most gradient staging (stages
-        2 and 3) and gathered parameters (stage 3) held at once so far."""
-        breakdown = {"weights": 0, "masters": 0}
+        2 and 3) and gathered parameters (stage 3) held at once so far. With optimizer offload,
+        `offloaded` counts what lives in host memory instead: masters, optimizer state and the host
+        gradient and weight buffers."""
+        breakdown = {"weights": 0, "masters": 0, "offloaded": 0}
         for group in self.groups + self.frozen:
             for kind, size in group.state_bytes().items():
                 breakdown[kind] += size
         breakdown["gradients"] = self.grad_sync.persistent_bytes()
-        breakdown["optimizer_state"] = sum(
-            value.untyped_storage().nbytes()
-            for state in self.optimizer.state.values()
-            for value in state.values()
-            if torch.is_tensor(value) and value.device == self.ctx.device and value.dim() > 0
-        )
+        offloaded = {id(group.master) for group in self.groups if group.offloaded}
+        breakdown["optimizer_state"] = 0
+        for master, state in self.optimizer.state.items():
+            size = sum(
+                value.untyped_storage().nbytes()
+                for value in state.values()
+                if torch.is_tensor(value)
+                and value.dim() > 0
+                and (id(master) in offloaded or value.device == self.ctx.device)
+            )
+            breakdown["offloaded" if id(master) in offloaded else "optimizer_state"] += size
         breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
         breakdown["peak_gathered"] = self.gatherer.peak_gathered_bytes if self.gatherer is not None else 0
         return breakdown

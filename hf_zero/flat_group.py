@@ -32,6 +32,11 @@ class FlatParamGroup:
     `read(slot, begin, length)`, given at stage 3 only, supplies the values of the shard's elements
     instead of the parameters' `.data`: a pretrained model's weights still on disk, which each rank
     thus reads only in part (see `pending.py`).
+
+    With `offload` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
+    there is a GPU), and so does the optimizer state made from it; the group also keeps two host
+    buffers for the step: the shard's gradient in fp32 (`host_grad`) and the updated weights in
+    the compute dtype (`host_copy`), from where they go back to the device.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class FlatParamGroup:
         unit: int = 0,
         sharded_params: bool = False,
         read: Callable[[int, int, int], torch.Tensor] | None = None,
+        offload: bool = False,
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -57,8 +63,12 @@ class FlatParamGroup:
         self.compute_dtype = compute_dtype
         self.sharded_params = sharded_params
         self.trainable = optimizer_group is not None
+        self.offloaded = offload and self.trainable
         # fp32 and unsharded: the compute buffer already is the master copy.
-        self.master_is_flat = unsharded and compute_dtype == torch.float32 and not sharded_params
+        self.master_is_flat = (
+            unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
+        )
+        host, pin = torch.device("cpu"), self.offloaded and torch.cuda.is_available()
 
         if read is None:
             values = [p.data for p in params]
@@ -71,7 +81,9 @@ class FlatParamGroup:
         # One pass over the values gives the fp32 master shard and, at stage 3, the 16-bit one.
         with_master = self.trainable and not self.master_is_flat
         dtypes = [torch.float32] * with_master + [compute_dtype] * sharded_params
-        shards = layout.shards_of(read, self.rank, dtypes, device)
+        devices = [host if self.offloaded else device] * with_master + [device] * sharded_params
+        pins = [pin] * with_master + [False] * sharded_params
+        shards = layout.shards_of(read, self.rank, dtypes, devices, pins)
         master = shards[0] if with_master else None
         self.shard16 = shards[-1] if sharded_params else None
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
@@ -88,6 +100,39 @@ class FlatParamGroup:
         self.spans_by_slot: list[list] = [[] for _ in self.params]
         for span in layout.spans(self.rank):
             self.spans_by_slot[span.slot].append(span)
+        self.host_grad = self.host_copy = None
+        if self.offloaded:
+            numel = layout.shard_numel
+            self.host_grad = torch.zeros(numel, dtype=torch.float32, pin_memory=pin)
+            self.host_copy = torch.zeros(numel, dtype=compute_dtype, pin_memory=pin)
+
+    def download_grads(self, run_grad: Callable[[Run], torch.Tensor]) -> None:
+        """Offload: copy this rank's reduced gradient (`run_grad(run)`, on the device) into
+        `host_grad`, without waiting; the caller synchronises before reading it."""
+        for run in self.runs:
+            self.host_grad[run.shard_start : run.shard_start + run.length].copy_(
+                run_grad(run), non_blocking=True
+            )
+
+    def host_pieces(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Offload: the fused step's pieces over the host buffers: gradient in, 16-bit copy out."""
+        return [
+            (
+                run.shard_start,
+                run.length,
+                self.host_grad[run.shard_start : run.shard_start + run.length],
+                self.host_copy[run.shard_start : run.shard_start + run.length],
+            )
+            for run in self.runs
+        ]
+
+    def upload_weights(self) -> None:
+        """Offload: copy the updated weights from `host_copy` into this rank's chunks on the device,
+        without waiting (the next step's download waits for the stream first)."""
+        for run in self.runs:
+            self.flat_run(run).copy_(
+                self.host_copy[run.shard_start : run.shard_start + run.length], non_blocking=True
+            )
 
     def master_run(self, run: Run) -> torch.Tensor:
         return self.master.data[run.shard_start : run.shard_start + run.length]
@@ -186,8 +231,9 @@ class FlatParamGroup:
             return [self.layout.param_view(source, i).to("cpu", copy=True) for i in range(len(self.params))]
         full: list[torch.Tensor] = []
         for bucket in self.layout.buckets:
-            gathered = torch.empty(bucket.size, dtype=source.dtype, device=source.device)
-            comm.all_gather(gathered, self.layout.shard_chunk(source, bucket))
+            # Offloaded masters live on the host: the collective runs on the device (NCCL needs it).
+            gathered = torch.empty(bucket.size, dtype=source.dtype, device=self.flat.device)
+            comm.all_gather(gathered, self.layout.shard_chunk(source, bucket).to(self.flat.device))
             if keep:
                 for index in bucket.slots:
                     slot = self.layout.slots[index]
@@ -197,7 +243,11 @@ class FlatParamGroup:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of the persistent tensors this group allocated: the 16-bit weights (at stage 3 this
-        rank's shard of them; gathered units come and go) and the masters."""
+        rank's shard of them; gathered units come and go), the masters, and with offload the host
+        buffers (masters counted there instead)."""
         master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
         weights = self.shard16 if self.sharded_params else self.flat
-        return {"weights": weights.untyped_storage().nbytes(), "masters": master}
+        if not self.offloaded:
+            return {"weights": weights.untyped_storage().nbytes(), "masters": master, "offloaded": 0}
+        host = master + self.host_grad.untyped_storage().nbytes() + self.host_copy.untyped_storage().nbytes()
+        return {"weights": weights.untyped_storage().nbytes(), "masters": 0, "offloaded": host}

@@ -147,12 +147,19 @@ class FlatLayout:
         read: Callable[[int, int, int], torch.Tensor],
         rank: int,
         dtypes: Sequence[torch.dtype],
-        device: torch.device,
+        device: torch.device | Sequence[torch.device],
+        pinned: Sequence[bool] = (),
     ) -> list[torch.Tensor]:
         """Rank `rank`'s shard in each of `dtypes`, of the values `read(slot, begin, length)` gives
         (elements `begin .. begin + length` of slot `slot`'s flattened parameter). Each span is read
-        once, however many dtypes are asked for; padding is zero."""
-        shards = [torch.zeros(self.shard_numel, dtype=dtype, device=device) for dtype in dtypes]
+        once, however many dtypes are asked for; padding is zero. `device` is one device for all, or
+        one per dtype; `pinned` says which (host) shards get page-locked memory."""
+        devices = [device] * len(dtypes) if isinstance(device, torch.device) else list(device)
+        pins = list(pinned) or [False] * len(dtypes)
+        shards = [
+            torch.zeros(self.shard_numel, dtype=dtype, device=where, pin_memory=pin)
+            for dtype, where, pin in zip(dtypes, devices, pins, strict=True)
+        ]
         for span in self.spans(rank):
             values = read(span.slot, span.param_begin, span.length)
             for shard in shards:

@@ -24,7 +24,16 @@ def _gpt2_and_adamw(**optimizer_kwargs):
 @pytest.mark.parametrize(
     ("config", "error", "message"),
     [
-        ({"offload_optimizer": "cpu"}, NotImplementedError, "offloading to CPU or NVMe is not available yet"),
+        (
+            {"offload_params": "cpu", "stage": 3},
+            NotImplementedError,
+            "parameter offload are not available yet",
+        ),
+        (
+            {"offload_optimizer": "nvme", "nvme_path": "/tmp"},
+            NotImplementedError,
+            "NVMe offload and parameter offload are not available yet",
+        ),
     ],
 )
 def test_unavailable_features_say_so(config, error, message):

@@ -1,6 +1,6 @@
 """fp16 with dynamic loss scaling on 2 and 4 gloo ranks, and the loss scaler's rules.
 
-Training runs (`hf_zero.testing.fp16_checks`) compare fp16 against unsharded fp32 training over
+Training runs (`hf_zero.testing.step_checks`) compare fp16 against unsharded fp32 training over
 30 steps of the tiny GPT-2 on Markov-chain data (the loss falls by a third), and inject an
 overflow into one gradient element on ONE rank to check that every rank skips the step, leaves
 weights and optimizer state bit-identical and backs the scale off per the hysteresis.
@@ -60,7 +60,7 @@ LAUNCHES = {
 def _launch(world: int, out: Path) -> dict[str, list[dict]]:
     jobs = out / "jobs.json"
     jobs.write_text(json.dumps(LAUNCHES[world]))
-    torchrun("hf_zero.testing.fp16_checks", world, [str(jobs), str(out)])
+    torchrun("hf_zero.testing.step_checks", world, [str(jobs), str(out)])
     return {
         job["name"]: [torch.load(out / f"{job['name']}.rank{r}.pt", weights_only=False) for r in range(world)]
         for job in LAUNCHES[world]

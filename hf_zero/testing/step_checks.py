@@ -1,11 +1,12 @@
-"""Launched by the fp16 tests: train the tiny GPT-2 with dynamic loss scaling on several ranks.
+"""Launched by the fp16 and offload tests: train the tiny GPT-2 on several ranks, injecting overflows.
 
-    torchrun --nproc_per_node W -m hf_zero.testing.fp16_checks JOBS.json OUT_DIR
+    torchrun --nproc_per_node W -m hf_zero.testing.step_checks JOBS.json OUT_DIR
 
-Each job (a dict) builds a fresh model, optimizer and engine (`stage`, `precision`, `optimizer`,
-`clipping` and any extra ZeroConfig fields in `config`) and trains `steps` steps; step `s` of
-global batch `2 * world` gives rank `r` the samples `s * batch + 2r` and `s * batch + 2r + 1`,
-which is how the unsharded reference (`hf_zero.testing.unsharded`) splits them.
+Each job (a dict) builds a fresh model, optimizer and engine (`stage`, `precision` (default fp16),
+`optimizer`, `clipping` and any extra ZeroConfig fields in `config`) and trains `steps` steps of
+`accumulation` micro-batches of 2 samples per rank; micro-batch `a` of rank `r` takes block
+`a * world + r` of the step's global batch, which is how the unsharded reference
+(`hf_zero.testing.unsharded`) splits them.
 
 `overflow_at` maps a step to the rank that injects an overflow into that step: one element of
 one gradient on that rank only becomes inf (the others stay finite; with the gradient sharded,
@@ -83,13 +84,18 @@ def run_job(job: dict) -> dict:
         return grad
 
     injected.register_hook(poison)
-    batch = world * MICRO_BATCH
+    accumulation = job.get("accumulation", 1)
+    batch = world * MICRO_BATCH * accumulation
     samples = make_samples("gpt2", job["steps"] * batch)
     losses, norms, steps_record = [], [], []
     for step in range(job["steps"]):
         inject["now"] = overflow_at.get(step) == rank
-        loss = engine(**slice_samples(samples, step * batch + rank * MICRO_BATCH, MICRO_BATCH)).loss
-        engine.backward(loss)
+        loss = torch.zeros((), device=engine.device)
+        for micro in range(accumulation):
+            start = step * batch + (micro * world + rank) * MICRO_BATCH
+            micro_loss = engine(**slice_samples(samples, start, MICRO_BATCH)).loss
+            engine.backward(micro_loss / accumulation)
+            loss = loss + micro_loss.detach().float() / accumulation
         before = _snapshot(engine) if step in overflow_at else None
         scale_before = engine.loss_scale
         engine.step()
@@ -123,6 +129,7 @@ def run_job(job: dict) -> dict:
         "skipped_steps": engine.skipped_steps,
         "scaler": engine.loss_scaler.state_dict() if engine.loss_scaler is not None else None,
         "optimizer_steps": sorted(set(adam_steps)),
+        "memory": engine.memory_breakdown(),
     }
 
 
