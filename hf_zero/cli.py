@@ -3,7 +3,7 @@
 hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
 hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 hf-zero merge --verify CKPT_DIR
-hf-zero env
+hf-zero env [--nvme-path DIR]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ commands:
         write an hf_zero checkpoint as a save_pretrained folder (one CPU process)
   merge --verify CKPT_DIR
         check a checkpoint's manifest and checksums and print a summary
-  env   print the versions and devices hf_zero sees
+  env   print the versions and devices hf_zero sees, host and locked memory, NVMe free space
 """
 
 
@@ -125,8 +126,36 @@ def merge(argv: list[str]) -> int:
     return 0
 
 
+def _bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def host_memory_lines(nvme_path: str | None = None) -> list[str]:
+    """What offload depends on: host memory, the page-locked memory limit (`ulimit -l`; pinned
+    buffers count against it) and, when an NVMe folder is given, its free space."""
+    import resource
+
+    lines = []
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    available = os.sysconf("SC_AVPHYS_PAGES") * page_size
+    lines.append(f"host memory  {_bytes(pages * page_size)} total, {_bytes(available)} free")
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    locked = "unlimited" if soft == resource.RLIM_INFINITY else _bytes(soft)
+    lines.append(f"locked mem   {locked} (ulimit -l, the limit on page-locked memory)")
+    if nvme_path is not None:
+        if os.path.isdir(nvme_path):
+            usage = shutil.disk_usage(nvme_path)
+            writable = "writable" if os.access(nvme_path, os.W_OK) else "NOT writable"
+            lines.append(
+                f"nvme_path    {nvme_path}: {_bytes(usage.free)} free of {_bytes(usage.total)}, {writable}"
+            )
+        else:
+            lines.append(f"nvme_path    {nvme_path}: not a folder")
+    return lines
+
+
 def env(argv: list[str]) -> int:
-    """Print the software and devices relevant to hf_zero."""
+    """Print the software and devices relevant to hf_zero (`--nvme-path DIR`: its free space too)."""
     import importlib.metadata
 
     import torch
@@ -136,7 +165,12 @@ def env(argv: list[str]) -> int:
 
     print(f"hf_zero      {hf_zero.__version__}")
     print(f"python       {platform.python_version()} ({platform.platform()})")
-    for package in ("torch", "transformers", "accelerate", "datasets", "safetensors", "triton"):
+    parser = argparse.ArgumentParser(prog="hf-zero env")
+    parser.add_argument("--nvme-path", default=None, help="an NVMe offload folder to report free space for")
+    options = parser.parse_args(argv)
+    for package in (
+        "torch", "transformers", "accelerate", "datasets", "safetensors", "triton", "peft", "liger-kernel"
+    ):  # fmt: skip
         try:
             version = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -152,6 +186,8 @@ def env(argv: list[str]) -> int:
             print(f"cuda:{index}       {props.name}, {props.total_memory / 2**30:.1f} GiB")
     else:
         print("cuda         not available: training runs on CPU with gloo")
+    for line in host_memory_lines(options.nvme_path):
+        print(line)
     return 0
 
 

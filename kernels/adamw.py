@@ -18,12 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is Linux-only; elsewhere the reference runs.
-    triton = None
-
+from ._triton import tl, triton
 from .copy16 import out_mode
 
 if triton is not None:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is Linux-only; elsewhere the references run.
-    triton = None
+from ._triton import tl, triton
 
 
 def out_mode(out: torch.Tensor | None) -> int:

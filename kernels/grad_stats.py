@@ -14,11 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is Linux-only; elsewhere the reference runs.
-    triton = None
+from ._triton import tl, triton
 
 BLOCK_SIZE = 4096
 MAX_PROGRAMS = 1024  # enough to fill any GPU; each program loops over its share of blocks

@@ -68,6 +68,12 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "gloo" in out
+    assert "locked mem" in out and "host memory" in out and "nvme_path" not in out
+    assert main(["env", "--nvme-path", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"nvme_path    {tmp_path}: " in out and "free of" in out and "writable" in out
+    assert main(["env", "--nvme-path", str(tmp_path / "missing")]) == 0
+    assert "not a folder" in capsys.readouterr().out
 
 
 def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
