@@ -98,7 +98,7 @@ def _sgd_inputs(n, grad_dtype, seed):
     return tuple(t.to(DEVICE) for t in (param, grad, buffer))
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", [1, 4097, 10_001])
 @pytest.mark.parametrize("grad_dtype", DTYPES)
 @pytest.mark.parametrize("case", SGD_CASES)
 def test_sgd_kernel_matches_reference(n, grad_dtype, case):
