@@ -4,6 +4,7 @@ Triton's interpreter (TRITON_INTERPRET=1, conftest.py)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -17,7 +18,10 @@ from hf_zero.kernels import (
     sgd_step_reference,
     sgd_step_triton,
 )
-from hf_zero.kernels.grad_stats import BLOCK_SIZE, MAX_PROGRAMS
+from hf_zero.kernels.grad_stats import BLOCK_SIZE
+
+# The module itself (the package exports its function under the same name).
+grad_stats_module = importlib.import_module("hf_zero.kernels.grad_stats")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -62,8 +66,10 @@ def test_grad_stats_counts_non_finite_elements_in_the_last_block(n, dtype, bad):
         assert not torch.isfinite(stats[0])
 
 
-def test_grad_stats_spreads_large_tensors_over_a_bounded_grid():
-    n = BLOCK_SIZE * MAX_PROGRAMS + 3 * BLOCK_SIZE + 17  # more blocks than programs: each loops
+def test_grad_stats_spreads_large_tensors_over_a_bounded_grid(monkeypatch):
+    # A small grid stands in for MAX_PROGRAMS (1024): more blocks than programs, so each loops.
+    monkeypatch.setattr(grad_stats_module, "MAX_PROGRAMS", 3)
+    n = BLOCK_SIZE * grad_stats_module.MAX_PROGRAMS + 3 * BLOCK_SIZE + 17
     grad = _gradient(n, torch.float16, seed=3)
     grad[-1] = float("inf")
     got = grad_stats_triton([grad])
