@@ -43,6 +43,9 @@ class ZeroConfig:
         offload_optimizer: where optimizer state and master weights live: "none", "cpu", "nvme".
         offload_params: where stage-3 parameter shards live: "none", "cpu", "nvme".
         nvme_path: folder for NVMe offload files (required when either offload is "nvme").
+        nvme_buffer_count: NVMe offload: host buffers the optimizer step cycles segments through
+            (one being updated, the next being read, the previous being written); each holds the
+            largest segment's master, optimizer state, gradient and 16-bit copy. At least 2.
         loss_scale: fp16 only. 0 = dynamic loss scaling; a positive value = that static scale.
         initial_scale_power: fp16 dynamic scaling starts at 2**initial_scale_power.
         loss_scale_window: overflow-free steps before the dynamic scale doubles.
@@ -77,6 +80,7 @@ class ZeroConfig:
     offload_optimizer: str = "none"
     offload_params: str = "none"
     nvme_path: str | None = None
+    nvme_buffer_count: int = 3
     loss_scale: float = 0.0
     initial_scale_power: int = 16
     loss_scale_window: int = 1000
@@ -103,6 +107,7 @@ class ZeroConfig:
                 f"ZeroConfig.nvme_path={self.nvme_path!r} is not allowed: expected a folder path"
             )
         self.nvme_path = None if self.nvme_path is None else str(self.nvme_path)
+        self.nvme_buffer_count = _check_int("nvme_buffer_count", self.nvme_buffer_count, minimum=2)
         self.loss_scale = _check_float("loss_scale", self.loss_scale, minimum=0.0)
         self.initial_scale_power = _check_int("initial_scale_power", self.initial_scale_power, 0, 64)
         self.loss_scale_window = _check_int("loss_scale_window", self.loss_scale_window, minimum=1)

@@ -81,6 +81,8 @@ def _read_offload(out: dict[str, Any], field: str, section: str, value: Any, ign
             _set(out, field, item)
         elif key == "nvme_path":
             _set(out, "nvme_path", item)
+        elif key == "buffer_count" and section == "offload_optimizer":
+            _set(out, "nvme_buffer_count", item)
         else:
             ignored.append(f"zero_optimization.{section}.{key}")
 

@@ -16,6 +16,7 @@ its chunks of the 16-bit weights too, and `gather.py` gathers units as they run.
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -34,6 +35,8 @@ from .grad_sync import BackwardReduceScatter, StepReduction
 from .kernels import grad_stats
 from .layout import FlatLayout
 from .loss_scaler import LossScaler
+from .nvme import ALIGN as NVME_ALIGN
+from .nvme import NvmeSwapper, check_free_space, state_keys
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .pending import PendingWeights, initialise_new_adapters
@@ -104,6 +107,9 @@ class ZeroEngine(ShardedState, nn.Module):
             {id(param) for pairs in named + frozen for _, param in pairs} | keep_fp32
         )
         self.units = find_units(module, config.unit_classes)
+        self.swapper: NvmeSwapper | None = None
+        if config.offload_optimizer == "nvme":
+            self.swapper = self._open_swap(optimizer, named)
         self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32, pending=to_shard)
         self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, False, to_shard)
         # Bytes this rank read from weight files: a pretrained model's (at stage 3 its own shard of
@@ -216,7 +222,7 @@ class ZeroEngine(ShardedState, nn.Module):
         read = (
             pending.values_of(params) if pending is not None and any(p in pending for p in params) else None
         )
-        return FlatParamGroup(
+        segment = FlatParamGroup(
             params,
             layout,
             self.ctx.rank,
@@ -226,7 +232,30 @@ class ZeroEngine(ShardedState, nn.Module):
             unit,
             sharded_params=self.config.stage == 3,
             read=read,
-            offload=self.config.offload_optimizer == "cpu",
+            offload=self.config.offload_optimizer if group is not None else "none",
+        )
+        if self.swapper is not None and group is not None:
+            self.swapper.adopt(segment, state_keys(self.optimizer, self.optimizer.param_groups[group]))
+        return segment
+
+    def _open_swap(self, optimizer: torch.optim.Optimizer, named: list[list]) -> NvmeSwapper:
+        """NVMe offload: check the optimizer and the disk before anything is written, then open this
+        rank's swap file (the segments move their masters into it as they are laid out)."""
+        shards = 1 if self.config.stage == 0 else self.ctx.world_size
+        needed = 0
+        for group, pairs in zip(optimizer.param_groups, named, strict=True):
+            slots = 1 + len(state_keys(optimizer, group))
+            elements = sum(-(-param.numel() // shards) for _, param in pairs)
+            # Each segment pads each slot to the IO alignment: at most one block per slot and unit.
+            needed += slots * (elements * 4 + NVME_ALIGN * len(self.units))
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        check_free_space(self.config.nvme_path, needed, min(local_ranks, self.ctx.world_size))
+        return NvmeSwapper(
+            self.config.nvme_path,
+            self.ctx.rank,
+            optimizer,
+            self.config.nvme_buffer_count,
+            pin=self.ctx.device.type == "cuda",
         )
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
@@ -270,7 +299,12 @@ class ZeroEngine(ShardedState, nn.Module):
         return list(handles)
 
     def _grad_hook(self, group: int, index: int):
+        # Tensor hooks live in C++, out of the garbage collector's sight: a hook holding the engine
+        # would keep it (its memory, its swap file) alive for as long as the parameter exists.
+        engine = weakref.ref(self)
+
         def hook(param: torch.Tensor) -> None:
+            self = engine()
             grad = param.grad
             if self.loss_scaler is not None and not self._in_backward:
                 raise RuntimeError(
@@ -500,10 +534,18 @@ class ZeroEngine(ShardedState, nn.Module):
             self.clip_grad_norm_(self.config.gradient_clipping)
         found_inf = self._found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
         scale = self._step_scale()
+        if self.swapper is not None:
+            self.swapper.step(
+                list(enumerate(self.groups)),
+                lambda g, group: self._host_step(
+                    optimizer, g, group, optimizer.param_groups[group.optimizer_group], scale, found_inf
+                ),
+            )
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
-                self._host_step(optimizer, g, group, param_group, scale, found_inf)
+                if self.swapper is None:
+                    self._host_step(optimizer, g, group, param_group, scale, found_inf)
             elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
                 pieces = [
@@ -620,11 +662,10 @@ def check_available(config: ZeroConfig) -> None:
     config at once rather than when training starts.
     """
     compute_dtype_for(config.precision)
-    if config.offload_optimizer == "nvme" or config.offload_params != "none":
+    if config.offload_params != "none":
         raise NotImplementedError(
-            "NVMe offload and parameter offload are not available yet in this hf_zero release; set "
-            "offload_params='none' and offload_optimizer to 'none' or 'cpu' (optimizer state and fp32 "
-            "masters in host memory)"
+            "parameter offload is not available yet in this hf_zero release; set offload_params='none' "
+            "(offload_optimizer='cpu' or 'nvme' moves the fp32 masters and optimizer state off the GPU)"
         )
 
 

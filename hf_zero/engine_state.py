@@ -50,6 +50,8 @@ class ShardedState:
         """(parameter, its complete value as a CPU tensor in the dtype the model had when handed to
         the engine) for every parameter of segment `group`: from the fp32 masters, or a frozen
         stage-3 segment's 16-bit values. A collective; ranks with `keep=False` get an empty list."""
+        if self.swapper is not None:
+            self.swapper.check_usable()  # a failed NVMe write leaves masters no one should publish
         gathered = group.gather_master(self.comm, keep)
         return [
             (param, full.to(dtype))
@@ -68,6 +70,8 @@ class ShardedState:
         With `include_frozen=False` frozen weights are left out (an adapter run's base model)."""
         from .checkpoint import save_checkpoint
 
+        if self.swapper is not None:
+            self.swapper.check_usable()
         return save_checkpoint(self, directory, include_frozen)
 
     def load_checkpoint(
@@ -88,15 +92,22 @@ class ShardedState:
         included), fp32 masters, gradients, optimizer state, and the most gradient staging (stages
         2 and 3) and gathered parameters (stage 3) held at once so far. With optimizer offload,
         `offloaded` counts what lives in host memory instead: masters, optimizer state and the host
-        gradient and weight buffers."""
+        gradient and weight buffers; with NVMe offload, the step's host buffers, and `nvme` the
+        swap file (masters and optimizer state)."""
         breakdown = {"weights": 0, "masters": 0, "offloaded": 0}
         for group in self.groups + self.frozen:
             for kind, size in group.state_bytes().items():
                 breakdown[kind] += size
         breakdown["gradients"] = self.grad_sync.persistent_bytes()
-        offloaded = {id(group.master) for group in self.groups if group.offloaded}
+        offloaded = {id(group.master) for group in self.groups if group.offload == "cpu"}
         breakdown["optimizer_state"] = 0
+        on_disk = {id(group.master) for group in self.groups if group.offload == "nvme"}
+        if self.swapper is not None:
+            breakdown["offloaded"] += self.swapper.host_bytes
+            breakdown["nvme"] = self.swapper.file_bytes
         for master, state in self.optimizer.state.items():
+            if id(master) in on_disk:
+                continue
             size = sum(
                 value.untyped_storage().nbytes()
                 for value in state.values()

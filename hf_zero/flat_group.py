@@ -33,10 +33,11 @@ class FlatParamGroup:
     instead of the parameters' `.data`: a pretrained model's weights still on disk, which each rank
     thus reads only in part (see `pending.py`).
 
-    With `offload` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
+    With `offload="cpu"` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
     there is a GPU), and so does the optimizer state made from it; the group also keeps two host
     buffers for the step: the shard's gradient in fp32 (`host_grad`) and the updated weights in
-    the compute dtype (`host_copy`), from where they go back to the device.
+    the compute dtype (`host_copy`), from where they go back to the device. With `offload="nvme"`
+    the engine moves the master into a swap file and the step lends both buffers (see `nvme.py`).
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class FlatParamGroup:
         unit: int = 0,
         sharded_params: bool = False,
         read: Callable[[int, int, int], torch.Tensor] | None = None,
-        offload: bool = False,
+        offload: str = "none",
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -63,12 +64,15 @@ class FlatParamGroup:
         self.compute_dtype = compute_dtype
         self.sharded_params = sharded_params
         self.trainable = optimizer_group is not None
-        self.offloaded = offload and self.trainable
+        # "cpu": master and host buffers in host memory; "nvme": master too, until `nvme.py` moves
+        # it into a swap file, and host buffers lent by the step.
+        self.offloaded = offload != "none" and self.trainable
+        self.offload = offload if self.offloaded else "none"
         # fp32 and unsharded: the compute buffer already is the master copy.
         self.master_is_flat = (
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
         )
-        host, pin = torch.device("cpu"), self.offloaded and torch.cuda.is_available()
+        host, pin = torch.device("cpu"), self.offload == "cpu" and torch.cuda.is_available()
 
         if read is None:
             values = [p.data for p in params]
@@ -101,7 +105,7 @@ class FlatParamGroup:
         for span in layout.spans(self.rank):
             self.spans_by_slot[span.slot].append(span)
         self.host_grad = self.host_copy = None
-        if self.offloaded:
+        if self.offload == "cpu":
             numel = layout.shard_numel
             self.host_grad = torch.zeros(numel, dtype=torch.float32, pin_memory=pin)
             self.host_copy = torch.zeros(numel, dtype=compute_dtype, pin_memory=pin)
@@ -249,5 +253,7 @@ class FlatParamGroup:
         weights = self.shard16 if self.sharded_params else self.flat
         if not self.offloaded:
             return {"weights": weights.untyped_storage().nbytes(), "masters": master, "offloaded": 0}
+        if self.offload == "nvme":  # the master is in the swap file (see `ZeroEngine.memory_breakdown`)
+            return {"weights": weights.untyped_storage().nbytes(), "masters": 0, "offloaded": 0}
         host = master + self.host_grad.untyped_storage().nbytes() + self.host_copy.untyped_storage().nbytes()
         return {"weights": weights.untyped_storage().nbytes(), "masters": 0, "offloaded": host}

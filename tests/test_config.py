@@ -123,7 +123,7 @@ DEEPSPEED = {
     },
     "zero_optimization": {
         "stage": 3,
-        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True},
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True, "buffer_count": 5},
         "offload_param": {"device": "cpu"},
         "reduce_bucket_size": 2e8,
         "overlap_comm": False,
@@ -141,6 +141,7 @@ def test_from_deepspeed_maps_zero_precision_scaler_clipping_and_accumulation(tmp
         offload_optimizer="nvme",
         offload_params="cpu",
         nvme_path="/local_nvme",
+        nvme_buffer_count=5,
         loss_scale=0.0,
         initial_scale_power=12,
         loss_scale_window=500,

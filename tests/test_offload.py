@@ -1,5 +1,6 @@
-"""Optimizer offload to CPU (`offload_optimizer="cpu"`): fp32 masters and optimizer state in host
-memory train exactly like the same stage without offload, on 2 gloo ranks.
+"""Optimizer offload (`offload_optimizer="cpu"`, and `"nvme"` into swap files in a temporary folder):
+fp32 masters and optimizer state off the device train exactly like the same stage without offload,
+on 2 gloo ranks.
 
 Each offloaded job (`hf_zero.testing.step_checks`) runs beside the same job without offload; on a
 machine without a GPU both update on the CPU with the same operations, so losses and weights must
@@ -30,22 +31,36 @@ PAIRS = {
     # fp16 with an overflow injected on rank 1 at steps 2 and 3: skipped on both ranks, host side too.
     "s2_fp16_overflow": {"stage": 2, "precision": "fp16", "overflow_at": {"2": 1, "3": 1}},
 }
+# The NVMe swap takes the fused kernels' optimizers (Adam/AdamW, SGD); two buffers for the stage-3
+# run, so that segments wait for each other's writes.
+NVME = {
+    "s1_acc2_clip": {},
+    "s2_acc2_clip": {},
+    "s3_clip": {"nvme_buffer_count": 2},
+    "s3_bf16_acc2": {},
+    "s2_sgd": {},
+    "s2_fp16_overflow": {},
+}
 
 
-def _jobs() -> list[dict]:
+def _jobs(swap: str) -> list[dict]:
     jobs = []
     for name, job in PAIRS.items():
         jobs.append({"name": name, "steps": STEPS, **job})
         jobs.append(
             {"name": f"{name}_offload", "steps": STEPS, **job, "config": {"offload_optimizer": "cpu"}}
         )
+        if name in NVME:
+            config = {"offload_optimizer": "nvme", "nvme_path": swap, **NVME[name]}
+            jobs.append({"name": f"{name}_nvme", "steps": STEPS, **job, "config": config})
     return jobs
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("offload")
-    jobs = _jobs()
+    (out / "swap").mkdir()
+    jobs = _jobs(str(out / "swap"))
     (out / "jobs.json").write_text(json.dumps(jobs))
     torchrun("hf_zero.testing.step_checks", 2, [str(out / "jobs.json"), str(out)])
     return {
@@ -54,9 +69,11 @@ def runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_offloaded_training_is_identical_to_training_on_the_device(runs, name):
-    plain, offloaded = runs[name], runs[f"{name}_offload"]
+@pytest.mark.parametrize(
+    "name,kind", [(name, "offload") for name in PAIRS] + [(name, "nvme") for name in NVME]
+)
+def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, kind):
+    plain, offloaded = runs[name], runs[f"{name}_{kind}"]
     initial = build_model("gpt2").state_dict()
     moved = sum((v.float() - initial[k].float()).abs().sum().item() for k, v in plain[0]["weights"].items())
     assert moved > 0.1  # training moved the weights
@@ -70,36 +87,44 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name):
             s["skipped"] for s in plain[rank]["steps"]
         ]
         memory, device_memory = offloaded[rank]["memory"], plain[rank]["memory"]
-        # Masters and optimizer state left the device; the host holds them plus the gradient and
-        # weight buffers of the shard (fp32 gradient + 16-bit or fp32 copy).
         assert memory["masters"] == memory["optimizer_state"] == 0 and device_memory["offloaded"] == 0
-        assert memory["offloaded"] > device_memory["masters"] + device_memory["optimizer_state"]
         assert memory["weights"] == device_memory["weights"]
+        state = device_memory["masters"] + device_memory["optimizer_state"]
+        if kind == "offload":
+            # Masters and optimizer state left the device; the host holds them plus the gradient
+            # and weight buffers of the shard (fp32 gradient + 16-bit or fp32 copy).
+            assert memory["offloaded"] > state
+        else:
+            # In the swap file (each slot padded to 4 KiB); the host holds the step's buffers.
+            assert state <= memory["nvme"] < state + 4096 * 3 * 16
+            assert memory["offloaded"] > 0
 
 
-def test_the_overflowing_steps_were_skipped_on_the_host_too(runs):
-    for result in runs["s2_fp16_overflow_offload"]:
+@pytest.mark.parametrize("kind", ["offload", "nvme"])
+def test_the_overflowing_steps_were_skipped_on_the_host_too(runs, kind):
+    for result in runs[f"s2_fp16_overflow_{kind}"]:
         assert [s["skipped"] for s in result["steps"]] == [False, False, True, True, False, False]
         assert all(result["steps"][step]["identical"] for step in (2, 3))
         assert result["optimizer_steps"] == [4.0]
 
 
-def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path):
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offload):
     batch = slice_samples(make_samples("gpt2", 4), 0, 4)
 
     def engine(offload: str):
         model = build_model("gpt2")
-        config = {"stage": 2, "offload_optimizer": offload}
+        config = {"stage": 2, "offload_optimizer": offload, "nvme_path": str(tmp_path)}
         return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
 
-    trained = engine("cpu")
+    trained = engine(offload)
     for _ in range(2):
         trained.backward(trained(**batch).loss)
         trained.step()
     trained.save_checkpoint(tmp_path / "offloaded")
     on_device = engine("none")
     on_device.load_checkpoint(tmp_path / "offloaded")
-    back = engine("cpu")
+    back = engine(offload)
     on_device.save_checkpoint(tmp_path / "on_device")
     back.load_checkpoint(tmp_path / "on_device")
     want = trained.full_state_dict()

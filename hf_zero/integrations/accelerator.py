@@ -64,7 +64,7 @@ class ZeroAccelerator(Accelerator):
 
     Args:
         zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Features
-            this release does not have yet (parameter and NVMe offload) are refused here.
+            this release does not have yet (parameter offload) are refused here.
         *args, **kwargs: passed to `accelerate.Accelerator`. `mixed_precision` (or the launcher's
             setting) fills `ZeroConfig.precision` when that is "auto". On a machine without GPUs,
             pass `cpu=True` when launching several processes.
