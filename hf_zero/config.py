@@ -21,6 +21,7 @@ import yaml
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 GENERATE_GATHER = ("auto", "once", "per_unit")
+OFFLOAD_OVERLAP = ("exact", "delayed")
 _PRECISION_ALIASES = {
     "float32": "fp32",
     "no": "fp32",
@@ -43,6 +44,9 @@ class ZeroConfig:
         offload_optimizer: where optimizer state and master weights live: "none", "cpu", "nvme".
         offload_params: where stage-3 parameter shards live: "none", "cpu", "nvme".
         nvme_path: folder for NVMe offload files (required when either offload is "nvme").
+        offload_overlap: CPU optimizer offload: "exact" updates the weights within the step;
+            "delayed" runs the host update of step t while the device computes step t+1, which
+            therefore uses weights one update old (ZeRO-Offload's delayed parameter update).
         nvme_buffer_count: NVMe offload: host buffers the optimizer step cycles segments through
             (one being updated, the next being read, the previous being written); each holds the
             largest segment's master, optimizer state, gradient and 16-bit copy. At least 2.
@@ -80,6 +84,7 @@ class ZeroConfig:
     offload_optimizer: str = "none"
     offload_params: str = "none"
     nvme_path: str | None = None
+    offload_overlap: str = "exact"
     nvme_buffer_count: int = 3
     loss_scale: float = 0.0
     initial_scale_power: int = 16
@@ -107,6 +112,7 @@ class ZeroConfig:
                 f"ZeroConfig.nvme_path={self.nvme_path!r} is not allowed: expected a folder path"
             )
         self.nvme_path = None if self.nvme_path is None else str(self.nvme_path)
+        self.offload_overlap = _check_choice("offload_overlap", self.offload_overlap, OFFLOAD_OVERLAP)
         self.nvme_buffer_count = _check_int("nvme_buffer_count", self.nvme_buffer_count, minimum=2)
         self.loss_scale = _check_float("loss_scale", self.loss_scale, minimum=0.0)
         self.initial_scale_power = _check_int("initial_scale_power", self.initial_scale_power, 0, 64)
@@ -133,6 +139,12 @@ class ZeroConfig:
                 f"ZeroConfig.offload_params={self.offload_params!r} is not allowed with stage={self.stage}: "
                 "parameters are only sharded (and so only offloadable) at stage 3; set stage=3 or "
                 "offload_params='none'"
+            )
+        if self.offload_overlap == "delayed" and self.offload_optimizer != "cpu":
+            raise ValueError(
+                f"ZeroConfig.offload_overlap='delayed' is not allowed with offload_optimizer="
+                f"{self.offload_optimizer!r}: the delayed update overlaps the host's optimizer step with the "
+                "next step's compute; set offload_optimizer='cpu' or offload_overlap='exact'"
             )
         uses_nvme = "nvme" in (self.offload_optimizer, self.offload_params)
         if uses_nvme and not self.nvme_path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -163,6 +164,13 @@ class ZeroEngine(ShardedState, nn.Module):
             self._hooks.extend(self.gatherer.install(module))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
 
+        # offload_overlap="delayed": the host update of the last step, running while this one computes.
+        self._delayed: ThreadPoolExecutor | None = None
+        self._delayed_update: Future | None = None
+        if config.offload_overlap == "delayed":
+            self._check_delayed_optimizer(optimizer)
+            self._delayed = ThreadPoolExecutor(1, thread_name_prefix="hf_zero-delayed-update")
+            self._hooks.append(module.register_forward_pre_hook(self._finish_update_before_eval))
         self.loss_scaler = LossScaler(config) if config.precision == "fp16" else None
         self._in_backward = False
         self.last_step_skipped = False
@@ -534,7 +542,9 @@ class ZeroEngine(ShardedState, nn.Module):
             self.clip_grad_norm_(self.config.gradient_clipping)
         found_inf = self._found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
         scale = self._step_scale()
-        if self.swapper is not None:
+        if self._delayed is not None:
+            self._start_delayed_update(optimizer, scale, found_inf)
+        elif self.swapper is not None:
             self.swapper.step(
                 list(enumerate(self.groups)),
                 lambda g, group: self._host_step(
@@ -544,7 +554,7 @@ class ZeroEngine(ShardedState, nn.Module):
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
-                if self.swapper is None:
+                if self.swapper is None and self._delayed is None:
                     self._host_step(optimizer, g, group, param_group, scale, found_inf)
             elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
@@ -595,6 +605,65 @@ class ZeroEngine(ShardedState, nn.Module):
             group.master.grad = None
         else:
             group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
+
+    # ---- offload_overlap="delayed" -------------------------------------------------------------
+
+    def _check_delayed_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            if not supports_fused_step(optimizer, group):
+                raise ValueError(
+                    f"offload_overlap='delayed' runs Adam, AdamW or SGD (hf_zero's fused update) in the "
+                    f"background, not {type(optimizer).__name__} with these settings; use one of those, or "
+                    "offload_overlap='exact'"
+                )
+
+    def _start_delayed_update(self, optimizer, scale, found_inf) -> None:
+        """Give the device the weights the previous step's host update made, then start this step's
+        update on the host, to finish while the next step computes."""
+        self._wait_delayed_update(upload=True)
+        host = torch.device("cpu")
+        for g, group in enumerate(self.groups):
+            group.download_grads(lambda run, g=g: self.grad_sync.run_grad(g, run))
+            group.master.grad = None
+            self._fused_groups.add(g)
+        scale = scale.to(host) if scale is not None else None
+        skipped = found_inf is not None and bool(found_inf.item())
+        if self.ctx.device.type == "cuda":
+            # The gradients have landed and the uploads have left `host_copy`, which the update rewrites.
+            torch.cuda.current_stream(self.ctx.device).synchronize()
+        if skipped:
+            return  # nothing to update: the device keeps its weights, the host its state
+        # The update must not see what the LR scheduler sets for the next step meanwhile.
+        jobs = [(dict(optimizer.param_groups[group.optimizer_group]), group) for group in self.groups]
+
+        def update() -> None:
+            for hyperparameters, group in jobs:
+                fused_step(optimizer, hyperparameters, group.master, group.host_pieces(), scale, False)
+
+        self._delayed_update = self._delayed.submit(update)
+
+    def _wait_delayed_update(self, upload: bool) -> bool:
+        """Wait for the host update in flight, if any; with `upload`, send its weights to the device
+        chunks (the caller publishes them). Returns whether there was one."""
+        if self._delayed_update is None:
+            return False
+        update, self._delayed_update = self._delayed_update, None
+        update.result()
+        if upload:
+            for group in self.groups:
+                group.upload_weights()
+        return True
+
+    def finish_delayed_update(self) -> None:
+        """offload_overlap="delayed": bring the model up to date with its masters now (the last
+        step's update lands in the weights and is all-gathered), as saving, evaluating and loading
+        do by themselves. A collective every rank must call; nothing happens with no update in flight."""
+        if self._wait_delayed_update(upload=False):
+            self._publish_masters()
+
+    def _finish_update_before_eval(self, module: nn.Module, args: Any) -> None:
+        if self._delayed_update is not None and not module.training:
+            self.finish_delayed_update()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         works = []

@@ -52,6 +52,7 @@ class ShardedState:
         stage-3 segment's 16-bit values. A collective; ranks with `keep=False` get an empty list."""
         if self.swapper is not None:
             self.swapper.check_usable()  # a failed NVMe write leaves masters no one should publish
+        self.finish_delayed_update()
         gathered = group.gather_master(self.comm, keep)
         return [
             (param, full.to(dtype))
@@ -72,6 +73,7 @@ class ShardedState:
 
         if self.swapper is not None:
             self.swapper.check_usable()
+        self.finish_delayed_update()
         return save_checkpoint(self, directory, include_frozen)
 
     def load_checkpoint(
@@ -83,6 +85,8 @@ class ShardedState:
         rank must call it. `restore_rng` sets each rank's random generators as saved (when the
         number of ranks is the same)."""
         from .checkpoint import load_checkpoint
+
+        self.finish_delayed_update()  # nothing may land on top of what it loads
 
         return load_checkpoint(self, directory, restore_rng, verify)
 
@@ -128,6 +132,7 @@ class ShardedState:
         may appear under any of its names. Everything is checked before anything changes. Every
         rank must call this with the same weights.
         """
+        self.finish_delayed_update()
         module_state = self.module.state_dict(keep_vars=True)
         names_of: dict[int, list[str]] = {}
         for name, tensor in module_state.items():

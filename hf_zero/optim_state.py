@@ -34,6 +34,7 @@ def load_unsharded_optimizer_state(engine: ZeroEngine, state_dict: Mapping[str, 
     loads them (the saved values replace the current ones, `lr` included), so load the LR
     scheduler's state as well where there is one.
     """
+    engine.finish_delayed_update()  # the update in flight would write the state replaced here
     saved_groups = state_dict["param_groups"]
     saved_state = state_dict["state"]
     _check_groups(engine, saved_groups)

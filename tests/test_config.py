@@ -123,7 +123,12 @@ DEEPSPEED = {
     },
     "zero_optimization": {
         "stage": 3,
-        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True, "buffer_count": 5},
+        "offload_optimizer": {
+            "device": "nvme",
+            "nvme_path": "/local_nvme",
+            "pin_memory": True,
+            "buffer_count": 5,
+        },
         "offload_param": {"device": "cpu"},
         "reduce_bucket_size": 2e8,
         "overlap_comm": False,

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 import hf_zero
+from hf_zero.testing.cases import Case
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
+from hf_zero.testing.unsharded import run_unsharded
 
 STEPS = 6
 PAIRS = {
@@ -42,9 +44,23 @@ NVME = {
     "s2_fp16_overflow": {},
 }
 
+# offload_overlap="delayed": the host update of step t runs while step t+1 computes.
+DELAYED = {
+    "s2_delayed_acc2_clip": {"stage": 2, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
+    "s3_delayed": {"stage": 3, "precision": "fp32"},
+}
+
 
 def _jobs(swap: str) -> list[dict]:
-    jobs = []
+    jobs = [
+        {
+            "name": name,
+            "steps": STEPS,
+            **job,
+            "config": {"offload_optimizer": "cpu", "offload_overlap": "delayed"},
+        }
+        for name, job in DELAYED.items()
+    ]
     for name, job in PAIRS.items():
         jobs.append({"name": name, "steps": STEPS, **job})
         jobs.append(
@@ -100,6 +116,36 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, k
             assert memory["offloaded"] > 0
 
 
+@pytest.mark.parametrize("name", list(DELAYED))
+def test_the_delayed_update_trains_as_if_each_update_came_one_step_late(runs, name):
+    job = DELAYED[name]
+    case = Case(
+        model="gpt2",
+        stage=0,
+        accumulation=job.get("accumulation", 1),
+        clipping=job.get("clipping", 0.0),
+        steps=STEPS,
+        micro_batch=2,
+    )
+    late, on_time = run_unsharded(case, 2, delayed=True), run_unsharded(case, 2)
+    got = runs[name][0]
+    # Step 0 computes with the initial weights either way; from step 1 on the delayed run lags.
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(late["losses"]), rtol=1e-5, atol=0)
+    lag = max(abs(a - b) / b for a, b in zip(got["losses"], on_time["losses"], strict=True))
+    assert lag > 1e-3  # and that is not rounding: the on-time run differs by far more
+    # The final masters hold every update, the last one included: compared relative to how far
+    # training moved them (Adam turns fp32 reduction-order noise in tiny gradients into ~1e-5).
+    assert _relative_error(got["weights"], late["weights"]) < 1e-4
+    assert _relative_error(got["weights"], on_time["weights"]) > 1e-2
+
+
+def _relative_error(got: dict, want: dict) -> float:
+    initial = build_model("gpt2").state_dict()
+    diff = torch.cat([(got[key] - value).flatten() for key, value in want.items()])
+    moved = torch.cat([(value - initial[key]).flatten() for key, value in want.items()])
+    return (diff.norm() / moved.norm()).item()
+
+
 @pytest.mark.parametrize("kind", ["offload", "nvme"])
 def test_the_overflowing_steps_were_skipped_on_the_host_too(runs, kind):
     for result in runs[f"s2_fp16_overflow_{kind}"]:
@@ -138,3 +184,38 @@ def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offl
         other.step()
         losses.append(other(**batch).loss.item())
     assert losses[0] == losses[1] == losses[2]
+
+
+def test_the_delayed_update_lands_before_evaluating_saving_and_loading(tmp_path):
+    samples = make_samples("gpt2", 12)
+
+    def engine(overlap: str):
+        model = build_model("gpt2")
+        config = {"stage": 1, "offload_optimizer": "cpu", "offload_overlap": overlap}
+        return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), config)
+
+    delayed = engine("delayed")
+    for step in range(3):
+        delayed.backward(delayed(**slice_samples(samples, 4 * step, 4)).loss)
+        delayed.step()
+    # The model still computes with the weights before the last update; evaluation gets all of them.
+    delayed.eval()
+    with torch.no_grad():
+        loss = delayed(**slice_samples(samples, 0, 4)).loss.item()
+    evaluated = build_model("gpt2")
+    evaluated.load_state_dict(delayed.full_state_dict())
+    assert loss == evaluated(**slice_samples(samples, 0, 4)).loss.item()
+    delayed.train()
+    delayed.save_checkpoint(tmp_path / "checkpoint")
+    exact = engine("exact")
+    exact.load_checkpoint(tmp_path / "checkpoint")
+    # Resumed with the exact update, the run goes on from the same weights and state.
+    losses = []
+    for other in (delayed, exact):
+        other.backward(other(**slice_samples(samples, 0, 4)).loss)
+        other.step()
+        losses.append(other(**slice_samples(samples, 0, 4)).loss.item())
+    assert losses[0] != losses[1]  # the delayed run has not applied its fourth update yet...
+    delayed.finish_delayed_update()
+    with torch.no_grad():
+        assert delayed(**slice_samples(samples, 0, 4)).loss.item() == losses[1]  # ...now it has

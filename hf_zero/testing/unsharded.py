@@ -4,7 +4,9 @@ Each step runs the global batch's micro-batch blocks one by one (each loss divid
 of blocks), which is what the sharded ranks compute together. fp32 trains the model as it is.
 bf16 mirrors mixed-precision training by hand: the model computes in bf16 (parameters of modules
 the model keeps in fp32 excepted), block gradients add up in fp32 master copies, the optimizer
-updates the masters, which are rounded back into the model after each step.
+updates the masters, which are rounded back into the model after each step. `delayed` mirrors
+`offload_overlap="delayed"`: the model gets the masters' values before each update instead of
+after, so each step computes with the weights of one update earlier.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from .engine_matrix import FULL_GRAD_PARAMS
 from .tiny_models import build_model, make_samples, slice_samples
 
 
-def run_unsharded(case: Case, world_size: int) -> dict:
+def run_unsharded(case: Case, world_size: int, delayed: bool = False) -> dict:
     """Losses, gradient norms, early gradients and final fp32 weights of the unsharded run of `case`."""
     model = build_model(case.model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    mixed = case.precision == "bf16"
+    mixed = case.precision == "bf16" or delayed
     if mixed:
         keep_fp32 = keep_in_fp32_parameter_ids(model, torch.bfloat16)
         masters = [(name, p.detach().clone().float().requires_grad_()) for name, p in named]
         for param in model.parameters():  # buffers stay as they are, as under hf_zero
-            if id(param) not in keep_fp32:
+            if id(param) not in keep_fp32 and case.precision == "bf16":
                 param.data = param.data.to(torch.bfloat16)
     else:
         masters = named
@@ -66,9 +68,13 @@ def run_unsharded(case: Case, world_size: int) -> dict:
         if case.clipping > 0:
             norm = torch.nn.utils.clip_grad_norm_([m for _, m in masters], case.clipping)
             norms.append(norm.item())
+        if delayed:  # the model takes the values before this update, not after it
+            with torch.no_grad():
+                for (_, param), (_, master) in zip(named, masters, strict=True):
+                    param.copy_(master)
         optimizer.step()
         optimizer.zero_grad()
-        if mixed:
+        if mixed and not delayed:
             with torch.no_grad():
                 for (_, param), (_, master) in zip(named, masters, strict=True):
                     param.copy_(master)
