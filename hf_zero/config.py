@@ -146,6 +146,12 @@ class ZeroConfig:
                 f"{self.offload_optimizer!r}: the delayed update overlaps the host's optimizer step with the "
                 "next step's compute; set offload_optimizer='cpu' or offload_overlap='exact'"
             )
+        if self.offload_params != "none" and self.offload_optimizer == "none":
+            raise ValueError(
+                f"ZeroConfig.offload_params={self.offload_params!r} is not allowed with offload_optimizer='none': "
+                "the fp32 masters and optimizer state (12-16 bytes per parameter) would stay on the GPU while "
+                "the 16-bit shards (2 bytes) leave it; set offload_optimizer='cpu' (or 'nvme') as well"
+            )
         uses_nvme = "nvme" in (self.offload_optimizer, self.offload_params)
         if uses_nvme and not self.nvme_path:
             raise ValueError(

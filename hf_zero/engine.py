@@ -241,6 +241,7 @@ class ZeroEngine(ShardedState, nn.Module):
             sharded_params=self.config.stage == 3,
             read=read,
             offload=self.config.offload_optimizer if group is not None else "none",
+            offload_params=self.config.offload_params == "cpu",
         )
         if self.swapper is not None and group is not None:
             self.swapper.adopt(segment, state_keys(self.optimizer, self.optimizer.param_groups[group]))
@@ -731,10 +732,10 @@ def check_available(config: ZeroConfig) -> None:
     config at once rather than when training starts.
     """
     compute_dtype_for(config.precision)
-    if config.offload_params != "none":
+    if config.offload_params == "nvme":
         raise NotImplementedError(
-            "parameter offload is not available yet in this hf_zero release; set offload_params='none' "
-            "(offload_optimizer='cpu' or 'nvme' moves the fp32 masters and optimizer state off the GPU)"
+            "offload_params='nvme' is not available yet in this hf_zero release; set offload_params='cpu' "
+            "(16-bit parameter shards in host memory) or 'none'"
         )
 
 

@@ -52,6 +52,7 @@ class FlatParamGroup:
         sharded_params: bool = False,
         read: Callable[[int, int, int], torch.Tensor] | None = None,
         offload: str = "none",
+        offload_params: bool = False,
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -73,6 +74,10 @@ class FlatParamGroup:
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
         )
         host, pin = torch.device("cpu"), self.offload == "cpu" and torch.cuda.is_available()
+        if offload_params and not sharded_params:
+            raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
+        self.params_offloaded = offload_params
+        self._uploaded: torch.Tensor | None = None  # the host shard's device copy while gathered
 
         if read is None:
             values = [p.data for p in params]
@@ -85,8 +90,11 @@ class FlatParamGroup:
         # One pass over the values gives the fp32 master shard and, at stage 3, the 16-bit one.
         with_master = self.trainable and not self.master_is_flat
         dtypes = [torch.float32] * with_master + [compute_dtype] * sharded_params
-        devices = [host if self.offloaded else device] * with_master + [device] * sharded_params
-        pins = [pin] * with_master + [False] * sharded_params
+        devices = [host if self.offloaded else device] * with_master + [
+            host if offload_params else device
+        ] * sharded_params
+        pin16 = offload_params and torch.cuda.is_available()
+        pins = [pin] * with_master + [pin16] * sharded_params
         shards = layout.shards_of(read, self.rank, dtypes, devices, pins)
         master = shards[0] if with_master else None
         self.shard16 = shards[-1] if sharded_params else None
@@ -157,10 +165,14 @@ class FlatParamGroup:
         """
         self.flat.untyped_storage().resize_(self.layout.numel * self.flat.element_size())
         self.gathered = True
+        source = self.shard16
+        if self.params_offloaded:
+            # The shard lives on the host: one upload, which the collectives queue behind.
+            source = self._uploaded = source.to(self.flat.device, non_blocking=True)
         return [
             comm.all_gather(
                 self.layout.bucket_view(self.flat, bucket),
-                self.layout.shard_chunk(self.shard16, bucket),
+                self.layout.shard_chunk(source, bucket),
                 async_op=True,
             )
             for bucket in self.layout.buckets
@@ -170,6 +182,7 @@ class FlatParamGroup:
         """Stage 3: drop the gathered parameters' storage (the parameters keep their shapes)."""
         self.flat.untyped_storage().resize_(0)
         self.gathered = False
+        self._uploaded = None
 
     def round_master(self) -> None:
         """Write the master shard, in the compute dtype, into this rank's chunks of `flat`."""
@@ -251,6 +264,16 @@ class FlatParamGroup:
         buffers (masters counted there instead)."""
         master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
         weights = self.shard16 if self.sharded_params else self.flat
+        if self.params_offloaded:  # the 16-bit shard is on the host with the rest
+            moved = weights.untyped_storage().nbytes()
+            if self.offloaded and self.offload == "cpu":
+                host = (
+                    master
+                    + self.host_grad.untyped_storage().nbytes()
+                    + self.host_copy.untyped_storage().nbytes()
+                )
+                return {"weights": 0, "masters": 0, "offloaded": moved + host}
+            return {"weights": 0, "masters": 0 if self.offloaded else master, "offloaded": moved}
         if not self.offloaded:
             return {"weights": weights.untyped_storage().nbytes(), "masters": master, "offloaded": 0}
         if self.offload == "nvme":  # the master is in the swap file (see `ZeroEngine.memory_breakdown`)

@@ -179,7 +179,17 @@ def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"zero_config": {"offload_params": "cpu", "stage": 3}}, "parameter offload is not available yet"),
+        (
+            {
+                "zero_config": {
+                    "offload_params": "nvme",
+                    "offload_optimizer": "cpu",
+                    "nvme_path": "/tmp",
+                    "stage": 3,
+                }
+            },
+            "offload_params='nvme' is not available yet",
+        ),
     ],
 )
 def test_unavailable_features_are_refused_at_construction(monkeypatch, kwargs, match):

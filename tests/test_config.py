@@ -63,7 +63,10 @@ def test_combinations_that_cannot_work_are_refused():
         ZeroConfig(stage=2, offload_params="cpu")
     with pytest.raises(ValueError, match="nvme_path=None is not allowed when offloading to 'nvme'"):
         ZeroConfig(offload_optimizer="nvme")
-    assert ZeroConfig(stage=3, offload_params="nvme", nvme_path="/tmp/x").offload_params == "nvme"
+    with pytest.raises(ValueError, match="offload_params='cpu' is not allowed with offload_optimizer='none'"):
+        ZeroConfig(stage=3, offload_params="cpu")
+    both = ZeroConfig(stage=3, offload_params="nvme", offload_optimizer="cpu", nvme_path="/tmp/x")
+    assert both.offload_params == "nvme"
 
 
 def test_precision_aliases_and_numeric_text():

@@ -25,9 +25,9 @@ def _gpt2_and_adamw(**optimizer_kwargs):
     ("config", "error", "message"),
     [
         (
-            {"offload_params": "cpu", "stage": 3},
+            {"offload_params": "nvme", "offload_optimizer": "cpu", "nvme_path": "/tmp", "stage": 3},
             NotImplementedError,
-            "parameter offload is not available yet",
+            "offload_params='nvme' is not available yet",
         ),
     ],
 )

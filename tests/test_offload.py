@@ -44,6 +44,11 @@ NVME = {
     "s2_fp16_overflow": {},
 }
 
+# offload_params="cpu" (stage 3): the 16-bit shards on the host as well, uploaded when gathered.
+PARAMS = {
+    "s3_clip": {"offload_optimizer": "cpu", "offload_params": "cpu"},
+    "s3_bf16_acc2": {"offload_optimizer": "nvme", "offload_params": "cpu"},
+}
 # offload_overlap="delayed": the host update of step t runs while step t+1 computes.
 DELAYED = {
     "s2_delayed_acc2_clip": {"stage": 2, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
@@ -69,6 +74,9 @@ def _jobs(swap: str) -> list[dict]:
         if name in NVME:
             config = {"offload_optimizer": "nvme", "nvme_path": swap, **NVME[name]}
             jobs.append({"name": f"{name}_nvme", "steps": STEPS, **job, "config": config})
+        if name in PARAMS:
+            config = {"nvme_path": swap, **PARAMS[name]}
+            jobs.append({"name": f"{name}_params", "steps": STEPS, **job, "config": config})
     return jobs
 
 
@@ -86,7 +94,10 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name,kind", [(name, "offload") for name in PAIRS] + [(name, "nvme") for name in NVME]
+    "name,kind",
+    [(name, "offload") for name in PAIRS]
+    + [(name, "nvme") for name in NVME]
+    + [(name, "params") for name in PARAMS],
 )
 def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, kind):
     plain, offloaded = runs[name], runs[f"{name}_{kind}"]
@@ -104,8 +115,13 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, k
         ]
         memory, device_memory = offloaded[rank]["memory"], plain[rank]["memory"]
         assert memory["masters"] == memory["optimizer_state"] == 0 and device_memory["offloaded"] == 0
-        assert memory["weights"] == device_memory["weights"]
         state = device_memory["masters"] + device_memory["optimizer_state"]
+        if kind == "params":
+            # Only gathered units and gradients stay on the device; the shards went to the host.
+            assert memory["weights"] == 0 and memory["offloaded"] > state + device_memory["weights"]
+            assert memory["peak_gathered"] == device_memory["peak_gathered"] > 0
+            continue
+        assert memory["weights"] == device_memory["weights"]
         if kind == "offload":
             # Masters and optimizer state left the device; the host holds them plus the gradient
             # and weight buffers of the shard (fp32 gradient + 16-bit or fp32 copy).
@@ -154,13 +170,15 @@ def test_the_overflowing_steps_were_skipped_on_the_host_too(runs, kind):
         assert result["optimizer_steps"] == [4.0]
 
 
-@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+@pytest.mark.parametrize("offload", ["cpu", "nvme", "params"])
 def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offload):
     batch = slice_samples(make_samples("gpt2", 4), 0, 4)
 
     def engine(offload: str):
         model = build_model("gpt2")
         config = {"stage": 2, "offload_optimizer": offload, "nvme_path": str(tmp_path)}
+        if offload == "params":  # stage 3 with everything on the host, to and from stage 2 on the device
+            config.update(stage=3, offload_optimizer="cpu", offload_params="cpu")
         return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
 
     trained = engine(offload)
@@ -219,3 +237,38 @@ def test_the_delayed_update_lands_before_evaluating_saving_and_loading(tmp_path)
     delayed.finish_delayed_update()
     with torch.no_grad():
         assert delayed(**slice_samples(samples, 0, 4)).loss.item() == losses[1]  # ...now it has
+
+
+def test_parameter_offload_reads_a_pretrained_model_into_host_shards_frozen_weights_too(tmp_path):
+    """Stage 3 with `offload_params="cpu"` straight from a `save_pretrained` folder: the weights go
+    from the file to the host shards (the device gets only gathered units), frozen ones included,
+    and training equals the same run with the shards on the device."""
+    from transformers import AutoModelForCausalLM
+
+    build_model("gpt2").save_pretrained(tmp_path / "pretrained")
+    samples = make_samples("gpt2", 12)
+    runs = []
+    for offload_params in ("none", "cpu"):
+        config = {
+            "stage": 3,
+            "precision": "bf16",
+            "offload_optimizer": "cpu",
+            "offload_params": offload_params,
+        }
+        model = hf_zero.from_pretrained(AutoModelForCausalLM, tmp_path / "pretrained", config)
+        model.transformer.wte.weight.requires_grad_(False)  # a frozen segment of its own
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine = hf_zero.initialize(model, torch.optim.AdamW(trainable, lr=1e-2), config)
+        frozen = [group for group in engine.frozen if group.params]
+        assert frozen and all(g.shard16.device.type == "cpu" for g in frozen)
+        losses = []
+        for step in range(3):
+            loss = engine(**slice_samples(samples, 4 * step, 4)).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        runs.append((losses, engine.full_state_dict(), engine.memory_breakdown()))
+    (on_device, device_state, device_memory), (offloaded, state, memory) = runs
+    assert offloaded == on_device and on_device[-1] < on_device[0]
+    assert all(torch.equal(state[key], value) for key, value in device_state.items())
+    assert memory["weights"] == 0 < device_memory["weights"]

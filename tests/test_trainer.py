@@ -429,7 +429,11 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("training_args", "zero_config", "message"),
     [
-        ({}, {"offload_params": "cpu", "stage": 3}, "parameter offload is not available yet"),
+        (
+            {},
+            {"offload_params": "nvme", "offload_optimizer": "cpu", "nvme_path": "/tmp", "stage": 3},
+            "offload_params='nvme' is not available yet",
+        ),
     ],
 )
 def test_unavailable_features_are_refused_when_the_trainer_is_built(
