@@ -1,19 +1,24 @@
 """Step time and peak GPU memory: plain `transformers.Trainer` against `hf_zero.ZeroTrainer`.
 
     python benchmarks/trainer_bench.py MODEL MODE [STEPS] [--precision bf16|fp16] [--liger]
+        [--offload cpu|nvme] [--offload-params] [--delayed] [--nvme-path DIR]
 
 MODEL: gpt2-124m (16 x 1024 tokens) | llama-1b (Llama-1.1B config, 4 x 2048 tokens) | tiny (CPU smoke run)
 MODE : plain | zero0 | zero1 | zero2 | zero3
 Settings match the anchor script (../shared/bench/trainer_e2e.py): bf16 (or fp16 with --precision;
 on CPU fp32 unless fp16 is asked for), fused AdamW, lr 1e-4, weight decay 0.01, max_grad_norm 1.0,
-random tokens. --liger switches on the Trainer's `use_liger_kernel` (Llama only). Prints one JSON
-line: median step ms, tokens/s, peak GB (max_memory_allocated), final logged loss.
+random tokens. --liger switches on the Trainer's `use_liger_kernel` (Llama only). --offload moves
+the fp32 masters and optimizer state to host memory or an NVMe swap file (--nvme-path, default a
+temporary folder), --offload-params (zero3) the 16-bit shards to the host, --delayed takes the
+host update off the critical path (offload_overlap="delayed"). Prints one JSON line: median step
+ms, tokens/s, peak GB (max_memory_allocated), peak host RSS GB, final logged loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -80,6 +85,19 @@ class StepTimer(TrainerCallback):
             self.loss = logs["loss"]
 
 
+def _zero_config(mode: str, options: argparse.Namespace) -> dict:
+    config: dict = {"stage": int(mode.removeprefix("zero"))}
+    if options.offload:
+        config["offload_optimizer"] = options.offload
+    if options.offload == "nvme":
+        config["nvme_path"] = options.nvme_path or tempfile.mkdtemp()
+    if options.offload_params:
+        config["offload_params"] = "cpu"
+    if options.delayed:
+        config["offload_overlap"] = "delayed"
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", choices=sorted(MODELS))
@@ -87,6 +105,10 @@ def main() -> None:
     parser.add_argument("steps", type=int, nargs="?", default=20)
     parser.add_argument("--precision", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--liger", action="store_true")
+    parser.add_argument("--offload", choices=["cpu", "nvme"], default=None)
+    parser.add_argument("--offload-params", action="store_true")
+    parser.add_argument("--delayed", action="store_true")
+    parser.add_argument("--nvme-path", default=None)
     options = parser.parse_args()
     name, mode, steps = options.model, options.mode, options.steps
     make_config, length, batch = MODELS[name]
@@ -105,9 +127,12 @@ def main() -> None:
     if mode == "plain":
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     else:
-        stage = int(mode.removeprefix("zero"))
         trainer = ZeroTrainer(
-            model=model, args=args, train_dataset=dataset, callbacks=[timer], zero_config={"stage": stage}
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            callbacks=[timer],
+            zero_config=_zero_config(mode, options),
         )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -122,6 +147,8 @@ def main() -> None:
                 else "fp32", "liger": options.liger, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                 "step_ms": round(median * 1000, 1), "tok_s": round(batch * length / median),
                 "peak_GB": peak, "loss": timer.loss, "steps": len(timer.times),
+                "zero_config": None if mode == "plain" else _zero_config(mode, options),
+                "host_peak_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                 "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             }
         ),

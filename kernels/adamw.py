@@ -179,7 +179,8 @@ def adam_step(
     zero_grad: bool = False,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """One Adam/AdamW step over flat tensors, in place: Triton on CUDA, the reference elsewhere.
+    """One Adam/AdamW step over flat tensors, in place: Triton on CUDA; on the CPU (optimizer
+    offload's host update) torch's fused CPU Adam/AdamW.
 
     Args:
         param: fp32 master weights (updated).
@@ -191,5 +192,50 @@ def adam_step(
         zero_grad: reset `grad` to zero on the way (also when the step is skipped).
         found_inf: a one-element device tensor; nonzero skips the update (fp16 overflow), or None.
     """
-    step = adam_step_triton if param.is_cuda and triton is not None else adam_step_reference
+    if param.is_cuda and triton is not None:
+        step = adam_step_triton
+    elif _torch_cpu_fused_applies(param, grad_scale):
+        step = adam_step_torch_cpu
+    else:
+        step = adam_step_reference
     step(param, grad, exp_avg, exp_avg_sq, out, hp, grad_scale, zero_grad, found_inf)
+
+
+def _torch_cpu_fused_applies(param: torch.Tensor, grad_scale: torch.Tensor | None) -> bool:
+    on_cpu = param.device.type == "cpu" and (grad_scale is None or grad_scale.device.type == "cpu")
+    return on_cpu and param.dtype == torch.float32 and hasattr(torch, "_fused_adamw_")
+
+
+def adam_step_torch_cpu(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor | None,
+    hp: AdamHyperparams,
+    grad_scale: torch.Tensor | None = None,
+    zero_grad: bool = False,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """The step through torch's fused CPU Adam/AdamW (one vectorised, multi-threaded pass, several
+    times faster than the reference's separate operations), for fp32 CPU masters. It divides the
+    gradient by its `grad_scale`, so it gets ours inverted, and leaves the quotient in an fp32
+    gradient (the engine's gradients are cleared after the step anyway); a 16-bit gradient is
+    widened into a temporary first."""
+    if found_inf is not None and bool(found_inf.item()):
+        if zero_grad:
+            grad.zero_()
+        return
+    fused = torch._fused_adamw_ if hp.decoupled else torch._fused_adam_
+    fused(
+        [param], [grad if grad.dtype == torch.float32 else grad.float()], [exp_avg], [exp_avg_sq], [],
+        [torch.tensor(float(hp.step))],
+        lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+        amsgrad=False, maximize=False,
+        grad_scale=None if grad_scale is None else grad_scale.reciprocal().float().reshape(()),
+        found_inf=None,
+    )  # fmt: skip
+    if out is not None:
+        out.copy_(param)
+    if zero_grad:
+        grad.zero_()

@@ -12,15 +12,51 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trainer_bench.py"
 
 
-@pytest.mark.parametrize("options", [[], ["--precision", "fp16"]])
-def test_trainer_bench_runs_on_cpu(options):
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("zero2", []),
+        ("zero2", ["--precision", "fp16"]),
+        ("zero3", ["--offload", "cpu", "--offload-params", "--delayed"]),
+    ],
+)
+def test_trainer_bench_runs_on_cpu(mode, options):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "tiny", "zero2", "4", *options],
+        [sys.executable, str(SCRIPT), "tiny", mode, "4", *options],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["mode"] == "zero2" and report["steps"] == 4 and report["step_ms"] > 0
-    assert report["precision"] == ("fp16" if options else "fp32")
+    assert report["mode"] == mode and report["steps"] == 4 and report["step_ms"] > 0
+    assert report["precision"] == ("fp16" if "fp16" in options else "fp32")
+    if "--offload" in options:
+        assert report["zero_config"] == {
+            "stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu", "offload_overlap": "delayed"
+        }  # fmt: skip
+
+
+def test_offload_host_bench_runs_on_cpu(tmp_path):
+    script = SCRIPT.parent / "offload_host_bench.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--elements",
+            "100000",
+            "--nvme-path",
+            str(tmp_path),
+            "--gigabytes",
+            "0.05",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    updates = [line for line in lines if line["measure"] == "update"]
+    swaps = {line["variant"]: line for line in lines if line["measure"] == "swap"}
+    assert len(updates) == 2 and all(line["elements_per_s"] > 0 for line in updates)
+    assert swaps["SwapFile write"]["GB/s"] > 0 and swaps["SwapFile read"]["GB/s"] > 0
