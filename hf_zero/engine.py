@@ -37,7 +37,7 @@ from .kernels import grad_stats
 from .layout import FlatLayout
 from .loss_scaler import LossScaler
 from .nvme import ALIGN as NVME_ALIGN
-from .nvme import NvmeSwapper, check_free_space, state_keys
+from .nvme import NvmeSwapper, check_free_space, existing_folder, state_keys
 from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .pending import PendingWeights, initialise_new_adapters
@@ -109,8 +109,8 @@ class ZeroEngine(ShardedState, nn.Module):
         )
         self.units = find_units(module, config.unit_classes)
         self.swapper: NvmeSwapper | None = None
-        if config.offload_optimizer == "nvme":
-            self.swapper = self._open_swap(optimizer, named)
+        if "nvme" in (config.offload_optimizer, config.offload_params):
+            self.swapper = self._open_swap(optimizer, named, frozen)
         self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32, pending=to_shard)
         self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, False, to_shard)
         # Bytes this rank read from weight files: a pretrained model's (at stage 3 its own shard of
@@ -241,22 +241,34 @@ class ZeroEngine(ShardedState, nn.Module):
             sharded_params=self.config.stage == 3,
             read=read,
             offload=self.config.offload_optimizer if group is not None else "none",
-            offload_params=self.config.offload_params == "cpu",
+            offload_params=self.config.offload_params,
         )
-        if self.swapper is not None and group is not None:
+        if self.config.offload_optimizer == "nvme" and group is not None:
             self.swapper.adopt(segment, state_keys(self.optimizer, self.optimizer.param_groups[group]))
+        if self.config.offload_params == "nvme":
+            self.swapper.adopt_params(segment)
         return segment
 
-    def _open_swap(self, optimizer: torch.optim.Optimizer, named: list[list]) -> NvmeSwapper:
+    def _open_swap(
+        self, optimizer: torch.optim.Optimizer, named: list[list], frozen: list[list]
+    ) -> NvmeSwapper:
         """NVMe offload: check the optimizer and the disk before anything is written, then open this
-        rank's swap file (the segments move their masters into it as they are laid out)."""
+        rank's swap file (the segments move their masters, or 16-bit shards, into it as they are
+        laid out)."""
         shards = 1 if self.config.stage == 0 else self.ctx.world_size
         needed = 0
+        # Each segment pads each slot to the IO alignment: at most one block per slot and unit.
+        padding = NVME_ALIGN * len(self.units)
         for group, pairs in zip(optimizer.param_groups, named, strict=True):
-            slots = 1 + len(state_keys(optimizer, group))
             elements = sum(-(-param.numel() // shards) for _, param in pairs)
-            # Each segment pads each slot to the IO alignment: at most one block per slot and unit.
-            needed += slots * (elements * 4 + NVME_ALIGN * len(self.units))
+            if self.config.offload_optimizer == "nvme":
+                slots = 1 + len(state_keys(optimizer, group))
+                needed += slots * (elements * 4 + padding)
+            if self.config.offload_params == "nvme":
+                needed += elements * self.compute_dtype.itemsize + padding
+        if self.config.offload_params == "nvme":
+            elements = sum(-(-param.numel() // shards) for pairs in frozen for _, param in pairs)
+            needed += elements * self.compute_dtype.itemsize + padding
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         check_free_space(self.config.nvme_path, needed, min(local_ranks, self.ctx.world_size))
         return NvmeSwapper(
@@ -545,7 +557,7 @@ class ZeroEngine(ShardedState, nn.Module):
         scale = self._step_scale()
         if self._delayed is not None:
             self._start_delayed_update(optimizer, scale, found_inf)
-        elif self.swapper is not None:
+        elif self.config.offload_optimizer == "nvme":
             self.swapper.step(
                 list(enumerate(self.groups)),
                 lambda g, group: self._host_step(
@@ -555,7 +567,7 @@ class ZeroEngine(ShardedState, nn.Module):
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
-                if self.swapper is None and self._delayed is None:
+                if group.offload == "cpu" and self._delayed is None:
                     self._host_step(optimizer, g, group, param_group, scale, found_inf)
             elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
@@ -692,6 +704,8 @@ class ZeroEngine(ShardedState, nn.Module):
             self.gather_comm.check_fingerprint()
             self.last_step_comm_bytes += self.gather_comm.bytes_sent
             self.gather_comm.bytes_sent = 0
+        if self.swapper is not None:
+            self.swapper.settle_params()  # offload_params="nvme": the new weights go to the file
         if self.loss_scaler is not None:
             self.loss_scaler.update(skipped)  # last: it raises when the scale cannot go lower
 
@@ -726,17 +740,15 @@ def full_grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def check_available(config: ZeroConfig) -> None:
-    """Raise a clear error for a config asking for features this release does not have yet.
+    """Raise a clear error for a config that cannot run on this machine: a precision with no
+    compute dtype, an NVMe offload folder that does not exist.
 
     The integrations call it when they are built, so a Trainer or Accelerator refuses such a
     config at once rather than when training starts.
     """
     compute_dtype_for(config.precision)
-    if config.offload_params == "nvme":
-        raise NotImplementedError(
-            "offload_params='nvme' is not available yet in this hf_zero release; set offload_params='cpu' "
-            "(16-bit parameter shards in host memory) or 'none'"
-        )
+    if "nvme" in (config.offload_optimizer, config.offload_params):
+        existing_folder(config.nvme_path)
 
 
 def _take_pending_weights(module: nn.Module) -> PendingWeights | None:

@@ -52,7 +52,7 @@ class FlatParamGroup:
         sharded_params: bool = False,
         read: Callable[[int, int, int], torch.Tensor] | None = None,
         offload: str = "none",
-        offload_params: bool = False,
+        offload_params: str = "none",
     ) -> None:
         self.params = list(params)
         self.optimizer_group = optimizer_group
@@ -74,10 +74,14 @@ class FlatParamGroup:
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
         )
         host, pin = torch.device("cpu"), self.offload == "cpu" and torch.cuda.is_available()
-        if offload_params and not sharded_params:
+        if offload_params != "none" and not sharded_params:
             raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
-        self.params_offloaded = offload_params
+        # "cpu": the 16-bit shard in host memory; "nvme": too, until `nvme.py` maps it to a swap file.
+        self.offload_params = offload_params
+        self.params_offloaded = offload_params != "none"
         self._uploaded: torch.Tensor | None = None  # the host shard's device copy while gathered
+        # Called once the shard's values have left it for the device (NVMe: drop its pages).
+        self.after_upload: Callable[[], None] | None = None
 
         if read is None:
             values = [p.data for p in params]
@@ -91,9 +95,9 @@ class FlatParamGroup:
         with_master = self.trainable and not self.master_is_flat
         dtypes = [torch.float32] * with_master + [compute_dtype] * sharded_params
         devices = [host if self.offloaded else device] * with_master + [
-            host if offload_params else device
+            host if self.params_offloaded else device
         ] * sharded_params
-        pin16 = offload_params and torch.cuda.is_available()
+        pin16 = offload_params == "cpu" and torch.cuda.is_available()
         pins = [pin] * with_master + [pin16] * sharded_params
         shards = layout.shards_of(read, self.rank, dtypes, devices, pins)
         master = shards[0] if with_master else None
@@ -168,7 +172,9 @@ class FlatParamGroup:
         source = self.shard16
         if self.params_offloaded:
             # The shard lives on the host: one upload, which the collectives queue behind.
-            source = self._uploaded = source.to(self.flat.device, non_blocking=True)
+            source = self._uploaded = source.to(self.flat.device, non_blocking=self.offload_params == "cpu")
+            if self.after_upload is not None:
+                self.after_upload()
         return [
             comm.all_gather(
                 self.layout.bucket_view(self.flat, bucket),
@@ -264,8 +270,8 @@ class FlatParamGroup:
         buffers (masters counted there instead)."""
         master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
         weights = self.shard16 if self.sharded_params else self.flat
-        if self.params_offloaded:  # the 16-bit shard is on the host with the rest
-            moved = weights.untyped_storage().nbytes()
+        if self.params_offloaded:  # the 16-bit shard is on the host with the rest, or in a swap file
+            moved = weights.untyped_storage().nbytes() if self.offload_params == "cpu" else 0
             if self.offloaded and self.offload == "cpu":
                 host = (
                     master

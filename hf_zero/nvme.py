@@ -58,7 +58,8 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
 
-def _existing_folder(folder: str | os.PathLike) -> Path:
+def existing_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path, or a clear error naming it when it is not an existing folder."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(
             errno.ENOENT,
@@ -71,7 +72,7 @@ def _existing_folder(folder: str | os.PathLike) -> Path:
 def check_free_space(folder: str | os.PathLike, needed: int, ranks: int) -> None:
     """Refuse, before anything is written, a folder whose disk cannot hold `ranks` swap files of
     `needed` bytes each (the ranks of this machine share it)."""
-    free = shutil.disk_usage(_existing_folder(folder)).free
+    free = shutil.disk_usage(existing_folder(folder)).free
     if needed * ranks > free:
         raise OSError(
             errno.ENOSPC,
@@ -90,7 +91,7 @@ class SwapFile:
     it (`direct` says whether it did)."""
 
     def __init__(self, folder: str | os.PathLike, rank: int) -> None:
-        folder = _existing_folder(folder)
+        folder = existing_folder(folder)
         self.path = folder / f".hf_zero-swap-{uuid.uuid4().hex[:12]}-rank{rank}"
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -219,6 +220,23 @@ class _Region:
 
 
 @dataclass
+class _ParamRegion:
+    """A 16-bit parameter shard's region of the file, mapped."""
+
+    map: mmap.mmap
+    nbytes: int
+    view: torch.Tensor | None = None
+
+    def drop(self) -> None:
+        """Forget the pages of a shard that was only read (they are clean: nothing is written)."""
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+    def settle(self) -> None:
+        self.map.flush()
+        self.map.madvise(mmap.MADV_DONTNEED)
+
+
+@dataclass
 class _Resident:
     """A segment stepped through one pool buffer: its reads, then its writes, in flight."""
 
@@ -254,6 +272,7 @@ class NvmeSwapper:
         self.buffer_count = buffer_count
         self.pin = pin
         self.regions: dict[int, _Region] = {}  # id(group) -> region
+        self.param_regions: dict[int, _ParamRegion] = {}  # id(group) -> its 16-bit shard's region
         self.error: BaseException | None = None
         self._buffers: list[torch.Tensor] = []
         self._free: list[torch.Tensor] = []
@@ -284,9 +303,37 @@ class NvmeSwapper:
         _bind(group.master, region.views["master"])
         self.regions[id(group)] = region
 
+    def adopt_params(self, group: FlatParamGroup) -> None:
+        """`offload_params="nvme"`: move `group`'s 16-bit shard into the file and bind it to its map.
+
+        The shard is read through the page cache when its unit is gathered and its pages dropped
+        again right after the upload (`after_upload`); the step's new weights reach the file when
+        `settle_params` runs after it."""
+        shard = group.shard16
+        nbytes = shard.numel() * shard.element_size()
+        if nbytes == 0:
+            return
+        size = _padded(nbytes)
+        offset = self.file.reserve(size)
+        region = _ParamRegion(self.file.map(offset, size), size)
+        view = torch.frombuffer(region.map, dtype=shard.dtype, count=shard.numel())
+        view.copy_(shard)
+        region.settle()
+        _bind(shard, view)
+        region.view = view
+        group.after_upload = region.drop
+        self.param_regions[id(group)] = region
+
+    def settle_params(self) -> None:
+        """Write the 16-bit shards the step changed to the file and drop their pages."""
+        for region in self.param_regions.values():
+            region.settle()
+
     @property
     def file_bytes(self) -> int:
-        return sum(region.file_bytes for region in self.regions.values())
+        return sum(region.file_bytes for region in self.regions.values()) + sum(
+            region.nbytes for region in self.param_regions.values()
+        )
 
     @property
     def host_bytes(self) -> int:

@@ -184,20 +184,20 @@ def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
                 "zero_config": {
                     "offload_params": "nvme",
                     "offload_optimizer": "cpu",
-                    "nvme_path": "/tmp",
+                    "nvme_path": "/no/such/folder",
                     "stage": 3,
                 }
             },
-            "offload_params='nvme' is not available yet",
+            "nvme_path='/no/such/folder' is not an existing folder",
         ),
     ],
 )
-def test_unavailable_features_are_refused_at_construction(monkeypatch, kwargs, match):
+def test_configs_that_cannot_run_here_are_refused_at_construction(monkeypatch, kwargs, match):
     def set_up_accelerate(self, *args, **kwargs):
         raise AssertionError("Accelerate was set up before the config was checked")
 
     monkeypatch.setattr(Accelerator, "__init__", set_up_accelerate)
-    with pytest.raises(NotImplementedError, match=match):
+    with pytest.raises(FileNotFoundError, match=match):
         ZeroAccelerator(cpu=True, **kwargs)
 
 

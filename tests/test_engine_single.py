@@ -25,13 +25,18 @@ def _gpt2_and_adamw(**optimizer_kwargs):
     ("config", "error", "message"),
     [
         (
-            {"offload_params": "nvme", "offload_optimizer": "cpu", "nvme_path": "/tmp", "stage": 3},
-            NotImplementedError,
-            "offload_params='nvme' is not available yet",
+            {
+                "offload_params": "nvme",
+                "offload_optimizer": "cpu",
+                "nvme_path": "/no/such/folder",
+                "stage": 3,
+            },
+            FileNotFoundError,
+            "nvme_path='/no/such/folder' is not an existing folder",
         ),
     ],
 )
-def test_unavailable_features_say_so(config, error, message):
+def test_configs_that_cannot_run_here_say_so(config, error, message):
     model, optimizer = _gpt2_and_adamw()
     with pytest.raises(error, match=message):
         hf_zero.initialize(model, optimizer, config)

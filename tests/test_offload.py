@@ -47,7 +47,7 @@ NVME = {
 # offload_params="cpu" (stage 3): the 16-bit shards on the host as well, uploaded when gathered.
 PARAMS = {
     "s3_clip": {"offload_optimizer": "cpu", "offload_params": "cpu"},
-    "s3_bf16_acc2": {"offload_optimizer": "nvme", "offload_params": "cpu"},
+    "s3_bf16_acc2": {"offload_optimizer": "nvme", "offload_params": "nvme"},
 }
 # offload_overlap="delayed": the host update of step t runs while step t+1 computes.
 DELAYED = {
@@ -117,8 +117,10 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, k
         assert memory["masters"] == memory["optimizer_state"] == 0 and device_memory["offloaded"] == 0
         state = device_memory["masters"] + device_memory["optimizer_state"]
         if kind == "params":
-            # Only gathered units and gradients stay on the device; the shards went to the host.
-            assert memory["weights"] == 0 and memory["offloaded"] > state + device_memory["weights"]
+            # Only gathered units and gradients stay on the device; the shards went to the host
+            # (or with the masters and optimizer state into the swap file).
+            off_device = memory["offloaded"] + memory.get("nvme", 0)
+            assert memory["weights"] == 0 and off_device > state + device_memory["weights"]
             assert memory["peak_gathered"] == device_memory["peak_gathered"] > 0
             continue
         assert memory["weights"] == device_memory["weights"]
@@ -170,7 +172,7 @@ def test_the_overflowing_steps_were_skipped_on_the_host_too(runs, kind):
         assert result["optimizer_steps"] == [4.0]
 
 
-@pytest.mark.parametrize("offload", ["cpu", "nvme", "params"])
+@pytest.mark.parametrize("offload", ["cpu", "nvme", "params", "nvme_params"])
 def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offload):
     batch = slice_samples(make_samples("gpt2", 4), 0, 4)
 
@@ -179,6 +181,8 @@ def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offl
         config = {"stage": 2, "offload_optimizer": offload, "nvme_path": str(tmp_path)}
         if offload == "params":  # stage 3 with everything on the host, to and from stage 2 on the device
             config.update(stage=3, offload_optimizer="cpu", offload_params="cpu")
+        if offload == "nvme_params":  # and with everything in the swap file
+            config.update(stage=3, offload_optimizer="nvme", offload_params="nvme")
         return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
 
     trained = engine(offload)
@@ -240,20 +244,21 @@ def test_the_delayed_update_lands_before_evaluating_saving_and_loading(tmp_path)
 
 
 def test_parameter_offload_reads_a_pretrained_model_into_host_shards_frozen_weights_too(tmp_path):
-    """Stage 3 with `offload_params="cpu"` straight from a `save_pretrained` folder: the weights go
-    from the file to the host shards (the device gets only gathered units), frozen ones included,
-    and training equals the same run with the shards on the device."""
+    """Stage 3 with `offload_params="cpu"` (and `"nvme"`) straight from a `save_pretrained` folder: the
+    weights go from the file to the host shards or the swap file (the device gets only gathered
+    units), frozen ones included, and training equals the same run with the shards on the device."""
     from transformers import AutoModelForCausalLM
 
     build_model("gpt2").save_pretrained(tmp_path / "pretrained")
     samples = make_samples("gpt2", 12)
     runs = []
-    for offload_params in ("none", "cpu"):
+    for offload_params in ("none", "cpu", "nvme"):
         config = {
             "stage": 3,
             "precision": "bf16",
             "offload_optimizer": "cpu",
             "offload_params": offload_params,
+            "nvme_path": str(tmp_path),
         }
         model = hf_zero.from_pretrained(AutoModelForCausalLM, tmp_path / "pretrained", config)
         model.transformer.wte.weight.requires_grad_(False)  # a frozen segment of its own
@@ -268,7 +273,10 @@ def test_parameter_offload_reads_a_pretrained_model_into_host_shards_frozen_weig
             engine.step()
             losses.append(loss.item())
         runs.append((losses, engine.full_state_dict(), engine.memory_breakdown()))
-    (on_device, device_state, device_memory), (offloaded, state, memory) = runs
-    assert offloaded == on_device and on_device[-1] < on_device[0]
-    assert all(torch.equal(state[key], value) for key, value in device_state.items())
-    assert memory["weights"] == 0 < device_memory["weights"]
+    (on_device, device_state, device_memory), *offloaded_runs = runs
+    assert on_device[-1] < on_device[0]
+    for offloaded, state, memory in offloaded_runs:
+        assert offloaded == on_device
+        assert all(torch.equal(state[key], value) for key, value in device_state.items())
+        assert memory["weights"] == 0 < device_memory["weights"]
+    assert offloaded_runs[1][2]["nvme"] > 0

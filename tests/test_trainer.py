@@ -431,15 +431,20 @@ def test_config_that_contradicts_training_arguments_is_refused(tmp_path):
     [
         (
             {},
-            {"offload_params": "nvme", "offload_optimizer": "cpu", "nvme_path": "/tmp", "stage": 3},
-            "offload_params='nvme' is not available yet",
+            {
+                "offload_params": "nvme",
+                "offload_optimizer": "cpu",
+                "nvme_path": "/no/such/folder",
+                "stage": 3,
+            },
+            "nvme_path='/no/such/folder' is not an existing folder",
         ),
     ],
 )
-def test_unavailable_features_are_refused_when_the_trainer_is_built(
+def test_configs_that_cannot_run_here_are_refused_when_the_trainer_is_built(
     tmp_path, training_args, zero_config, message
 ):
-    with pytest.raises(NotImplementedError, match=message):
+    with pytest.raises(FileNotFoundError, match=message):
         ZeroTrainer(model=build_model("gpt2"), args=_args(tmp_path, **training_args), zero_config=zero_config)
 
 

@@ -63,8 +63,8 @@ class ZeroAccelerator(Accelerator):
     """An Accelerator whose `prepare` shards the model and optimizer with hf_zero.
 
     Args:
-        zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. Features
-            this release does not have yet (parameter offload) are refused here.
+        zero_config: a `ZeroConfig`, a dict of its fields, or a path to a YAML/JSON file. A config that
+            cannot run here (e.g. an NVMe offload folder that does not exist) is refused here.
         *args, **kwargs: passed to `accelerate.Accelerator`. `mixed_precision` (or the launcher's
             setting) fills `ZeroConfig.precision` when that is "auto". On a machine without GPUs,
             pass `cpu=True` when launching several processes.
@@ -77,7 +77,7 @@ class ZeroAccelerator(Accelerator):
     def __init__(self, *args: Any, zero_config: ZeroConfig | dict | str | None = None, **kwargs: Any) -> None:
         requested = kwargs.get("mixed_precision") or os.environ.get("ACCELERATE_MIXED_PRECISION")
         config = resolve_precision(ZeroConfig.coerce(zero_config), requested)
-        check_available(config)  # refuse roadmap features now, not at the first prepare or step
+        check_available(config)  # refuse what cannot run here now, not at the first prepare or step
         self.zero_config = config
         kwargs["mixed_precision"] = "no"
         super().__init__(*args, **kwargs)

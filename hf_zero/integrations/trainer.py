@@ -75,8 +75,8 @@ class ZeroTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         self.accelerator = ZeroAccelerator(zero_config=self.zero_config, **self._zero_accelerator_args)
         self.zero_config = self.accelerator.zero_config
-        # The precision is known now (TrainingArguments' bf16/fp16 filled "auto"): refuse what this
-        # release cannot train when the Trainer is built, not when train() starts.
+        # The precision is known now (TrainingArguments' bf16/fp16 filled "auto"): refuse what cannot
+        # run here when the Trainer is built, not when train() starts.
         check_available(self.zero_config)
         self.gather_function = self.accelerator.gather_for_metrics
         if "use_gather_object" in inspect.signature(self.gather_function).parameters:
