@@ -47,6 +47,8 @@ class ZeroConfig:
         offload_overlap: CPU optimizer offload: "exact" updates the weights within the step;
             "delayed" runs the host update of step t while the device computes step t+1, which
             therefore uses weights one update old (ZeRO-Offload's delayed parameter update).
+        offload_chunk_size: CPU optimizer offload: elements per host staging buffer; each rank's
+            gradient shard goes to the host, and its new weights back, through two of them.
         nvme_buffer_count: NVMe offload: host buffers the optimizer step cycles segments through
             (one being updated, the next being read, the previous being written); each holds the
             largest segment's master, optimizer state, gradient and 16-bit copy. At least 2.
@@ -85,6 +87,7 @@ class ZeroConfig:
     offload_params: str = "none"
     nvme_path: str | None = None
     offload_overlap: str = "exact"
+    offload_chunk_size: int = 2**25
     nvme_buffer_count: int = 3
     loss_scale: float = 0.0
     initial_scale_power: int = 16
@@ -113,6 +116,7 @@ class ZeroConfig:
             )
         self.nvme_path = None if self.nvme_path is None else str(self.nvme_path)
         self.offload_overlap = _check_choice("offload_overlap", self.offload_overlap, OFFLOAD_OVERLAP)
+        self.offload_chunk_size = _check_int("offload_chunk_size", self.offload_chunk_size, minimum=1)
         self.nvme_buffer_count = _check_int("nvme_buffer_count", self.nvme_buffer_count, minimum=2)
         self.loss_scale = _check_float("loss_scale", self.loss_scale, minimum=0.0)
         self.initial_scale_power = _check_int("initial_scale_power", self.initial_scale_power, 0, 64)

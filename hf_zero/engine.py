@@ -33,6 +33,7 @@ from .flat_group import FlatParamGroup
 from .fused_step import fused_step, supports_fused_step
 from .gather import UnitGatherer
 from .grad_sync import BackwardReduceScatter, StepReduction
+from .host_staging import HostStaging
 from .kernels import grad_stats
 from .layout import FlatLayout
 from .loss_scaler import LossScaler
@@ -113,6 +114,10 @@ class ZeroEngine(ShardedState, nn.Module):
             self.swapper = self._open_swap(optimizer, named, frozen)
         self.groups: list[FlatParamGroup] = self._layout_segments(named, keep_fp32, pending=to_shard)
         self.frozen: list[FlatParamGroup] = self._layout_segments(frozen, keep_fp32, False, to_shard)
+        # CPU optimizer offload streams gradients and weights through these (see `host_staging.py`),
+        # no larger than the largest shard.
+        largest = max((g.layout.shard_numel for g in self.groups if g.offload == "cpu"), default=1)
+        self.staging = HostStaging(min(config.offload_chunk_size, max(largest, 1)), self.ctx.device)
         # Bytes this rank read from weight files: a pretrained model's (at stage 3 its own shard of
         # them), or the last checkpoint loaded (its own elements of the saved runs).
         self.loaded_bytes = pending.reader.bytes_read if pending is not None else 0
@@ -560,7 +565,7 @@ class ZeroEngine(ShardedState, nn.Module):
         elif self.config.offload_optimizer == "nvme":
             self.swapper.step(
                 list(enumerate(self.groups)),
-                lambda g, group: self._host_step(
+                lambda g, group: self._swapped_step(
                     optimizer, g, group, optimizer.param_groups[group.optimizer_group], scale, found_inf
                 ),
             )
@@ -595,10 +600,36 @@ class ZeroEngine(ShardedState, nn.Module):
     def _host_step(
         self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, found_inf
     ) -> None:
-        """Optimizer offload: bring this rank's reduced gradient to the host, update the host masters
-        there (the fused kernels' CPU path, or the optimizer's own step), and send the new weights
-        back to the device. The clip coefficient, unscale and overflow flag were computed on the
-        device and come along (the host must wait for the gradient anyway)."""
+        """CPU optimizer offload: stream this rank's reduced gradient to the host chunk by chunk,
+        update the host masters there with the fused step's CPU path, and stream the new weights
+        back (`host_staging.py`); optimizers on torch's own path get the whole shard's gradient.
+        The clip coefficient, unscale and overflow flag were computed on the device and come along
+        (the host must wait for the gradient anyway). A skipped step moves and changes nothing."""
+        host = group.master.device
+        scale = scale.to(host) if scale is not None else None
+        skipped = found_inf is not None and bool(found_inf.item())
+        group.master.grad = None
+        if supports_fused_step(optimizer, param_group):
+            self._fused_groups.add(g)
+            if not skipped:
+                pieces = self.staging.pieces(group, lambda run: self.grad_sync.run_grad(g, run))
+                self._undo_if_skipped.append(
+                    fused_step(optimizer, param_group, group.master, pieces, scale, False)
+                )
+            return
+        if skipped:
+            return
+        group.ensure_host_buffers()
+        group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
+        if self.ctx.device.type == "cuda":
+            torch.cuda.current_stream(self.ctx.device).synchronize()  # the downloads have landed
+        group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
+
+    def _swapped_step(
+        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, found_inf
+    ) -> None:
+        """NVMe optimizer offload, for one segment the swapper has brought in (its master, state and
+        buffers): bring the gradient down into the buffer, update, send the new weights back."""
         group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
         host = group.master.device
         scale = scale.to(host) if scale is not None else None
@@ -636,6 +667,7 @@ class ZeroEngine(ShardedState, nn.Module):
         self._wait_delayed_update(upload=True)
         host = torch.device("cpu")
         for g, group in enumerate(self.groups):
+            group.ensure_host_buffers()
             group.download_grads(lambda run, g=g: self.grad_sync.run_grad(g, run))
             group.master.grad = None
             self._fused_groups.add(g)

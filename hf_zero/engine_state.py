@@ -106,6 +106,7 @@ class ShardedState:
         offloaded = {id(group.master) for group in self.groups if group.offload == "cpu"}
         breakdown["optimizer_state"] = 0
         on_disk = {id(group.master) for group in self.groups if group.offload == "nvme"}
+        breakdown["offloaded"] += self.staging.nbytes
         if self.swapper is not None:
             breakdown["offloaded"] += self.swapper.host_bytes
             breakdown["nvme"] = self.swapper.file_bytes

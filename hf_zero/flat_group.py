@@ -36,8 +36,10 @@ class FlatParamGroup:
     With `offload="cpu"` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
     there is a GPU), and so does the optimizer state made from it; the group also keeps two host
     buffers for the step: the shard's gradient in fp32 (`host_grad`) and the updated weights in
-    the compute dtype (`host_copy`), from where they go back to the device. With `offload="nvme"`
-    the engine moves the master into a swap file and the step lends both buffers (see `nvme.py`).
+    the compute dtype (`host_copy`), from where they go back to the device, allocated only where
+    the step needs the whole shard at once (`ensure_host_buffers`; otherwise it streams through
+    `host_staging.py`). With `offload="nvme"` the engine moves the master into a swap file and the
+    step lends both buffers (see `nvme.py`).
     """
 
     def __init__(
@@ -117,10 +119,14 @@ class FlatParamGroup:
         for span in layout.spans(self.rank):
             self.spans_by_slot[span.slot].append(span)
         self.host_grad = self.host_copy = None
-        if self.offload == "cpu":
-            numel = layout.shard_numel
+
+    def ensure_host_buffers(self) -> None:
+        """CPU offload, where the step needs the whole shard on the host at once (the delayed
+        update, optimizers on torch's own path): allocate `host_grad` and `host_copy` once."""
+        if self.host_grad is None:
+            numel, pin = self.layout.shard_numel, torch.cuda.is_available()
             self.host_grad = torch.zeros(numel, dtype=torch.float32, pin_memory=pin)
-            self.host_copy = torch.zeros(numel, dtype=compute_dtype, pin_memory=pin)
+            self.host_copy = torch.zeros(numel, dtype=self.compute_dtype, pin_memory=pin)
 
     def download_grads(self, run_grad: Callable[[Run], torch.Tensor]) -> None:
         """Offload: copy this rank's reduced gradient (`run_grad(run)`, on the device) into
@@ -269,20 +275,14 @@ class FlatParamGroup:
         rank's shard of them; gathered units come and go), the masters, and with offload the host
         buffers (masters counted there instead)."""
         master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
-        weights = self.shard16 if self.sharded_params else self.flat
+        weights = (self.shard16 if self.sharded_params else self.flat).untyped_storage().nbytes()
+        on_host = 0
         if self.params_offloaded:  # the 16-bit shard is on the host with the rest, or in a swap file
-            moved = weights.untyped_storage().nbytes() if self.offload_params == "cpu" else 0
-            if self.offloaded and self.offload == "cpu":
-                host = (
-                    master
-                    + self.host_grad.untyped_storage().nbytes()
-                    + self.host_copy.untyped_storage().nbytes()
-                )
-                return {"weights": 0, "masters": 0, "offloaded": moved + host}
-            return {"weights": 0, "masters": 0 if self.offloaded else master, "offloaded": moved}
-        if not self.offloaded:
-            return {"weights": weights.untyped_storage().nbytes(), "masters": master, "offloaded": 0}
-        if self.offload == "nvme":  # the master is in the swap file (see `ZeroEngine.memory_breakdown`)
-            return {"weights": weights.untyped_storage().nbytes(), "masters": 0, "offloaded": 0}
-        host = master + self.host_grad.untyped_storage().nbytes() + self.host_copy.untyped_storage().nbytes()
-        return {"weights": weights.untyped_storage().nbytes(), "masters": 0, "offloaded": host}
+            on_host += weights if self.offload_params == "cpu" else 0
+            weights = 0
+        if self.offload == "cpu":
+            buffers = [t for t in (self.host_grad, self.host_copy) if t is not None]
+            on_host += master + sum(t.untyped_storage().nbytes() for t in buffers)
+        if self.offloaded:  # (with NVMe the master is in the swap file: see `ZeroEngine.memory_breakdown`)
+            master = 0
+        return {"weights": weights, "masters": master, "offloaded": on_host}

@@ -1,13 +1,18 @@
 """The host update of optimizer offload: torch's fused CPU Adam/AdamW behind `adam_step` on CPU
-tensors, against the reference step (which the Triton kernel is tested against)."""
+tensors, against the reference step (which the Triton kernel is tested against), and the chunks
+the shard streams through."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from hf_zero.host_staging import HostStaging
 from hf_zero.kernels import AdamHyperparams, adam_step, adam_step_reference
 from hf_zero.kernels.adamw import adam_step_torch_cpu
+from hf_zero.layout import Run
 
 
 def _inputs(n: int, seed: int, grad_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -81,3 +86,15 @@ def test_adam_step_takes_the_torch_path_for_cpu_masters(monkeypatch):
     adam_step(param, grad.bfloat16(), exp_avg, exp_avg_sq, None, hp)  # a 16-bit gradient on the CPU
     adam_step(param.double(), grad.double(), exp_avg.double(), exp_avg_sq.double(), None, hp)
     assert taken == ["torch", "torch", "reference"]
+
+
+def test_the_shard_streams_in_chunks_that_fit_the_staging_buffers():
+    # Runs of one shard with bucket padding between them (shard elements 5..7 and 20..21 are padding).
+    group = SimpleNamespace(runs=[Run(0, 0, 5), Run(8, 100, 12), Run(22, 300, 3)])
+    chunks = HostStaging(6, torch.device("cpu"))._chunks(group)
+    pieces = [(run.shard_start, begin, end) for chunk in chunks for run, begin, end in chunk]
+    assert pieces == [(0, 0, 5), (8, 8, 14), (8, 14, 20), (22, 22, 25)]
+    for chunk in chunks:  # each chunk's span, padding included, fits one buffer
+        assert chunk[-1][2] - chunk[0][1] <= 6
+    covered = sorted(i for chunk in chunks for _, begin, end in chunk for i in range(begin, end))
+    assert covered == [*range(0, 5), *range(8, 20), *range(22, 25)]

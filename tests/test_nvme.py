@@ -146,4 +146,5 @@ def test_host_memory_stays_within_the_buffers(tmp_path):
     resident = 2 * memory["weights"] + memory["gradients"]
     assert memory["offloaded"] < nvme["state"] / 4 and memory["nvme"] >= nvme["state"]
     assert nvme["growth"] <= resident + memory["offloaded"] + 32 * 2**20
-    assert cpu["growth"] >= resident + cpu["state"]  # the measurement sees host state when there is some
+    # The measurement sees host state when there is some.
+    assert cpu["growth"] >= resident + 0.8 * cpu["state"] > nvme["growth"]
