@@ -16,8 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trainer_bench.py"
     ("mode", "options"),
     [
         ("zero2", []),
-        ("zero2", ["--precision", "fp16"]),
-        ("zero3", ["--offload", "cpu", "--offload-params", "--delayed"]),
+        ("zero3", ["--precision", "fp16", "--offload", "cpu", "--offload-params", "--delayed"]),
     ],
 )
 def test_trainer_bench_runs_on_cpu(mode, options):
