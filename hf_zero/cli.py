@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-USAGE = """usage: hf-zero COMMAND ...
+USAGE = """usage: hf-zero [--version] COMMAND ...
 
 commands:
   train RECIPE.yaml [--nproc N] [section.key=value ...]
@@ -30,7 +30,7 @@ commands:
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-zero train", description="Train a recipe with ZeroTrainer.")
-    parser.add_argument("recipe", help="path to a recipe YAML file (see recipes/)")
+    parser.add_argument("recipe", nargs="?", help="path to a recipe YAML file (see recipes/)")
     parser.add_argument(
         "--nproc",
         type=int,
@@ -43,19 +43,28 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train(argv: list[str]) -> int:
     """Validate the recipe, then run it here or under torchrun on `--nproc` processes."""
-    options = _train_parser().parse_intermixed_args(argv)
-    from .recipes import Recipe, run_recipe
+    parser = _train_parser()
+    options = parser.parse_intermixed_args(argv)
+    if options.recipe is None:
+        parser.error("RECIPE is required: the recipe YAML file to train, e.g. recipes/gpt2-clm-pretrain.yaml")
+    if options.nproc is not None and options.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {options.nproc}")
+    from .recipes import Recipe, describe_run, run_recipe
 
     try:
         recipe = Recipe.load(options.recipe, options.overrides)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"hf-zero train: {error}", file=sys.stderr)
         return 2
     import torch
 
     nproc = options.nproc if options.nproc is not None else max(torch.cuda.device_count(), 1)
-    if nproc < 1:
-        raise SystemExit(f"hf-zero train: --nproc must be at least 1, got {nproc}")
+    if "WORLD_SIZE" not in os.environ:  # the launching process says it once, not every rank
+        try:
+            print(f"hf-zero train: {describe_run(recipe, nproc)}", flush=True)
+        except (ValueError, ImportError, RuntimeError) as error:
+            print(f"hf-zero train: {error}", file=sys.stderr)
+            return 2
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
@@ -197,6 +206,11 @@ COMMANDS = {"train": train, "merge": merge, "env": env}
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-zero` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"hf-zero {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -26,6 +26,7 @@ import torch
 
 from .config import ZeroConfig, load_mapping, load_yaml
 from .data import causal_lm_dataset, markov_corpus
+from .nvme import existing_folder
 
 SECTIONS = ("model", "data", "training", "zero")
 TASKS = ("causal-lm",)
@@ -98,7 +99,56 @@ class Recipe:
             )
         if "output_dir" not in self.training:
             raise ValueError(f"recipe {where}: training.output_dir is required")
-        ZeroConfig.from_dict(self.zero)
+        _check_training_fields(self.training, where)
+        _check_model_config(self.model, where)
+        zero = ZeroConfig.from_dict(self.zero)
+        if "nvme" in (zero.offload_optimizer, zero.offload_params):
+            existing_folder(zero.nvme_path)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_training_fields(training: dict[str, Any], where: str) -> None:
+    """Every `training` key must be a `TrainingArguments` field (a typo would be an error only
+    once every process has started, or never)."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    valid = sorted(f.name for f in fields(TrainingArguments) if f.init)
+    for key in training:
+        if key not in valid:
+            raise ValueError(
+                f"recipe {where}: training.{key} is not a transformers.TrainingArguments field{_closest(key, valid)}"
+            )
+
+
+def _check_model_config(model: dict[str, Any], where: str) -> None:
+    """`model.architecture` must be a model type transformers knows, and every `model.config` key
+    a field of its config: `AutoConfig.for_model` would keep an unknown key as a stray attribute
+    and build the default-sized model, silently."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    architecture = model["architecture"]
+    if architecture not in CONFIG_MAPPING:
+        raise ValueError(
+            f"recipe {where}: model.architecture={architecture!r} is not a model type transformers knows"
+            f"{_closest(str(architecture), list(CONFIG_MAPPING.keys()))}"
+        )
+    config = model.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"recipe {where}: model.config must be a mapping of {architecture} config fields")
+    defaults = AutoConfig.for_model(architecture)
+    valid = sorted(set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {})))
+    for key in config:
+        if key not in valid:
+            raise ValueError(
+                f"recipe {where}: model.config.{key} is not a field of the {architecture} config"
+                f"{_closest(key, valid)}"
+            )
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:
@@ -180,6 +230,27 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
         training["use_liger_kernel"] = True
         training["liger_kernel_config"] = dict(recipe.model.get("kernel_config") or {})
     return training
+
+
+def describe_run(recipe: Recipe, processes: int) -> str:
+    """One line saying what a run will do: model and size, data, processes, ZeRO stage, precision,
+    where the model goes. The model is built on the meta device to count its parameters."""
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    parameters = sum(p.numel() for p in model.parameters())
+    args = training_arguments(recipe, model.config.model_type)
+    zero = ZeroConfig.from_dict(recipe.zero)
+    precision = zero.precision
+    if precision == "auto":
+        precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "fp32"
+    data = {**_DATA_DEFAULTS, **recipe.data}
+    offload = "" if zero.offload_optimizer == "none" else f", optimizer offload to {zero.offload_optimizer}"
+    return (
+        f"{recipe.model['architecture']} ({parameters / 1e6:.1f}M parameters, {recipe.model.get('task', 'causal-lm')}) "
+        f"on generated {data['source']} data ({data['num_sequences']} train / {data['eval_sequences']} eval "
+        f"sequences of {data['sequence_length']} tokens); {processes} process(es), ZeRO stage {zero.stage}{offload}, "
+        f"{precision}; output to {recipe.training['output_dir']}"
+    )
 
 
 def run_recipe(recipe: Recipe) -> dict[str, float]:

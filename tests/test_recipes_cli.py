@@ -40,10 +40,25 @@ def test_shipped_recipe_loads_and_overrides_apply():
         (["model.task=seq2seq"], "model.task='seq2seq' is not allowed"),
         (["model.kernels=cuda"], "model.kernels='cuda' is not allowed"),
         (["model.kernel_config=3"], "model.kernel_config must be a mapping"),
+        # Typos a newcomer makes: each named, with the closest valid key, before anything launches.
+        (
+            ["model.config.n_layers=2"],
+            r"model.config.n_layers is not a field of the gpt2 config; did you mean 'n_layer'",
+        ),
+        (
+            ["model.architecture=gtp2"],
+            r"model.architecture='gtp2' is not a model type transformers knows; did you mean 'gpt2'",
+        ),
+        (["model.config=3"], "model.config must be a mapping"),
+        (
+            ["training.max_stepz=3"],
+            r"training.max_stepz is not a transformers.TrainingArguments field; did you mean 'max_steps'",
+        ),
+        (["zero.offload_optimizer=nvme", "zero.nvme_path=/no/such/folder"], "is not an existing folder"),
     ],
 )
 def test_bad_overrides_are_named(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         Recipe.load(RECIPE, overrides)
 
 
@@ -65,6 +80,19 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
     assert "does not exist" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert main([]) == 2
+    capsys.readouterr()
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("hf-zero 0.")
+    # Usage errors exit 2 and say what is missing.
+    for args, message in (
+        (["train"], "RECIPE is required"),
+        (["train", "--nproc", "2"], "RECIPE is required"),
+        (["train", str(RECIPE), "--nproc", "0"], "--nproc must be at least 1, got 0"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert main(["train", str(RECIPE), "model.config.n_layers=2"]) == 2
+    assert "did you mean 'n_layer'" in capsys.readouterr().err
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "gloo" in out
@@ -94,6 +122,9 @@ def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
     assert len(losses) == 4
     assert losses[-1] < losses[0] - 1.0  # from ~6.2 (uniform over 512 tokens) well on the way down
     assert "hf-zero train: done" in result.stdout
+    # One summary before the processes start: model and size, data, world, stage, precision, output.
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("hf-zero train: gpt2 (")]
+    assert len(summaries) == 1 and "2 process(es), ZeRO stage 2, fp32; output to" in summaries[0]
     assert "eval_loss" in result.stdout
     weights = load_file(out / "model.safetensors")
     assert "transformer.wte.weight" in weights
