@@ -176,10 +176,17 @@ class ZeroAccelerator(Accelerator):
         kwargs.pop("learning_rate", None)
         self._engine().backward(loss / self.gradient_accumulation_steps, **kwargs)
 
-    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor:
-        """Clip the global norm of the sharded gradients (the `parameters` argument is not needed)."""
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor | None:
+        """Clip the global norm of the sharded gradients (the `parameters` argument is not needed).
+
+        Inside `accumulate`, a micro-batch that does not end the step returns None and changes
+        nothing (as under DeepSpeed): the gradient is not complete yet, and measuring it would
+        reduce it, closing the step to the micro-batches still to come. Loops that clip on every
+        micro-batch thus clip once per step, on the whole gradient."""
         if norm_type != 2:
             raise ValueError(f"hf_zero clips by the 2-norm only; got norm_type={norm_type}")
+        if not self.sync_gradients:
+            return None
         return self._engine().clip_grad_norm_(max_norm)
 
     def unscale_gradients(self, optimizer: Any = None) -> None:
