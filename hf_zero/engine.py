@@ -267,7 +267,14 @@ class ZeroEngine(ShardedState, nn.Module):
         for group, pairs in zip(optimizer.param_groups, named, strict=True):
             elements = sum(-(-param.numel() // shards) for _, param in pairs)
             if self.config.offload_optimizer == "nvme":
-                slots = 1 + len(state_keys(optimizer, group))
+                slots = 1 + len(state_keys(optimizer, group))  # refuses other optimizers by name
+                if not supports_fused_step(optimizer, group):
+                    # torch's own step would run after the swap took the segment's buffers back.
+                    raise ValueError(
+                        f"offload_optimizer='nvme' updates with hf_zero's fused kernels, which do not cover "
+                        f"{type(optimizer).__name__} with these settings (amsgrad, maximize, capturable, "
+                        "differentiable or tensor hyper-parameters); drop those, or use offload_optimizer='cpu'"
+                    )
                 needed += slots * (elements * 4 + padding)
             if self.config.offload_params == "nvme":
                 needed += elements * self.compute_dtype.itemsize + padding
@@ -560,20 +567,26 @@ class ZeroEngine(ShardedState, nn.Module):
             self.clip_grad_norm_(self.config.gradient_clipping)
         found_inf = self._found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
         scale = self._step_scale()
+        host_scale, skipped = None, False
+        if any(group.offloaded for group in self.groups):
+            # The host update needs both on the host: read them once, before any copy is queued
+            # (a later read would wait for those copies too).
+            host_scale = scale.to("cpu") if scale is not None else None
+            skipped = found_inf is not None and bool(found_inf.item())
         if self._delayed is not None:
-            self._start_delayed_update(optimizer, scale, found_inf)
+            self._start_delayed_update(optimizer, host_scale, skipped)
         elif self.config.offload_optimizer == "nvme":
             self.swapper.step(
                 list(enumerate(self.groups)),
                 lambda g, group: self._swapped_step(
-                    optimizer, g, group, optimizer.param_groups[group.optimizer_group], scale, found_inf
+                    optimizer, g, group, optimizer.param_groups[group.optimizer_group], host_scale, skipped
                 ),
             )
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
                 if group.offload == "cpu" and self._delayed is None:
-                    self._host_step(optimizer, g, group, param_group, scale, found_inf)
+                    self._host_step(optimizer, g, group, param_group, host_scale, skipped)
             elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
                 pieces = [
@@ -598,16 +611,13 @@ class ZeroEngine(ShardedState, nn.Module):
                 group.master.grad = grad if scale is None else grad.mul_(scale)
 
     def _host_step(
-        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, found_inf
+        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
     ) -> None:
         """CPU optimizer offload: stream this rank's reduced gradient to the host chunk by chunk,
         update the host masters there with the fused step's CPU path, and stream the new weights
         back (`host_staging.py`); optimizers on torch's own path get the whole shard's gradient.
         The clip coefficient, unscale and overflow flag were computed on the device and come along
         (the host must wait for the gradient anyway). A skipped step moves and changes nothing."""
-        host = group.master.device
-        scale = scale.to(host) if scale is not None else None
-        skipped = found_inf is not None and bool(found_inf.item())
         group.master.grad = None
         if supports_fused_step(optimizer, param_group):
             self._fused_groups.add(g)
@@ -626,29 +636,22 @@ class ZeroEngine(ShardedState, nn.Module):
         group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
 
     def _swapped_step(
-        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, found_inf
+        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
     ) -> None:
         """NVMe optimizer offload, for one segment the swapper has brought in (its master, state and
-        buffers): bring the gradient down into the buffer, update, send the new weights back."""
+        buffers): bring the gradient down into the buffer, update, send the new weights back (a
+        skipped step does none of it). Only fused updates: see `_open_swap`."""
+        group.master.grad = None
+        self._fused_groups.add(g)
+        if skipped:
+            return
         group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
-        host = group.master.device
-        scale = scale.to(host) if scale is not None else None
-        found_inf = found_inf.to(host) if found_inf is not None else None
         if self.ctx.device.type == "cuda":
             torch.cuda.current_stream(self.ctx.device).synchronize()  # the downloads have landed
-        skipped = found_inf is not None and bool(found_inf.item())
-        if supports_fused_step(optimizer, param_group):
-            self._undo_if_skipped.append(
-                fused_step(optimizer, param_group, group.master, group.host_pieces(), scale, False, found_inf)
-            )
-            group.master.grad = None
-            self._fused_groups.add(g)
-            if not skipped:  # a skipped step wrote no host copy: the device keeps its weights
-                group.upload_weights()
-        elif skipped:
-            group.master.grad = None
-        else:
-            group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
+        self._undo_if_skipped.append(
+            fused_step(optimizer, param_group, group.master, group.host_pieces(), scale, False)
+        )
+        group.upload_weights()
 
     # ---- offload_overlap="delayed" -------------------------------------------------------------
 
@@ -661,18 +664,15 @@ class ZeroEngine(ShardedState, nn.Module):
                     "offload_overlap='exact'"
                 )
 
-    def _start_delayed_update(self, optimizer, scale, found_inf) -> None:
+    def _start_delayed_update(self, optimizer, scale, skipped: bool) -> None:
         """Give the device the weights the previous step's host update made, then start this step's
         update on the host, to finish while the next step computes."""
         self._wait_delayed_update(upload=True)
-        host = torch.device("cpu")
         for g, group in enumerate(self.groups):
             group.ensure_host_buffers()
             group.download_grads(lambda run, g=g: self.grad_sync.run_grad(g, run))
             group.master.grad = None
             self._fused_groups.add(g)
-        scale = scale.to(host) if scale is not None else None
-        skipped = found_inf is not None and bool(found_inf.item())
         if self.ctx.device.type == "cuda":
             # The gradients have landed and the uploads have left `host_copy`, which the update rewrites.
             torch.cuda.current_stream(self.ctx.device).synchronize()

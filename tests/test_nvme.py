@@ -5,6 +5,7 @@ stages 1-3, equals the same stage without offload: `test_offload.py`.)"""
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import json
 import os
@@ -85,6 +86,10 @@ def test_a_missing_folder_and_an_unsupported_optimizer_are_named(tmp_path):
         _engine(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"not RMSprop.*offload_optimizer='cpu'"):
         _engine(tmp_path, optimizer=torch.optim.RMSprop)
+    # torch's own Adam step would run after the swap took the segment's buffers back.
+    amsgrad = functools.partial(torch.optim.AdamW, amsgrad=True)
+    with pytest.raises(ValueError, match=r"do not cover AdamW with these settings \(amsgrad"):
+        _engine(tmp_path, optimizer=amsgrad)
 
 
 def test_a_disk_that_fills_while_reserving_names_the_file(tmp_path, monkeypatch):
