@@ -69,8 +69,7 @@ class FlatParamGroup:
         self.trainable = optimizer_group is not None
         # "cpu": master and host buffers in host memory; "nvme": master too, until `nvme.py` moves
         # it into a swap file, and host buffers lent by the step.
-        self.offloaded = offload != "none" and self.trainable
-        self.offload = offload if self.offloaded else "none"
+        self.offload = offload if self.trainable else "none"
         # fp32 and unsharded: the compute buffer already is the master copy.
         self.master_is_flat = (
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
@@ -80,7 +79,6 @@ class FlatParamGroup:
             raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
         # "cpu": the 16-bit shard in host memory; "nvme": too, until `nvme.py` maps it to a swap file.
         self.offload_params = offload_params
-        self.params_offloaded = offload_params != "none"
         self._uploaded: torch.Tensor | None = None  # the host shard's device copy while gathered
         # Called once the shard's values have left it for the device (NVMe: drop its pages).
         self.after_upload: Callable[[], None] | None = None
@@ -119,6 +117,16 @@ class FlatParamGroup:
         for span in layout.spans(self.rank):
             self.spans_by_slot[span.slot].append(span)
         self.host_grad = self.host_copy = None
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the master (and the optimizer state made from it) lives off the device."""
+        return self.offload != "none"
+
+    @property
+    def params_offloaded(self) -> bool:
+        """Whether this rank's 16-bit shard (stage 3) lives off the device."""
+        return self.offload_params != "none"
 
     def ensure_host_buffers(self) -> None:
         """CPU offload, where the step needs the whole shard on the host at once (the delayed

@@ -231,9 +231,11 @@ class _ParamRegion:
         """Forget the pages of a shard that was only read (they are clean: nothing is written)."""
         self.map.madvise(mmap.MADV_DONTNEED)
 
-    def settle(self) -> None:
-        self.map.flush()
-        self.map.madvise(mmap.MADV_DONTNEED)
+
+def _settle(mapped: mmap.mmap) -> None:
+    """Write back pages changed through a map and drop them from this process."""
+    mapped.flush()
+    mapped.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -299,7 +301,7 @@ class NvmeSwapper:
                 region.map, dtype=torch.float32, count=numel, offset=index * slot_bytes
             )
         region.views["master"].copy_(group.master.data)
-        self._settle(region)
+        _settle(region.map)
         _bind(group.master, region.views["master"])
         self.regions[id(group)] = region
 
@@ -318,7 +320,7 @@ class NvmeSwapper:
         region = _ParamRegion(self.file.map(offset, size), size)
         view = torch.frombuffer(region.map, dtype=shard.dtype, count=shard.numel())
         view.copy_(shard)
-        region.settle()
+        _settle(region.map)
         _bind(shard, view)
         region.view = view
         group.after_upload = region.drop
@@ -327,7 +329,7 @@ class NvmeSwapper:
     def settle_params(self) -> None:
         """Write the 16-bit shards the step changed to the file and drop their pages."""
         for region in self.param_regions.values():
-            region.settle()
+            _settle(region.map)
 
     @property
     def file_bytes(self) -> int:
@@ -392,7 +394,7 @@ class NvmeSwapper:
 
     def _swap_in(self, region: _Region) -> _Resident:
         buffer = self._acquire()
-        self._settle(region)  # what was written through the map reaches the disk first
+        _settle(region.map)  # what was written through the map reaches the disk first
         reads = self.file.read_into(buffer[: region.file_bytes], region.offset)
         return _Resident(region, buffer, reads)
 
@@ -454,11 +456,6 @@ class NvmeSwapper:
             if torch.is_tensor(value) and value.numel() == region.numel:
                 tensors[name] = value
         return tensors
-
-    def _settle(self, region: _Region) -> None:
-        """Write back pages changed through the map and drop them from this process."""
-        region.map.flush()
-        region.map.madvise(mmap.MADV_DONTNEED)
 
     def _optimizer_state(self, master: torch.Tensor) -> dict:
         return self.optimizer.state.get(master, {})
