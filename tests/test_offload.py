@@ -26,7 +26,6 @@ PAIRS = {
     "s1_acc2_clip": {"stage": 1, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
     "s2_acc2_clip": {"stage": 2, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
     "s3_clip": {"stage": 3, "precision": "fp32", "clipping": 1.0},
-    "s2_bf16": {"stage": 2, "precision": "bf16"},
     "s3_bf16_acc2": {"stage": 3, "precision": "bf16", "accumulation": 2},
     "s2_sgd": {"stage": 2, "precision": "fp32", "optimizer": "sgd"},
     "s1_rmsprop": {"stage": 1, "precision": "fp32", "optimizer": "rmsprop", "clipping": 1.0},
