@@ -215,8 +215,7 @@ class _Region:
 
     @property
     def buffer_bytes(self) -> int:
-        copy = self.numel * torch.empty((), dtype=self.group.compute_dtype).element_size()
-        return self.file_bytes + self.slot_bytes + _padded(copy)
+        return self.file_bytes + self.slot_bytes + _padded(self.numel * self.group.compute_dtype.itemsize)
 
 
 @dataclass
@@ -401,8 +400,7 @@ class NvmeSwapper:
     def _slot(self, resident: _Resident, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         region = resident.region
         start = index * region.slot_bytes
-        nbytes = region.numel * torch.empty((), dtype=dtype).element_size()
-        return resident.buffer[start : start + nbytes].view(dtype)
+        return resident.buffer[start : start + region.numel * dtype.itemsize].view(dtype)
 
     def _enter(self, resident: _Resident) -> None:
         for future in resident.reads:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import tl, triton
-from .copy16 import out_mode
+from .copy16 import out_mode, skipped_on_host
 
 if triton is not None:
     from .copy16 import store_copy
@@ -60,9 +60,7 @@ def adam_step_reference(
     found_inf: torch.Tensor | None = None,
 ) -> None:
     """The fused step in PyTorch operations (in place). See `adam_step` for the arguments."""
-    if found_inf is not None and bool(found_inf.item()):
-        if zero_grad:
-            grad.zero_()
+    if skipped_on_host(grad, zero_grad, found_inf):
         return
     g = grad.float()
     if grad_scale is not None:
@@ -222,9 +220,7 @@ def adam_step_torch_cpu(
     gradient by its `grad_scale`, so it gets ours inverted, and leaves the quotient in an fp32
     gradient (the engine's gradients are cleared after the step anyway); a 16-bit gradient is
     widened into a temporary first."""
-    if found_inf is not None and bool(found_inf.item()):
-        if zero_grad:
-            grad.zero_()
+    if skipped_on_host(grad, zero_grad, found_inf):
         return
     fused = torch._fused_adamw_ if hp.decoupled else torch._fused_adam_
     fused(

@@ -1,10 +1,21 @@
-"""The 16-bit copy the fused optimizer kernels write beside the updated fp32 master."""
+"""What the fused optimizer steps share: the 16-bit copy their kernels write beside the updated fp32
+master, and the overflow skip of their host-side (PyTorch) paths."""
 
 from __future__ import annotations
 
 import torch
 
 from ._triton import tl, triton
+
+
+def skipped_on_host(grad: torch.Tensor, zero_grad: bool, found_inf: torch.Tensor | None) -> bool:
+    """Whether `found_inf` says this step overflowed; then only the gradient reset (`zero_grad`) is
+    done, as the kernels do when they see the flag."""
+    if found_inf is None or not bool(found_inf.item()):
+        return False
+    if zero_grad:
+        grad.zero_()
+    return True
 
 
 def out_mode(out: torch.Tensor | None) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import tl, triton
-from .copy16 import out_mode
+from .copy16 import out_mode, skipped_on_host
 
 if triton is not None:
     from .copy16 import store_copy
@@ -47,9 +47,7 @@ def sgd_step_reference(
     found_inf: torch.Tensor | None = None,
 ) -> None:
     """The fused step in PyTorch operations (in place). See `sgd_step` for the arguments."""
-    if found_inf is not None and bool(found_inf.item()):
-        if zero_grad:
-            grad.zero_()
+    if skipped_on_host(grad, zero_grad, found_inf):
         return
     g = grad.float()
     if grad_scale is not None:
