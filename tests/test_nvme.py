@@ -134,8 +134,8 @@ def test_an_io_error_mid_training_stops_it_and_leaves_the_checkpoint_intact(tmp_
 
 
 def test_host_memory_stays_within_the_buffers(tmp_path):
-    """Peak RSS of a whole process (a 29 MB model, AdamW): with CPU offload the host holds masters and
-    state (87 MB); with NVMe only the step's buffers (2 of them, 18 MB), whatever the model's size."""
+    """Peak RSS of a whole process (a 115 MB model, AdamW): with CPU offload the host holds masters and
+    state (343 MB); with NVMe only the step's buffers (2 of them, 71 MB), whatever the model's size."""
     runs = {}
     for offload in ("cpu", "nvme"):
         done = subprocess.run(
@@ -144,12 +144,13 @@ def test_host_memory_stays_within_the_buffers(tmp_path):
         )  # fmt: skip
         runs[offload] = json.loads(done.stdout.strip().splitlines()[-1])
     nvme, cpu = runs["nvme"], runs["cpu"]
-    memory = nvme["memory"]
+    memory, state = nvme["memory"], nvme["state"]
     # The compute buffer and gradients (and, for a moment, the model's own weights it replaces)
-    # are the same in both runs; what NVMe adds on top is its buffers, and temporaries of the size of
-    # a segment (the CPU update's, one segment's master while it moves into the file): measured 15 MB.
+    # are the same in both runs; what NVMe adds on top is its buffers and temporaries of the size
+    # of a segment. The process's peak varies by some 40 MB from run to run (allocator, threads),
+    # so the margin is a quarter of the state: holding the state would exceed it fourfold.
     resident = 2 * memory["weights"] + memory["gradients"]
-    assert memory["offloaded"] < nvme["state"] / 4 and memory["nvme"] >= nvme["state"]
-    assert nvme["growth"] <= resident + memory["offloaded"] + 32 * 2**20
+    assert memory["offloaded"] < state / 4 and memory["nvme"] >= state
+    assert nvme["growth"] <= resident + memory["offloaded"] + state / 4
     # The measurement sees host state when there is some.
-    assert cpu["growth"] >= resident + 0.8 * cpu["state"] > nvme["growth"]
+    assert cpu["growth"] >= nvme["growth"] + state / 3

@@ -3,7 +3,7 @@ offload, read off the kernel's own peak-RSS counter.
 
     python -m hf_zero.testing.offload_memory OFFLOAD SWAP_DIR
 
-Builds a GPT-2-shaped model of about 29 MB (fp32, 16 layers) and its AdamW, resets the process's peak RSS
+Builds a GPT-2-shaped model of about 115 MB (fp32, 16 layers) and its AdamW, resets the process's peak RSS
 (`/proc/self/clear_refs`; where a kernel does not offer it, a thread samples the RSS every
 millisecond instead), then shards it (one rank, stage 1, fp32) and trains 3 steps, and prints
 one JSON line: the peak RSS growth over the RSS before `initialize`, the bytes of the masters and
@@ -60,7 +60,7 @@ class PeakRSS:
 def main() -> None:
     offload, swap = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=192, n_layer=16, n_head=4, vocab_size=512, n_positions=64)
+    config = GPT2Config(n_embd=384, n_layer=16, n_head=4, vocab_size=512, n_positions=64)
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 512, (2, 32))
