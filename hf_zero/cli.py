@@ -62,7 +62,7 @@ def train(argv: list[str]) -> int:
     if "WORLD_SIZE" not in os.environ:  # the launching process says it once, not every rank
         try:
             print(f"hf-zero train: {describe_run(recipe, nproc)}", flush=True)
-        except (ValueError, ImportError, RuntimeError) as error:
+        except (ValueError, ImportError, RuntimeError, OSError) as error:
             print(f"hf-zero train: {error}", file=sys.stderr)
             return 2
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -73,10 +73,20 @@ def train(argv: list[str]) -> int:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         return subprocess.call(command, env=env)
-    metrics = run_recipe(recipe)
+    result = run_recipe(recipe)
     if int(os.environ.get("RANK", "0")) == 0:
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-        print(f"hf-zero train: done; model saved to {recipe.training['output_dir']}; metrics: {shown}")
+        if result.eval_metrics:  # the final evaluation, printed here once
+            shown = ", ".join(
+                f"{key.removeprefix('eval_')} {value:.4g}" for key, value in result.eval_metrics.items()
+            )
+            print(f"hf-zero train: final eval at step {result.eval_step}: {shown}")
+        train_loss = result.train_metrics.get("train_loss")
+        loss = f"; mean training loss {train_loss:.4g}" if train_loss is not None else ""
+        runtime = result.train_metrics.get("train_runtime", 0.0)
+        print(
+            f"hf-zero train: done in {runtime:.0f} s{loss}; {', '.join(result.written)} written to "
+            f"{result.output_dir}"
+        )
     _end_launched_worker()
     return 0
 

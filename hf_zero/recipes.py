@@ -1,59 +1,78 @@
-"""Recipes: one YAML file that says which model to build, on what data, with which Trainer
+"""Recipes: one YAML file that says which model to build or load, on what data, with which Trainer
 arguments and which `ZeroConfig`, run through `ZeroTrainer`.
 
 A recipe has four sections:
 
-    model:    {architecture: gpt2, task: causal-lm, config: {...},   # built from a config, no download
-               kernels: liger, kernel_config: {...}}   # optional: Liger-Kernel's Triton kernels
-    data:     {source: markov, num_sequences: ..., sequence_length: ..., branching: ..., seed: ...,
-               eval_sequences: ...}
+    model:    {task: causal-lm | masked-lm | sft,
+               architecture: gpt2, config: {...},        # a model built from a config, or
+               pretrained: <Hub id or folder>,           # one loaded with hf_zero.from_pretrained
+               tokenizer: train | <Hub id or folder>,    # default: trained on the data (config
+               tokenizer_vocab_size: 2000,               #   models) or the pretrained one's
+               kernels: liger, kernel_config: {...}}     # optional: Liger-Kernel's Triton kernels
+    data:     {source: generated | files | hub | markov, sequence_length: ..., ...}
+              # see hf_zero.recipe_data for each source's fields
     training: {...}   # transformers.TrainingArguments fields
     zero:     {...}   # hf_zero.ZeroConfig fields
 
 `key=value` overrides address any leaf by its dotted path (`training.max_steps=50`,
 `zero.stage=1`); values are read as YAML, so `50` is an int, `true` a bool and `no` the string "no".
+Everything is checked by `Recipe.load`, before any process starts.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .config import ZeroConfig, load_mapping, load_yaml
-from .data import causal_lm_dataset, markov_corpus
 from .nvme import existing_folder
+from .recipe_data import (
+    ACCURACY_METRIC,
+    TASKS,
+    data_fields,
+    describe_source,
+    logits_for_metrics,
+    metrics_for,
+    prepare_data,
+    tokenizer_spec,
+    validate_data,
+)
 
 SECTIONS = ("model", "data", "training", "zero")
-TASKS = ("causal-lm",)
 KERNELS = ("none", "liger")
-DATA_SOURCES = ("markov",)
-_DATA_DEFAULTS = {
-    "source": "markov",
-    "num_sequences": 2048,
-    "sequence_length": 64,
-    "branching": 4,
-    "seed": 0,
-    "eval_sequences": 128,
+_MODEL_FIELDS = (
+    "task", "architecture", "pretrained", "config", "tokenizer", "tokenizer_vocab_size", "kernels", "kernel_config",
+)  # fmt: skip
+# The Auto class of each task, and transformers' table of the model types it has a head for.
+AUTO_CLASSES = {
+    "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    "sft": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
 }
 
 
 @dataclass
 class Recipe:
-    """A parsed recipe; see the module docstring for its sections."""
+    """A parsed recipe; see the module docstring for its sections. `path` and `overrides` say where
+    it came from (for the model card and the run's command line)."""
 
     model: dict[str, Any]
     data: dict[str, Any]
     training: dict[str, Any]
     zero: dict[str, Any]
+    path: str = ""
+    overrides: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-        """Read a recipe file and apply `key=value` overrides."""
+        """Read a recipe file, apply `key=value` overrides and check the result."""
         values = load_mapping(path)
         for override in overrides:
             _apply_override(values, override)
@@ -63,20 +82,36 @@ class Recipe:
         for section in SECTIONS:
             if not isinstance(values.get(section, {}), dict):
                 raise ValueError(f"recipe {path}: section {section!r} must be a mapping")
-        recipe = cls(**{section: dict(values.get(section) or {}) for section in SECTIONS})
+        sections = {section: dict(values.get(section) or {}) for section in SECTIONS}
+        recipe = cls(**sections, path=str(path), overrides=tuple(overrides))
         recipe.validate(str(path))
         return recipe
 
+    @property
+    def task(self) -> str:
+        return self.model.get("task", "causal-lm")
+
+    @property
+    def text_data(self) -> bool:
+        """Whether the data is text (to tokenize) rather than token ids."""
+        return data_fields(self.data)["source"] != "markov"
+
     def validate(self, where: str) -> None:
-        """Check what can be checked before anything heavy is imported or built."""
-        if "architecture" not in self.model:
+        """Check everything that can be checked before a process starts or a weight is read."""
+        unknown = [key for key in self.model if key not in _MODEL_FIELDS]
+        if unknown:
             raise ValueError(
-                f"recipe {where}: model.architecture is required (an AutoConfig model type such as gpt2)"
+                f"recipe {where}: unknown model field(s) {unknown}{_closest(unknown[0], list(_MODEL_FIELDS))}; "
+                f"fields are {list(_MODEL_FIELDS)}"
             )
-        task = self.model.get("task", "causal-lm")
-        if task not in TASKS:
+        if "architecture" not in self.model and "pretrained" not in self.model:
             raise ValueError(
-                f"recipe {where}: model.task={task!r} is not allowed: expected one of {list(TASKS)}"
+                f"recipe {where}: model.architecture (an AutoConfig model type such as gpt2, to build from a "
+                "config) or model.pretrained (a Hub id or a local folder) is required"
+            )
+        if self.task not in TASKS:
+            raise ValueError(
+                f"recipe {where}: model.task={self.task!r} is not allowed: expected one of {list(TASKS)}"
             )
         kernels = self.model.get("kernels", "none")
         if kernels not in KERNELS:
@@ -87,23 +122,29 @@ class Recipe:
             raise ValueError(
                 f"recipe {where}: model.kernel_config must be a mapping of Liger options (e.g. rope: false)"
             )
-        unknown = [key for key in self.data if key not in _DATA_DEFAULTS]
-        if unknown:
-            raise ValueError(
-                f"recipe {where}: unknown data field(s) {unknown}; fields are {sorted(_DATA_DEFAULTS)}"
-            )
-        source = self.data.get("source", "markov")
-        if source not in DATA_SOURCES:
-            raise ValueError(
-                f"recipe {where}: data.source={source!r} is not allowed: expected {list(DATA_SOURCES)}"
-            )
+        validate_data(self.data, self.task, where)
         if "output_dir" not in self.training:
             raise ValueError(f"recipe {where}: training.output_dir is required")
         _check_training_fields(self.training, where)
-        _check_model_config(self.model, where)
+        config = _check_model_config(self.model, where)
+        _check_task(config.model_type, self.task, where)
+        spec = tokenizer_spec(self.model)
+        if spec != "train" and "pretrained" not in self.model and not _loadable(spec):
+            raise ValueError(
+                f"recipe {where}: model.tokenizer={spec!r} is neither 'train' nor a folder or Hub id"
+            )
         zero = ZeroConfig.from_dict(self.zero)
         if "nvme" in (zero.offload_optimizer, zero.offload_params):
             existing_folder(zero.nvme_path)
+
+    def to_yaml(self) -> str:
+        """The recipe as run (overrides applied), as YAML."""
+        sections = {section: getattr(self, section) for section in SECTIONS}
+        return yaml.safe_dump(sections, sort_keys=False)
+
+    def command(self, processes: int) -> str:
+        """The `hf-zero train` command line that runs this recipe."""
+        return " ".join(["hf-zero train", self.path, "--nproc", str(processes), *self.overrides])
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -126,29 +167,74 @@ def _check_training_fields(training: dict[str, Any], where: str) -> None:
             )
 
 
-def _check_model_config(model: dict[str, Any], where: str) -> None:
-    """`model.architecture` must be a model type transformers knows, and every `model.config` key
-    a field of its config: `AutoConfig.for_model` would keep an unknown key as a stray attribute
-    and build the default-sized model, silently."""
+def _loadable(spec: str) -> bool:
+    """A local folder, or something shaped like a Hub id (`org/name` or `name`)."""
+    return os.path.isdir(spec) or (
+        not os.path.isabs(spec) and spec.count("/") <= 1 and not spec.startswith(".")
+    )
+
+
+def _check_model_config(model: dict[str, Any], where: str):
+    """The model's config, checked: `model.architecture` must be a model type transformers knows, a
+    `model.pretrained` folder must hold a config.json, and every `model.config` key must be a
+    field of that config (`AutoConfig` would keep an unknown key as a stray attribute and build the
+    default-sized model, silently)."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    architecture = model["architecture"]
-    if architecture not in CONFIG_MAPPING:
-        raise ValueError(
-            f"recipe {where}: model.architecture={architecture!r} is not a model type transformers knows"
-            f"{_closest(str(architecture), list(CONFIG_MAPPING.keys()))}"
-        )
-    config = model.get("config") or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"recipe {where}: model.config must be a mapping of {architecture} config fields")
-    defaults = AutoConfig.for_model(architecture)
-    valid = sorted(set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {})))
-    for key in config:
+    overrides = model.get("config") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"recipe {where}: model.config must be a mapping of config fields")
+    if "pretrained" in model:
+        source = str(model["pretrained"])
+        if source.startswith((".", "/", "~")) and not os.path.isfile(
+            os.path.join(os.path.expanduser(source), "config.json")
+        ):
+            raise FileNotFoundError(
+                f"recipe {where}: model.pretrained={source!r} is not a folder with a config.json"
+            )
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(source))
+        except OSError as error:
+            raise ValueError(
+                f"recipe {where}: model.pretrained={source!r} could not be read as a local folder or a Hub model "
+                f"(in the cache or online): {str(error).splitlines()[0]}"
+            ) from error
+        name = source
+    else:
+        architecture = model["architecture"]
+        if architecture not in CONFIG_MAPPING:
+            raise ValueError(
+                f"recipe {where}: model.architecture={architecture!r} is not a model type transformers knows"
+                f"{_closest(str(architecture), list(CONFIG_MAPPING.keys()))}"
+            )
+        config = AutoConfig.for_model(architecture)
+        name = architecture
+    if "pretrained" in model:
+        return config  # its model.config (for building) is not used
+    valid = sorted(set(config.to_dict()) | set(getattr(config, "attribute_map", {})))
+    for key in overrides:
         if key not in valid:
             raise ValueError(
-                f"recipe {where}: model.config.{key} is not a field of the {architecture} config"
-                f"{_closest(key, valid)}"
+                f"recipe {where}: model.config.{key} is not a field of the {name} config{_closest(key, valid)}"
             )
+    return config
+
+
+def _check_task(model_type: str, task: str, where: str) -> None:
+    """The model type must have the head the task trains (no masked-LM head on GPT-2, no causal one
+    on BERT-only types)."""
+    from transformers.models.auto import modeling_auto
+
+    heads = getattr(modeling_auto, AUTO_CLASSES[task][1])
+    if model_type not in heads:
+        suited = [
+            name for name, (_, table) in AUTO_CLASSES.items() if model_type in getattr(modeling_auto, table)
+        ]
+        hint = f"; it suits model.task={suited[0]}" if suited else ""
+        raise ValueError(
+            f"recipe {where}: model.task={task} needs a {AUTO_CLASSES[task][0]} head, and {model_type} models "
+            f"have none{hint}"
+        )
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:
@@ -174,22 +260,49 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     node[path[-1]] = load_yaml(text)
 
 
-def build_model(model_section: dict[str, Any]):
-    """A randomly initialised Hub-architecture model from `model.architecture` and `model.config`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(model_section: dict[str, Any], tokenizer=None, text_data: bool = True):
+    """The model's config: the checkpoint's own with `model.pretrained` (`model.architecture` and
+    `model.config` describe a model to build, so a recipe written for one can be pointed at a
+    checkpoint with a single override), else built for `model.architecture` with the
+    `model.config` overrides, taking its vocabulary size and special-token ids from the tokenizer
+    trained for it."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_section["architecture"], **(model_section.get("config") or {}))
-    return AutoModelForCausalLM.from_config(config)
+    overrides = dict(model_section.get("config") or {})
+    if "pretrained" in model_section:
+        return AutoConfig.from_pretrained(os.path.expanduser(str(model_section["pretrained"])))
+    if tokenizer is not None:
+        overrides.setdefault("vocab_size", len(tokenizer))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                overrides.setdefault(name, getattr(tokenizer, name))
+    elif tokenizer_spec(model_section) == "train" and text_data:
+        overrides.setdefault("vocab_size", int(model_section.get("tokenizer_vocab_size", 2000)))
+    return AutoConfig.for_model(model_section["architecture"], **overrides)
 
 
-def build_datasets(data_section: dict[str, Any], vocab_size: int):
-    """Train and eval datasets generated as `data` describes (same chain, disjoint samples)."""
-    data = {**_DATA_DEFAULTS, **data_section}
-    total = data["num_sequences"] + data["eval_sequences"]
-    tokens = markov_corpus(total, data["sequence_length"], vocab_size, data["branching"], data["seed"])
-    train = causal_lm_dataset(tokens[: data["num_sequences"]])
-    evaluation = causal_lm_dataset(tokens[data["num_sequences"] :]) if data["eval_sequences"] else None
-    return train, evaluation
+def build_model(recipe: Recipe, tokenizer=None):
+    """The recipe's model: randomly initialised from its config, or loaded with
+    `hf_zero.from_pretrained` (at stage 3 each rank reads only its shard)."""
+    import transformers
+
+    from .loading import from_pretrained
+
+    auto_class = getattr(transformers, AUTO_CLASSES[recipe.task][0])
+    if "pretrained" in recipe.model:
+        model = from_pretrained(
+            auto_class,
+            os.path.expanduser(str(recipe.model["pretrained"])),
+            recipe.zero,
+        )
+        vocab = model.config.get_text_config().vocab_size
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens and {recipe.model['pretrained']} embeds only {vocab}; "
+                "use the model's own tokenizer (leave model.tokenizer out)"
+            )
+        return model
+    return auto_class.from_config(model_config(recipe.model, tokenizer, recipe.text_data))
 
 
 def check_liger(model_type: str) -> None:
@@ -214,8 +327,16 @@ def check_liger(model_type: str) -> None:
         )
 
 
+def _tensorboard_available() -> bool:
+    from transformers.integrations import is_tensorboard_available
+
+    return is_tensorboard_available()
+
+
 def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
-    """The recipe's `TrainingArguments` fields, completed for this machine and its kernels."""
+    """The recipe's `TrainingArguments` fields, completed for this machine and its kernels:
+    precision as the Trainer would pick it, CPU use without GPUs, TensorBoard logs when it is
+    installed (into `<output_dir>/runs/`)."""
     training = dict(recipe.training)
     if torch.cuda.is_available():
         # Precision "auto" follows the Trainer: use bf16 where the GPU has it, unless the recipe says.
@@ -223,7 +344,12 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
             training["bf16"] = torch.cuda.is_bf16_supported()
     else:
         training.setdefault("use_cpu", True)
-    training.setdefault("report_to", [])
+    training.setdefault("report_to", ["tensorboard"] if _tensorboard_available() else [])
+    if recipe.task == "masked-lm":
+        # Masked-LM heads (BERT's) average their loss themselves and ignore the token count the
+        # Trainer hands over, so the Trainer's rescaling by the number of processes (meant for a
+        # summed loss) would report and train on W times the loss.
+        training.setdefault("average_tokens_across_devices", False)
     if recipe.model.get("kernels", "none") == "liger":
         check_liger(model_type)
         # The Trainer patches the model with Liger as training starts, before hf_zero shards it.
@@ -234,40 +360,138 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
 
 def describe_run(recipe: Recipe, processes: int) -> str:
     """One line saying what a run will do: model and size, data, processes, ZeRO stage, precision,
-    where the model goes. The model is built on the meta device to count its parameters."""
+    where the model goes. The model is built on the meta device to count its parameters (with the
+    vocabulary the trained tokenizer may reach, so about)."""
+    from transformers import AutoModel
+
+    config = model_config(recipe.model, text_data=recipe.text_data)
     with torch.device("meta"):
-        model = build_model(recipe.model)
+        model = AutoModel.from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
-    args = training_arguments(recipe, model.config.model_type)
+    args = training_arguments(recipe, config.model_type)
     zero = ZeroConfig.from_dict(recipe.zero)
     precision = zero.precision
     if precision == "auto":
         precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "fp32"
-    data = {**_DATA_DEFAULTS, **recipe.data}
     offload = "" if zero.offload_optimizer == "none" else f", optimizer offload to {zero.offload_optimizer}"
+    name = recipe.model.get("pretrained") or recipe.model["architecture"]
+    if "pretrained" in recipe.model and recipe.model.get("config"):
+        name += " (its own config: model.config is for building a model)"
     return (
-        f"{recipe.model['architecture']} ({parameters / 1e6:.1f}M parameters, {recipe.model.get('task', 'causal-lm')}) "
-        f"on generated {data['source']} data ({data['num_sequences']} train / {data['eval_sequences']} eval "
-        f"sequences of {data['sequence_length']} tokens); {processes} process(es), ZeRO stage {zero.stage}{offload}, "
-        f"{precision}; output to {recipe.training['output_dir']}"
+        f"{name} ({parameters / 1e6:.1f}M parameters, {recipe.task}) on {describe_source(data_fields(recipe.data))}; "
+        f"{processes} process(es), ZeRO stage {zero.stage}{offload}, {precision}; output to "
+        f"{recipe.training['output_dir']}"
     )
 
 
-def run_recipe(recipe: Recipe) -> dict[str, float]:
-    """Train the recipe with ZeroTrainer, save the final model to `training.output_dir`, return metrics."""
+@dataclass
+class RecipeResult:
+    """What a finished recipe run reports: the final evaluation (once), the training summary, and
+    what it wrote where."""
+
+    eval_metrics: dict[str, float]
+    train_metrics: dict[str, float]
+    output_dir: str
+    written: list[str]
+    eval_step: int | None = None
+
+
+def run_recipe(recipe: Recipe) -> RecipeResult:
+    """Train the recipe with ZeroTrainer and write into `training.output_dir`: the model (a
+    `from_pretrained` folder), its tokenizer, the loss and metric curves (`curves.png`) and a
+    model card (`README.md`). Every rank calls it (under torchrun); rank 0 writes the files."""
     from transformers import TrainingArguments
 
     from .integrations.trainer import ZeroTrainer
+    from .model_card import hardware, write_card
+    from .run_report import install_step_logging, plot_curves
 
-    model = build_model(recipe.model)
-    args = TrainingArguments(**training_arguments(recipe, model.config.model_type))
-    train, evaluation = build_datasets(recipe.data, model.config.vocab_size)
+    started = time.monotonic()
+    model_type = model_config(recipe.model, text_data=recipe.text_data).model_type
+    args = TrainingArguments(**training_arguments(recipe, model_type))
+    with args.main_process_first(local=False, desc="data and tokenizer"):
+        data = prepare_data(recipe.model, recipe.data, args.output_dir, args.process_index == 0)
+    model = build_model(recipe, data.tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    evaluating = data.evaluation is not None
     trainer = ZeroTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation, zero_config=recipe.zero
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.evaluation,
+        data_collator=data.collator,
+        processing_class=data.tokenizer,
+        compute_metrics=metrics_for(recipe.task) if evaluating else None,
+        preprocess_logits_for_metrics=logits_for_metrics(recipe.task) if evaluating else None,
+        zero_config=recipe.zero,
     )
+    logging = install_step_logging(trainer)
     result = trainer.train()
-    metrics = dict(result.metrics)
-    if evaluation is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(str(Path(args.output_dir)))
-    return metrics
+    eval_metrics, eval_step = {}, None
+    if evaluating:
+        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last["step"] == trainer.state.global_step:
+            eval_metrics = dict(last)  # the run just evaluated its final weights: no second pass
+        else:
+            logging.quiet = True  # printed once, by the caller, not also as a log line
+            eval_metrics = trainer.evaluate()
+        eval_step = trainer.state.global_step
+    trainer.save_model(args.output_dir)
+    written = ["model"] + (["tokenizer"] if data.tokenizer is not None else [])
+    if args.process_index == 0:
+        metric_names = (ACCURACY_METRIC[recipe.task], "perplexity") if evaluating else ()
+        if plot_curves(trainer.state.log_history, Path(args.output_dir) / "curves.png", metric_names):
+            written.append("curves (curves.png)")
+        card = write_card(
+            args.output_dir,
+            {
+                "title": Path(args.output_dir).absolute().name,
+                "load_path": args.output_dir,
+                "model_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
+                "model_type": model.config.model_type,
+                "config": model.config.to_dict(),
+                "parameters": parameters,
+                "task": recipe.task,
+                "base_model": recipe.model.get("pretrained"),
+                "data": data.description,
+                "tokenizer": _tokenizer_words(recipe, data.tokenizer),
+                "has_tokenizer": data.tokenizer is not None,
+                "zero": trainer.zero_engine.config.to_dict(),
+                "precision": trainer.zero_engine.config.precision,
+                "world_size": args.world_size,
+                "device": hardware(args.world_size),
+                "steps": trainer.state.global_step,
+                "epochs": round(trainer.state.epoch or 0, 2) or None,
+                "batch_size": args.per_device_train_batch_size
+                * args.world_size
+                * args.gradient_accumulation_steps,
+                "learning_rate": args.learning_rate,
+                "runtime_s": time.monotonic() - started,
+                "metrics": {**_shown(eval_metrics), "train_loss": result.metrics.get("train_loss")},
+                "curve": "curves.png" if (Path(args.output_dir) / "curves.png").exists() else None,
+                "recipe": recipe.to_yaml(),
+                "command": recipe.command(args.world_size),
+                "weights_dtype": "fp32 (the optimizer's master weights)",
+            },
+        )
+        if card is not None:
+            written.append("model card (README.md)")
+    return RecipeResult(_shown(eval_metrics), dict(result.metrics), args.output_dir, written, eval_step)
+
+
+def _shown(metrics: dict[str, Any]) -> dict[str, float]:
+    hidden = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step"}
+    return {
+        key: value for key, value in metrics.items() if key not in hidden and isinstance(value, (int, float))
+    }
+
+
+def _tokenizer_words(recipe: Recipe, tokenizer) -> str | None:
+    if tokenizer is None:
+        return None
+    spec = tokenizer_spec(recipe.model)
+    if spec == "train":
+        return (
+            f"trained on the training data with `tokenizers` ({len(tokenizer)} tokens), saved with the model"
+        )
+    return f"`{spec}` ({len(tokenizer)} tokens)"

@@ -51,6 +51,13 @@ def test_merge_casts_copies_tokenizer_files_and_reads_a_trainer_checkpoint_folde
     assert (tmp_path / "merged" / "generation_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert model.dtype == torch.bfloat16
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert (
+        "merged from" in card
+        and "- saved weights: bf16" in card
+        and "AutoTokenizer" in card
+        and "$" not in card
+    )
 
 
 def test_verify_summarises_a_good_checkpoint_and_names_a_damaged_file(tmp_path):

@@ -120,7 +120,7 @@ model:
   kernel_config: {{rope: false, rms_norm: false, swiglu: false}}
   config: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
            num_key_value_heads: 2, vocab_size: 256, max_position_embeddings: 64}}
-data: {{num_sequences: 16, sequence_length: 32, eval_sequences: 0}}
+data: {{source: markov, num_sequences: 16, sequence_length: 32, eval_sequences: 0}}
 training: {{output_dir: {tmp_path / "run"}, max_steps: 2, per_device_train_batch_size: 4, save_strategy: "no",
            disable_tqdm: true}}
 zero: {{stage: 2}}
@@ -129,7 +129,7 @@ zero: {{stage: 2}}
     recipe = Recipe.load(recipe_file)
     args = training_arguments(recipe, "llama")
     assert args["use_liger_kernel"] is True and args["liger_kernel_config"]["rope"] is False
-    metrics = run_recipe(recipe)
-    assert metrics["train_loss"] > 0 and (tmp_path / "run" / "model.safetensors").is_file()
+    result = run_recipe(recipe)
+    assert result.train_metrics["train_loss"] > 0 and (tmp_path / "run" / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="no kernels for model type 'gpt2'"):
         training_arguments(recipe, "gpt2")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import ast
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from hf_zero.cli import main
@@ -37,6 +40,26 @@ def test_shipped_recipe_loads_and_overrides_apply():
         (["zero.stage=9"], r"ZeroConfig.stage=9 is not allowed"),
         (["data.rows=10"], r"unknown data field\(s\) \['rows'\]"),
         (["data.source=wikipedia"], "data.source='wikipedia' is not allowed"),
+        (["data.num_trian=5"], r"unknown data field\(s\) \['num_trian'\]; did you mean 'num_train'"),
+        (["data.source=files"], "data.source=files needs data.train_files"),
+        (
+            ["data.source=files", "data.train_files=/no/such/train.txt"],
+            "data.train_files: /no/such/train.txt does not exist",
+        ),
+        (["data.source=hub"], "data.source=hub needs data.dataset"),
+        (["data.sequence_length=4"], "data.sequence_length must be an integer of at least 8"),
+        # The wrong task for the model, and data that cannot serve the task.
+        (
+            ["model.task=masked-lm"],
+            "model.task=masked-lm needs a AutoModelForMaskedLM head, and gpt2 models have none",
+        ),
+        (["model.task=masked-lm", "model.architecture=llama", "model.config={}"], "llama models have none"),
+        (["data.source=markov", "model.task=sft"], "data.source=markov gives token ids for causal-lm only"),
+        (["model.tokenizr=train"], r"unknown model field\(s\) \['tokenizr'\]; did you mean 'tokenizer'"),
+        (
+            ["model.pretrained=./no/such/folder"],
+            "model.pretrained='./no/such/folder' is not a folder with a config.json",
+        ),
         (["model.task=seq2seq"], "model.task='seq2seq' is not allowed"),
         (["model.kernels=cuda"], "model.kernels='cuda' is not allowed"),
         (["model.kernel_config=3"], "model.kernel_config must be a mapping"),
@@ -65,7 +88,9 @@ def test_bad_overrides_are_named(overrides, message):
 def test_recipe_structure_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {task: causal-lm}\ntraining: {output_dir: x}\n")
-    with pytest.raises(ValueError, match=r"model.architecture is required"):
+    with pytest.raises(
+        ValueError, match=r"model.architecture \(an AutoConfig.* or model.pretrained .* is required"
+    ):
         Recipe.load(bad)
     bad.write_text("model: {architecture: gpt2}\ntraining: {}\n")
     with pytest.raises(ValueError, match=r"training.output_dir is required"):
@@ -104,27 +129,123 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
     assert "not a folder" in capsys.readouterr().out
 
 
-def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
-    out = tmp_path / "run"
-    overrides = [
-        f"training.output_dir={out}", "training.max_steps=40", "training.logging_steps=10",
-        "training.eval_strategy=no", "training.warmup_steps=4", "data.num_sequences=1024",
-        "data.eval_sequences=64", "model.config.n_layer=2",
-    ]  # fmt: skip
+def _train(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "hf_zero.cli", "train", str(RECIPE), "--nproc", "2", *overrides],
+    return subprocess.run(
+        [sys.executable, "-m", "hf_zero.cli", "train", str(recipe), "--nproc", "2", *overrides],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
+
+
+def _logged(stdout: str, kind: str = "") -> list[tuple[int, dict[str, float]]]:
+    """The `step N/M[ eval]: name value, ...` lines of a run, as (step, values)."""
+    found = []
+    for line in stdout.splitlines():
+        match = re.search(rf"step (\d+)/\d+{kind}: (.*)$", line)
+        if match and (kind or " eval:" not in line):
+            values = dict(item.rsplit(" ", 1) for item in match.group(2).split(", "))
+            found.append((int(match.group(1)), {k: float(v) for k, v in values.items()}))
+    return found
+
+
+def _check_outputs(out: Path, stdout: str, metric: str) -> dict[str, float]:
+    """What every recipe leaves: the model, its tokenizer, curves, a filled card, TensorBoard logs,
+    and the final evaluation printed once (with a finite metric)."""
+    finals = [line for line in stdout.splitlines() if line.startswith("hf-zero train: final eval")]
+    assert len(finals) == 1, stdout[-3000:]
+    values = dict(item.rsplit(" ", 1) for item in finals[0].split(": ", 2)[2].split(", "))
+    assert math.isfinite(float(values[metric])) and math.isfinite(float(values["perplexity"]))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "curves.png").stat().st_size > 10_000
+    card = (out / "README.md").read_text()
+    assert "$" not in card and "None" not in card and "![training curves](curves.png)" in card
+    assert f"eval_{metric}" in card and "hf-zero train " in card and "- processes: 2" in card
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "no TensorBoard log"
+    assert "hf-zero train: done" in stdout and f"written to {out}" in stdout
+    return {key: float(value) for key, value in values.items()}
+
+
+def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
+    out = tmp_path / "run"
+    result = _train(
+        RECIPE, f"training.output_dir={out}", "training.max_steps=40", "training.logging_steps=10",
+        "training.eval_steps=20", "training.warmup_steps=4", "data.num_train=1500", "data.num_eval=60",
+        "model.config.n_layer=2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    logged = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
-    losses = [float(entry["loss"]) for entry in logged]
+    losses = [values["loss"] for _, values in _logged(result.stdout) if "loss" in values]
     assert len(losses) == 4
-    assert losses[-1] < losses[0] - 1.0  # from ~6.2 (uniform over 512 tokens) well on the way down
-    assert "hf-zero train: done" in result.stdout
+    assert losses[-1] < losses[0] - 2.0  # from ~6.5 (uniform over the vocabulary) well on the way down
+    evaluations = _logged(result.stdout, " eval")
+    assert [step for step, _ in evaluations] == [20, 40]  # the final one is not repeated
+    assert evaluations[1][1]["perplexity"] < evaluations[0][1]["perplexity"]
+    final = _check_outputs(out, result.stdout, "token_accuracy")
+    assert final["perplexity"] == evaluations[1][1]["perplexity"]
     # One summary before the processes start: model and size, data, world, stage, precision, output.
     summaries = [line for line in result.stdout.splitlines() if line.startswith("hf-zero train: gpt2 (")]
     assert len(summaries) == 1 and "2 process(es), ZeRO stage 2, fp32; output to" in summaries[0]
-    assert "eval_loss" in result.stdout
+    assert "generated hf_zero corpus" in summaries[0]
     weights = load_file(out / "model.safetensors")
     assert "transformer.wte.weight" in weights
+    # The model and tokenizer it wrote load as any Hub model and continue the generated text.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer) and model.dtype == torch.float32
+    assert (out / "data" / "train.txt").read_text().count("\n") == 1500
+
+
+def test_bert_recipe_reports_masked_accuracy(tmp_path):
+    out = tmp_path / "bert"
+    result = _train(
+        ROOT / "recipes" / "bert-mlm-pretrain.yaml", f"training.output_dir={out}", "training.max_steps=30",
+        "training.logging_steps=10", "training.eval_steps=15", "data.num_train=1200", "data.num_eval=60",
+        "model.config.num_hidden_layers=2", "zero.stage=3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [values["loss"] for _, values in _logged(result.stdout) if "loss" in values]
+    # The loss is the masked-token cross-entropy itself (not scaled by the number of processes):
+    # it starts near ln(vocabulary) and falls.
+    assert math.log(300) < losses[0] < math.log(2000) and losses[-1] < losses[0] - 1.0
+    final = _check_outputs(out, result.stdout, "masked_accuracy")
+    assert 0.1 < final["masked_accuracy"] < 1 and final["loss"] == pytest.approx(
+        math.log(final["perplexity"]), rel=0.1
+    )
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: fill-mask" in card and "ZeRO stage 3" in card and "AutoModelForMaskedLM" in card
+
+
+def test_llama_sft_recipe_fine_tunes_a_pretrained_folder(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_zero.text_corpus import instructions
+    from hf_zero.tokenizer_training import train_tokenizer
+
+    pairs = instructions(400)
+    tokenizer = train_tokenizer((f"{p['prompt']}\n{p['response']}" for p in pairs), "bpe", 600)
+    base = tmp_path / "base"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    out = tmp_path / "sft"
+    result = _train(
+        ROOT / "recipes" / "llama-sft.yaml", f"training.output_dir={out}", f"model.pretrained={base}",
+        "data.source=files", f"data.train_files={data}", f"data.eval_files={data}", "data.max_eval_samples=64",
+        "training.max_steps=24", "training.logging_steps=8", "training.eval_steps=12", "training.warmup_steps=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"hf-zero train: {base} (" in result.stdout  # the summary names the checkpoint
+    final = _check_outputs(out, result.stdout, "response_accuracy")
+    # The answers follow a few templates: learnt quickly (an untrained model scores ~1/600).
+    first = _logged(result.stdout, " eval")[0][1]
+    assert final["response_accuracy"] > max(0.3, first["response_accuracy"])
+    card = (out / "README.md").read_text()
+    assert f"base_model: {base}" in card and f"fine-tuned from `{base}`" in card and "ZeRO stage 3" in card
+    assert "(input_ids)" not in card and "local files: train" in card

@@ -120,6 +120,12 @@ def test_zero_trainer_matches_plain_trainer(request, plain_fp32, run):
     _assert_same_tensors(saved, load_file(plain_dir / "final" / "model.safetensors"), atol=5e-5)
     model = AutoModelForCausalLM.from_pretrained(zero_dir / "final")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    # ...with a model card filled from the run (the plain Trainer writes none without the Hub).
+    card = (zero_dir / "final" / "README.md").read_text()
+    stage = run.removeprefix("zero_stage")
+    assert f"- ZeRO stage {stage}" in card and "- processes: 2" in card and "$" not in card
+    assert f"- optimizer steps: {zero['global_step']}" in card and "| eval_loss |" in card
+    assert not (plain_dir / "final" / "README.md").exists()
 
 
 def test_zero_trainer_trains_a_model_from_hf_zero_from_pretrained(zero_stage3, zero_stage3_from_pretrained):
@@ -270,6 +276,8 @@ def test_zero_trainer_trains_and_saves_a_lora_adapter(plain_lora, zero_lora):
     assert zero["copied_for_save"] == sorted(
         key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.") for key in adapter
     )
+    card = (out / "final" / "README.md").read_text()
+    assert "library_name: peft" in card and "AutoPeftModel.from_pretrained" in card
     model = PeftModel.from_pretrained(build_model("gpt2"), out / "final")
     loaded = {name: param for name, param in model.named_parameters() if "lora_" in name}
     assert len(loaded) == len(adapter)

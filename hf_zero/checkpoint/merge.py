@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
+from ..model_card import task_of_class, write_card
 from ..saving import WeightFileWriter
 from .format import (
     TRAINER_SUBFOLDER,
@@ -118,6 +119,11 @@ def merge_checkpoint(
         written = _write_weights(folder, manifest, temporary, dtype, convert_file_size_to_int(max_shard_size))
         _write_configs(model, temporary, written["dtype"])
         _copy_tokenizer(folder, temporary)
+        has_tokenizer = any(
+            (temporary / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+        )
+        facts = _card_facts(folder, manifest, out, dtype_name(written["dtype"]))
+        write_card(temporary, {**facts, "has_tokenizer": has_tokenizer})
         if out.exists():
             out.rmdir()
         os.replace(temporary, out)
@@ -177,3 +183,40 @@ def _copy_tokenizer(folder: Path, out: Path) -> None:
             for path in source.glob(pattern):
                 if path.is_file() and not (out / path.name).exists():
                     shutil.copy2(path, out / path.name)
+
+
+def _card_facts(folder: Path, manifest: dict[str, Any], out: Path, dtype: str) -> dict[str, Any]:
+    """What the checkpoint says about its model for the merged folder's card; a Trainer checkpoint
+    around it adds the run's last metrics and batch settings (`trainer_state.json`)."""
+    model = manifest.get("model", {})
+    config = model.get("config") or {}
+    facts: dict[str, Any] = {
+        "title": out.name,
+        "load_path": str(out),
+        "model_class": model.get("class"),
+        "model_type": config.get("model_type"),
+        "config": config,
+        "parameters": sum(
+            torch.Size(r["shape"]).numel() for r in manifest["tensors"] if r["kind"] != "buffer"
+        ),
+        "task": task_of_class(model.get("class") or ""),
+        "zero": {"stage": manifest["stage"]},
+        "precision": manifest.get("precision"),
+        "world_size": manifest["world_size"],
+        "steps": manifest.get("global_steps"),
+        "checkpoint": f"merged from {folder} with hf-zero merge",
+        "weights_dtype": dtype,
+    }
+    state_file = folder.parent / "trainer_state.json" if folder.name == TRAINER_SUBFOLDER else None
+    if state_file is not None and state_file.is_file():
+        state = json.loads(state_file.read_text())
+        metrics: dict[str, Any] = {}
+        for entry in state.get("log_history", []):
+            metrics.update(
+                {key: value for key, value in entry.items() if key.startswith("eval_") or key == "loss"}
+            )
+        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
+            metrics.pop(key, None)
+        facts["metrics"] = metrics
+        facts["epochs"] = round(state["epoch"], 2) if state.get("epoch") else None
+    return facts

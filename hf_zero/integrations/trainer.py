@@ -33,6 +33,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_N
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
+from ..model_card import facts_from_trainer, write_card
 from ..optim_state import load_unsharded_optimizer_state
 from ..params import is_peft_model
 from ..pending import PendingWeights
@@ -146,12 +147,17 @@ class ZeroTrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        had_card = os.path.exists(os.path.join(output_dir, "README.md"))
         if is_peft_model(self.model):
             self._save(output_dir, state_dict=self._adapter_state_dict(engine))
         else:
             self._save_full_weights(
                 engine, output_dir, weights=not getattr(self, "_writing_checkpoint", False)
             )
+        if self.args.should_save and not _internal_call:
+            # The Trainer's own card is written only when pushing to the Hub; this one is always there.
+            # A card this save wrote (PEFT writes a placeholder one) gives way to the filled one.
+            write_card(output_dir, facts_from_trainer(self, output_dir), replace=not had_card)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 

@@ -241,6 +241,7 @@ def main() -> None:
         "final_eval_loss": _loss(trainer.model, trainer.eval_dataset),
         "eval_loss": trainer.evaluate()["eval_loss"],
         "prediction_shape": list(trainer.predict(trainer.eval_dataset).predictions.shape),
+        "global_step": trainer.state.global_step,
     }
     trainer.save_model(str(options.out / "final"))
     if options.mode == "zero":
