@@ -1,6 +1,7 @@
 """The `hf-zero` command.
 
 hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
+hf-zero estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
 hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 hf-zero merge --verify CKPT_DIR
 hf-zero env [--nvme-path DIR]
@@ -20,6 +21,9 @@ USAGE = """usage: hf-zero [--version] COMMAND ...
 commands:
   train RECIPE.yaml [--nproc N] [section.key=value ...]
         train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU)
+  estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
+        memory per GPU and host for each ZeRO stage and offload choice, and the communication
+        per step (a config.json, a model folder or a cached Hub id; no weights are read)
   merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
         write an hf_zero checkpoint as a save_pretrained folder (one CPU process)
   merge --verify CKPT_DIR
@@ -210,7 +214,14 @@ def env(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "merge": merge, "env": env}
+def estimate(argv: list[str]) -> int:
+    """Print the memory and communication estimate for a model (see `hf_zero.estimate`)."""
+    from .estimate import estimate_command
+
+    return estimate_command(argv)
+
+
+COMMANDS = {"train": train, "estimate": estimate, "merge": merge, "env": env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,8 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
         assert exited.value.code == 2 and message in capsys.readouterr().err
     assert main(["train", str(RECIPE), "model.config.n_layers=2"]) == 2
     assert "did you mean 'n_layer'" in capsys.readouterr().err
+    assert main(["estimate", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "gloo" in out
