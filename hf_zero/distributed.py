@@ -99,7 +99,14 @@ def second_group(ctx: DistContext) -> DistContext:
     if ctx.world_size == 1:
         return ctx
     ranks = dist.get_process_group_ranks(ctx.group)
-    group = dist.new_group(ranks=ranks, use_local_synchronization=True)
+    if len(ranks) == dist.get_world_size():
+        # Every rank is here: a group made by all of them is named by a counter they all advance
+        # alike. A locally synchronised group's name hashes in how many groups the rank belongs
+        # to, which differs between ranks after sub-groups not all of them joined: they would
+        # pick different names and wait for each other for ever.
+        group = dist.new_group(ranks=ranks)
+    else:
+        group = dist.new_group(ranks=ranks, use_local_synchronization=True)
     return DistContext(
         rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank, device=ctx.device, group=group
     )
