@@ -145,3 +145,37 @@ def test_trained_tokenizers_round_trip_text():
     ids = wordpiece(texts[0])["input_ids"]
     assert ids[0] == wordpiece.cls_token_id and ids[-1] == wordpiece.sep_token_id
     assert wordpiece.mask_token_id is not None and np.all(np.asarray(ids) != wordpiece.unk_token_id)
+
+
+@pytest.mark.parametrize("form", ["csv", "parquet", "hub"])
+def test_causal_lm_reads_csv_parquet_and_datasets_folders(tmp_path, form):
+    import datasets
+
+    rows = documents(120, seed=3)
+    table = datasets.Dataset.from_dict({"body": rows, "other": list(range(len(rows)))})
+    source = tmp_path / "source"
+    source.mkdir()
+    if form == "hub":
+        # A Hub dataset name resolves as `datasets.load_dataset(name)`: a folder of split files is one.
+        table.to_parquet(source / "train.parquet")
+        table.select(range(20)).to_parquet(source / "validation.parquet")
+        data = {"source": "hub", "dataset": str(source), "eval_split": "validation"}
+    else:
+        write = table.to_csv if form == "csv" else table.to_parquet
+        write(source / f"part-1.{form}")
+        data = {"source": "files", "train_files": str(source / f"*.{form}")}
+    prepared = prepare_data(
+        {"architecture": "gpt2", "task": "causal-lm"},
+        {**data, "text_field": "body", "sequence_length": 16},
+        str(tmp_path / "out"),
+        is_main=True,
+    )
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+    blocks = prepared.train["input_ids"]
+    assert all(len(block) == 16 for block in blocks) and prepared.train["labels"] == blocks
+    tokenizer = prepared.tokenizer
+    stream = [token for block in blocks for token in block]
+    first = tokenizer(rows[0])["input_ids"] + [tokenizer.eos_token_id]
+    assert stream[: len(first)] == first  # the rows, in order, each ended by the end token
+    assert len(stream) > 0.9 * sum(len(tokenizer(row)["input_ids"]) + 1 for row in rows)
+    assert (prepared.evaluation is not None) == (form == "hub")
