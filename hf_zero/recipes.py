@@ -426,7 +426,8 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         zero_config=recipe.zero,
     )
     logging = install_step_logging(trainer)
-    result = trainer.train()
+    # As in the Trainer's example scripts: a checkpoint folder, or true for the output folder's last.
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     eval_metrics, eval_step = {}, None
     if evaluating:
         last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
