@@ -362,11 +362,11 @@ def describe_run(recipe: Recipe, processes: int) -> str:
     """One line saying what a run will do: model and size, data, processes, ZeRO stage, precision,
     where the model goes. The model is built on the meta device to count its parameters (with the
     vocabulary the trained tokenizer may reach, so about)."""
-    from transformers import AutoModel
+    import transformers
 
     config = model_config(recipe.model, text_data=recipe.text_data)
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
+        model = getattr(transformers, AUTO_CLASSES[recipe.task][0]).from_config(config)
     parameters = sum(p.numel() for p in model.parameters())
     args = training_arguments(recipe, config.model_type)
     zero = ZeroConfig.from_dict(recipe.zero)

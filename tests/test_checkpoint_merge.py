@@ -54,7 +54,7 @@ def test_merge_casts_copies_tokenizer_files_and_reads_a_trainer_checkpoint_folde
     card = (tmp_path / "merged" / "README.md").read_text()
     assert (
         "merged from" in card
-        and "- saved weights: bf16" in card
+        and "- saved weights: bfloat16" in card
         and "AutoTokenizer" in card
         and "$" not in card
     )
