@@ -31,6 +31,12 @@ _PRECISION_ALIASES = {
 }
 
 
+def did_you_mean(key: str, valid: list[str]) -> str:
+    """`"; did you mean 'x'?"` naming the valid key closest to a mistyped one, or "" if none is close."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 @dataclass
 class ZeroConfig:
     """How the engine shards state, computes, reduces gradients and scales losses.
@@ -175,12 +181,7 @@ class ZeroConfig:
         known = {f.name for f in fields(cls)}
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = (
-                    f"; did you mean {close[0]!r}?"
-                    if close
-                    else f"; valid fields: {', '.join(sorted(known))}"
-                )
+                hint = did_you_mean(str(key), sorted(known)) or f"; valid fields: {', '.join(sorted(known))}"
                 raise ValueError(f"unknown ZeroConfig field {key!r}{hint}")
         return cls(**{key: _from_text(key, value) for key, value in values.items()})
 

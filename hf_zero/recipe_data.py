@@ -18,7 +18,6 @@ when it has one) and trains only on the `response` tokens.
 
 from __future__ import annotations
 
-import difflib
 import glob
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import did_you_mean
 from .data import causal_lm_dataset, markov_corpus
 from .text_corpus import write_corpus
 from .tokenizer_training import train_tokenizer
@@ -65,11 +65,6 @@ ACCURACY_METRIC = {"causal-lm": "token_accuracy", "masked-lm": "masked_accuracy"
 SFT_PROMPT = "### Instruction:\n{prompt}\n### Response:\n"
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def data_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The data section with every default of its source filled in."""
     source = data.get("source", _COMMON_FIELDS["source"])
@@ -95,7 +90,7 @@ def validate_data(data: dict[str, Any], task: str, where: str) -> None:
     unknown = [key for key in data if key not in valid]
     if unknown:
         raise ValueError(
-            f"recipe {where}: unknown data field(s) {unknown}{_closest(unknown[0], valid)}; fields are {valid}"
+            f"recipe {where}: unknown data field(s) {unknown}{did_you_mean(unknown[0], valid)}; fields are {valid}"
         )
     if source == "files":
         if not data.get("train_files"):

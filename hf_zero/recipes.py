@@ -21,7 +21,6 @@ Everything is checked by `Recipe.load`, before any process starts.
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from .config import ZeroConfig, load_mapping, load_yaml
+from .config import ZeroConfig, did_you_mean, load_mapping, load_yaml
 from .nvme import existing_folder
 from .recipe_data import (
     ACCURACY_METRIC,
@@ -101,7 +100,7 @@ class Recipe:
         unknown = [key for key in self.model if key not in _MODEL_FIELDS]
         if unknown:
             raise ValueError(
-                f"recipe {where}: unknown model field(s) {unknown}{_closest(unknown[0], list(_MODEL_FIELDS))}; "
+                f"recipe {where}: unknown model field(s) {unknown}{did_you_mean(unknown[0], list(_MODEL_FIELDS))}; "
                 f"fields are {list(_MODEL_FIELDS)}"
             )
         if "architecture" not in self.model and "pretrained" not in self.model:
@@ -147,11 +146,6 @@ class Recipe:
         return " ".join(["hf-zero train", self.path, "--nproc", str(processes), *self.overrides])
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _check_training_fields(training: dict[str, Any], where: str) -> None:
     """Every `training` key must be a `TrainingArguments` field (a typo would be an error only
     once every process has started, or never)."""
@@ -163,7 +157,7 @@ def _check_training_fields(training: dict[str, Any], where: str) -> None:
     for key in training:
         if key not in valid:
             raise ValueError(
-                f"recipe {where}: training.{key} is not a transformers.TrainingArguments field{_closest(key, valid)}"
+                f"recipe {where}: training.{key} is not a transformers.TrainingArguments field{did_you_mean(key, valid)}"
             )
 
 
@@ -205,7 +199,7 @@ def _check_model_config(model: dict[str, Any], where: str):
         if architecture not in CONFIG_MAPPING:
             raise ValueError(
                 f"recipe {where}: model.architecture={architecture!r} is not a model type transformers knows"
-                f"{_closest(str(architecture), list(CONFIG_MAPPING.keys()))}"
+                f"{did_you_mean(str(architecture), list(CONFIG_MAPPING.keys()))}"
             )
         config = AutoConfig.for_model(architecture)
         name = architecture
@@ -215,7 +209,7 @@ def _check_model_config(model: dict[str, Any], where: str):
     for key in overrides:
         if key not in valid:
             raise ValueError(
-                f"recipe {where}: model.config.{key} is not a field of the {name} config{_closest(key, valid)}"
+                f"recipe {where}: model.config.{key} is not a field of the {name} config{did_you_mean(key, valid)}"
             )
     return config
 
@@ -245,8 +239,7 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         )
     path = key.split(".")
     if path[0] not in SECTIONS:
-        close = difflib.get_close_matches(path[0], SECTIONS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {list(SECTIONS)}"
+        hint = did_you_mean(path[0], list(SECTIONS)) or f"; sections are {list(SECTIONS)}"
         raise ValueError(f"override {override!r} names unknown section {path[0]!r}{hint}")
     if len(path) < 2:
         raise ValueError(
