@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .saving import write_atomically
+
 MARKER = "<!-- written by hf_zero"
 PIPELINE_TAGS = {"causal-lm": "text-generation", "sft": "text-generation", "masked-lm": "fill-mask"}
 TASK_WORDS = {
@@ -32,6 +34,10 @@ _SHAPE_FIELDS = (
     ("vocabulary", ("vocab_size",)),
     ("context length", ("max_position_embeddings", "n_positions")),
     ("experts", ("num_local_experts", "num_experts")),
+)
+# What the Trainer logs beside the metrics, which says nothing about the model.
+TRAINER_BOOKKEEPING = frozenset(
+    {"total_flos", "epoch", "step", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 )
 AUTO_CLASSES = {
     "masked-lm": "AutoModelForMaskedLM",
@@ -75,9 +81,8 @@ def write_card(folder: str | os.PathLike, facts: dict[str, Any], replace: bool =
     path = Path(folder) / "README.md"
     if not replace and path.exists() and MARKER not in path.read_text(errors="replace"):
         return None
-    temporary = path.with_name(f".README.md.{os.getpid()}.tmp")
-    temporary.write_text(render_card(facts))
-    os.replace(temporary, path)
+    text = render_card(facts)
+    write_atomically(path, lambda partial: Path(partial).write_text(text))
     return path
 
 
@@ -227,6 +232,17 @@ def task_of_class(name: str) -> str | None:
     return None
 
 
+def last_metrics(log_history: list[dict[str, Any]], loss_key: str) -> dict[str, Any]:
+    """The last value of each evaluation metric in a Trainer's log history, and of `loss_key`
+    (`train_loss` at the end of training, `loss` in a checkpoint taken before it)."""
+    metrics: dict[str, Any] = {}
+    for entry in log_history:
+        metrics.update(
+            {key: value for key, value in entry.items() if key.startswith("eval_") or key == loss_key}
+        )
+    return {key: value for key, value in metrics.items() if key not in TRAINER_BOOKKEEPING}
+
+
 def hardware(world_size: int) -> str:
     """The devices a run used, in words."""
     import torch
@@ -244,13 +260,6 @@ def facts_from_trainer(trainer, output_dir: str | os.PathLike) -> dict[str, Any]
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     config = getattr(model, "config", None)
     args, state = trainer.args, trainer.state
-    metrics = {}
-    for entry in state.log_history:  # the last value of each metric wins
-        metrics.update(
-            {key: value for key, value in entry.items() if key.startswith("eval_") or key == "train_loss"}
-        )
-    for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch"):
-        metrics.pop(key, None)
     peft = is_peft_model(model)
     return {
         "title": Path(output_dir).absolute().name,
@@ -271,7 +280,7 @@ def facts_from_trainer(trainer, output_dir: str | os.PathLike) -> dict[str, Any]
         "epochs": round(state.epoch, 2) if state.epoch else None,
         "batch_size": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
         "learning_rate": args.learning_rate,
-        "metrics": metrics,
+        "metrics": last_metrics(state.log_history, "train_loss"),
         "weights_dtype": "fp32 (the optimizer's master weights)",
         "has_tokenizer": trainer.processing_class is not None,
     }

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from .config import ZeroConfig, did_you_mean, load_mapping, load_yaml
+from .model_card import TRAINER_BOOKKEEPING
 from .nvme import existing_folder
 from .recipe_data import (
     ACCURACY_METRIC,
@@ -396,7 +397,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
     from transformers import TrainingArguments
 
     from .integrations.trainer import ZeroTrainer
-    from .model_card import hardware, write_card
+    from .model_card import facts_from_trainer, write_card
     from .run_report import install_step_logging, plot_curves
 
     started = time.monotonic()
@@ -405,7 +406,6 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
     with args.main_process_first(local=False, desc="data and tokenizer"):
         data = prepare_data(recipe.model, recipe.data, args.output_dir, args.process_index == 0)
     model = build_model(recipe, data.tokenizer)
-    parameters = sum(p.numel() for p in model.parameters())
     evaluating = data.evaluation is not None
     trainer = ZeroTrainer(
         model=model,
@@ -439,33 +439,15 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         card = write_card(
             args.output_dir,
             {
-                "title": Path(args.output_dir).absolute().name,
-                "load_path": args.output_dir,
-                "model_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
-                "model_type": model.config.model_type,
-                "config": model.config.to_dict(),
-                "parameters": parameters,
+                **facts_from_trainer(trainer, args.output_dir),
                 "task": recipe.task,
                 "base_model": recipe.model.get("pretrained"),
                 "data": data.description,
                 "tokenizer": _tokenizer_words(recipe, data.tokenizer),
-                "has_tokenizer": data.tokenizer is not None,
-                "zero": trainer.zero_engine.config.to_dict(),
-                "precision": trainer.zero_engine.config.precision,
-                "world_size": args.world_size,
-                "device": hardware(args.world_size),
-                "steps": trainer.state.global_step,
-                "epochs": round(trainer.state.epoch or 0, 2) or None,
-                "batch_size": args.per_device_train_batch_size
-                * args.world_size
-                * args.gradient_accumulation_steps,
-                "learning_rate": args.learning_rate,
                 "runtime_s": time.monotonic() - started,
-                "metrics": {**_shown(eval_metrics), "train_loss": result.metrics.get("train_loss")},
                 "curve": "curves.png" if (Path(args.output_dir) / "curves.png").exists() else None,
                 "recipe": recipe.to_yaml(),
                 "command": recipe.command(args.world_size),
-                "weights_dtype": "fp32 (the optimizer's master weights)",
             },
         )
         if card is not None:
@@ -474,9 +456,10 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
 
 
 def _shown(metrics: dict[str, Any]) -> dict[str, float]:
-    hidden = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step"}
     return {
-        key: value for key, value in metrics.items() if key not in hidden and isinstance(value, (int, float))
+        key: value
+        for key, value in metrics.items()
+        if key not in TRAINER_BOOKKEEPING and isinstance(value, (int, float))
     }
 
 

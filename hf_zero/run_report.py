@@ -9,8 +9,8 @@ from typing import Any
 
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-# Per-log bookkeeping the Trainer adds that says nothing about the model.
-_HIDDEN = {"total_flos", "epoch", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+from .model_card import TRAINER_BOOKKEEPING
+from .saving import write_atomically
 
 
 def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str:
@@ -19,7 +19,7 @@ def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str:
     evaluation = any(key.startswith("eval_") for key in logs)
     values = []
     for key, value in logs.items():
-        if key in _HIDDEN:
+        if key in TRAINER_BOOKKEEPING:
             continue
         name = key.removeprefix("eval_") if evaluation else key
         values.append(f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}")
@@ -92,12 +92,11 @@ def plot_curves(
     for axis in axes[0]:
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    pyplot.close(figure)
-    os.replace(temporary, path)
-    return path
+    try:
+        write_atomically(path, lambda partial: figure.savefig(partial, dpi=100, format="png"))
+    finally:
+        pyplot.close(figure)
+    return Path(path)
 
 
 def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

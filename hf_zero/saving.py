@@ -19,6 +19,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,3 +141,18 @@ def save_full_weights(
         "total_size": writer.total_bytes,
         "peak_host_bytes": writer.peak_host_bytes,
     }
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Have `write` fill a temporary file beside `path`, then rename it over `path`.
+
+    `path` ends up complete or untouched; the temporary file is removed when `write` fails.
+    """
+    path = os.fspath(path)
+    partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"  # unique: several nodes may share a folder
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)

@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .saving import write_atomically
+
 
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
@@ -146,10 +148,8 @@ def write_corpus(
         path = folder / f"{split}.{suffix}"
         content = "\n".join(part) + "\n"
         if not path.exists() or path.read_text() != content:
-            # Written under a per-process name and renamed: ranks writing the same file at once
-            # never leave a half-written one for another rank to read.
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporary.write_text(content)
-            os.replace(temporary, path)
+            # Written whole and renamed into place: ranks writing the same file at once never leave
+            # a half-written one for another rank to read.
+            write_atomically(path, lambda partial, content=content: Path(partial).write_text(content))
         paths[split] = str(path)
     return paths

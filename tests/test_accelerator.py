@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_zero import ZeroAccelerator
 from hf_zero.checkpoint.format import MANIFEST, TRAINER_SUBFOLDER, rank_file_name
-from hf_zero.integrations.accelerator import write_atomically
+from hf_zero.saving import write_atomically
 from hf_zero.testing.accelerate_run import SAVE_AFTER
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model

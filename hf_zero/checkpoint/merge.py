@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from ..model_card import task_of_class, write_card
+from ..model_card import last_metrics, task_of_class, write_card
 from ..saving import WeightFileWriter
 from .format import (
     TRAINER_SUBFOLDER,
@@ -210,13 +210,6 @@ def _card_facts(folder: Path, manifest: dict[str, Any], out: Path, dtype: str) -
     state_file = folder.parent / "trainer_state.json" if folder.name == TRAINER_SUBFOLDER else None
     if state_file is not None and state_file.is_file():
         state = json.loads(state_file.read_text())
-        metrics: dict[str, Any] = {}
-        for entry in state.get("log_history", []):
-            metrics.update(
-                {key: value for key, value in entry.items() if key.startswith("eval_") or key == "loss"}
-            )
-        for key in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second"):
-            metrics.pop(key, None)
-        facts["metrics"] = metrics
+        facts["metrics"] = last_metrics(state.get("log_history", []), "loss")
         facts["epochs"] = round(state["epoch"], 2) if state.get("epoch") else None
     return facts

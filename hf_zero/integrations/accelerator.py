@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from ..checkpoint.format import TRAINER_SUBFOLDER
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
 from ..params import is_peft_model
-from ..saving import save_full_weights
+from ..saving import save_full_weights, write_atomically
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -319,21 +318,3 @@ def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     while isinstance(optimizer, AcceleratedOptimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-# ---- files written whole or not at all --------------------------------------------------------------
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Have `write` fill a temporary file beside `path`, then rename it over `path`.
-
-    `path` ends up complete or untouched; the temporary file is removed when `write` fails.
-    """
-    path = os.fspath(path)
-    partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"  # unique: several nodes may share a folder
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
