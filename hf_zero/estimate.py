@@ -24,9 +24,8 @@ bytes per GPU:
     staging          stage 2-3: b*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
                      reduce-scatter at once (the root's fills from the head's gradient to the
                      embeddings', the end of backward; two more may be in flight)
-    gathered         stage 3: b*(R + 3*U), the root unit (gathered for the whole forward and
-                     backward), the layer running and the next one prefetched, plus the layer
-                     whose backward is finishing
+    gathered         stage 3: b*(R + 2*U), the root unit (gathered for the whole forward and
+                     backward), the layer running and the next one prefetched
     host (offload)   4*P/Z + 4*k*P/Z + 2*chunk*(g + b), the masters, optimizer state and two
                      staging buffer pairs of chunk = min(offload_chunk_size, largest segment's shard)
                      elements; with parameter offload also the 16-bit shard, b*P/W
@@ -83,8 +82,8 @@ DEFAULT_INTRA_GBPS = 2400.0
 DEFAULT_INTER_GBPS = 100.0
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, shaped like the master shard
 # The layer units a stage-3 rank may hold gathered at once with the default prefetch (one unit ahead):
-# in backward, the layer finishing, the one starting and the one prefetched.
-GATHERED_LAYERS = 3
+# the layer running and the one prefetched (in backward a layer is released before the next starts).
+GATHERED_LAYERS = 2
 # Gradient buckets that may be staged at once besides the root's: `BackwardReduceScatter` keeps at most
 # two reduce-scatters in flight while the next bucket fills.
 STAGED_BUCKETS = 3

@@ -3,10 +3,15 @@ forward and again in backward.
 
 Hooks on each unit module: a forward pre-hook gathers the unit; a forward post-hook releases it
 (in a forward with gradients it first hooks the unit's outputs, so that the unit is gathered again
-before its backward runs, via `register_multi_grad_hook`); a hook on the unit's inputs releases it
-once its backward has produced their gradients. The root unit (embeddings, final norm, head, and
-weights tied across units) stays gathered from the start of the model's forward to the end of the
-backward pass, or of the forward when there is no gradient.
+before its backward runs). The unit's inputs pass through an identity autograd function whose
+backward runs once their gradients are all computed, when the unit's backward is over (FSDP2's
+post-backward); the unit is released at the next unit's backward, or at the end of the pass. None
+of this holds a reference to the autograd graph. (torch's `register_multi_grad_hook`, used before,
+keeps the tensors' graph nodes in a closure stored on those very nodes: a cycle through C++ that
+Python's collector cannot see, so every forward's graph stayed alive, with its saved activations
+where no backward freed them.) The root unit (embeddings, final norm, head, and weights tied
+across units) stays gathered from the start of the model's forward to the end of the backward
+pass, or of the forward when there is no gradient.
 
 Collectives pair up across ranks by call order, and ranks whose data skip a unit (a branch, a
 tower) must still take part in its gathers. So each pass walks one canonical order (unit
@@ -34,8 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import register_multi_grad_hook
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .distributed import Collectives
 from .flat_group import FlatParamGroup
@@ -49,6 +53,50 @@ def _in_backward() -> bool:
 def _grad_tensors(values: Any) -> list[torch.Tensor]:
     leaves, _ = tree_flatten(values)
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+
+
+class _AfterInputGradients(torch.autograd.Function):
+    """Identity on a unit's inputs; its backward runs once the gradients of all of them are
+    computed (autograd runs a node when its last incoming gradient arrives), i.e. when the unit's
+    backward use is over. The context holds the callback only, never a tensor."""
+
+    @staticmethod
+    def forward(ctx, done, *inputs: torch.Tensor):  # type: ignore[override]
+        ctx.done = done
+        return inputs
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        ctx.done()
+        return (None, *grads)
+
+
+def _call_when_input_grads_done(args: Any, kwargs: Any, done) -> tuple[Any, Any] | None:
+    """(args, kwargs) with each tensor that requires grad routed through `_AfterInputGradients`;
+    None when there is none."""
+    leaves, spec = tree_flatten((args, kwargs))
+    positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not positions:
+        return None
+    routed = _AfterInputGradients.apply(done, *(leaves[i] for i in positions))
+    for i, tensor in zip(positions, routed, strict=True):
+        leaves[i] = tensor
+    return tree_unflatten(leaves, spec)
+
+
+class _OncePerBackward:
+    """Calls `fn` at the first of the gradient hooks it is registered as, once per backward pass
+    (graph task). Keeps one task id, not one per pass."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.last_task = None
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self.last_task:
+            self.last_task = task
+            self.fn()
 
 
 class _Walk:
@@ -119,10 +167,13 @@ class UnitGatherer:
         self.backward_walk = _Walk(list(reversed(layers)))
         self.open_backward = False  # a forward with gradients ran; its backward pass has not ended
         self.pinned: set[int] = set()  # units kept gathered by `gathered_parameters`
-        # Backward uses of each unit under way: a shared unit's next use is gathered (from the hook
-        # on its output) just before its previous use is done (from the hook on the same tensor, its
-        # input), so releasing must wait until no use needs it.
+        # Backward uses of each unit under way, and units whose uses are all done but not released
+        # yet. A unit's use ends (its inputs' gradients are ready) just before the use before it in
+        # forward begins (from the hook on that same tensor, its output): a unit applied twice in a
+        # row is needed again at once. So a unit whose last use ended is released at the next
+        # backward use of any unit, or at the end of the pass, unless that use is its own.
         self.holds = [0] * len(self.units)
+        self.done_with: list[int] = []
         self.gathered_bytes = 0
         self.peak_gathered_bytes = 0
 
@@ -230,21 +281,20 @@ class UnitGatherer:
 
     def _pre_forward(self, unit: int):
         @torch.compiler.disable
-        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
             if _in_backward():
                 # Recomputed under activation checkpointing: within a backward use already under way
                 # (the hook on its output gathered it), or else (checkpointing wrapped the whole
                 # call) a use of its own, done when its inputs have their gradients.
                 if self.holds[unit]:
                     self.gather(unit)
-                    return
+                    return None
                 self._acquire(unit)
             else:
                 self._gather_in_order(self.forward_walk, unit)
             if torch.is_grad_enabled():
-                inputs = _grad_tensors((args, kwargs))
-                if inputs:
-                    register_multi_grad_hook(inputs, lambda grads: self._drop(unit), mode="all")
+                return _call_when_input_grads_done(args, kwargs, lambda: self._drop(unit))
+            return None
 
         return hook
 
@@ -255,22 +305,32 @@ class UnitGatherer:
                 return  # a recomputation: its backward follows at once
             outputs = _grad_tensors(output) if torch.is_grad_enabled() else []
             if outputs:
-                register_multi_grad_hook(outputs, lambda grads: self._acquire(unit), mode="any")
+                acquire = _OncePerBackward(lambda: self._acquire(unit))
+                for tensor in outputs:
+                    tensor.register_hook(acquire)
             self.release(unit)
 
         return hook
 
     def _acquire(self, unit: int) -> None:
-        """A backward use of `unit` begins: gather it (in canonical order)."""
-        self._gather_in_order(self.backward_walk, unit)
+        """A backward use of `unit` begins: release the units done with, gather it (in canonical
+        order)."""
         self.holds[unit] += 1
+        self._release_done()
+        self._gather_in_order(self.backward_walk, unit)
 
     def _drop(self, unit: int) -> None:
-        """A backward use of `unit` is done (its inputs have their gradients): release it when no
-        other use needs it."""
+        """A backward use of `unit` is done (its inputs have their gradients): release it at the
+        next use of another unit when no use needs it any more."""
         self.holds[unit] = max(0, self.holds[unit] - 1)
         if not self.holds[unit]:
-            self.release(unit)
+            self.done_with.append(unit)
+
+    def _release_done(self) -> None:
+        for unit in self.done_with:
+            if not self.holds[unit]:
+                self.release(unit)
+        self.done_with.clear()
 
     def end_backward(self) -> None:
         """After a backward pass: take part in the gathers of the units this rank's backward never
@@ -281,6 +341,7 @@ class UnitGatherer:
             self.gather(unit)
             self.release(unit)
         self.holds = [0] * len(self.units)
+        self.done_with.clear()
         self.release_all()
         self.open_backward = False
 

@@ -207,8 +207,8 @@ def test_engine_memory_matches_the_readme_table(sharded, world, case):
         full_gradient = sum(numel * size for numel, _, size, _, _ in got["segments"])
         buckets = sum(b for *_, b in got["segments"])
         if case.stage == 3:
-            # Gathered at once: the root unit, the unit running, at most one more (in backward,
-            # the next unit is gathered as the one before it finishes), and the prefetch budget.
+            # Gathered at once: the root unit, the unit running and the prefetch budget (in
+            # backward, a unit is released before the next one is waited for).
             per_unit: dict[int, int] = {}
             for (numel, _, size, _, _), unit in zip(got["segments"], got["segment_units"], strict=True):
                 per_unit[unit] = per_unit.get(unit, 0) + numel * size
@@ -217,10 +217,10 @@ def test_engine_memory_matches_the_readme_table(sharded, world, case):
             layers = sorted((b for u, b in per_unit.items() if u != 0), reverse=True)
             root = per_unit.get(0, 0)
             peak = got["memory"]["peak_gathered"]
-            assert 0 < peak <= root + sum(layers[:2]) + got["prefetch_bytes"]
+            assert 0 < peak <= root + layers[0] + got["prefetch_bytes"]
             if case.model == "llama-deep" and got["prefetch_bytes"]:
-                # Prefetching really holds more: in backward, the unit after the next one too.
-                assert peak >= root + 3 * layers[-1]
+                # Prefetching really holds more: the next unit while one runs.
+                assert peak >= root + 2 * layers[-1]
         else:
             assert got["memory"]["peak_gathered"] == 0
         if case.stage < 2:
