@@ -24,7 +24,8 @@ import json
 import torch
 import triton.testing
 
-from hf_zero.kernels import AdamHyperparams, adam_step_triton, grad_stats_triton
+from hf_zero.kernels.adamw import AdamHyperparams, adam_step_triton
+from hf_zero.kernels.grad_stats import grad_stats_triton
 
 FLOOR_BYTES_PER_ELEMENT = 28
 

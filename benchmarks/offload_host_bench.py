@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from hf_zero.kernels import AdamHyperparams, adam_step, adam_step_reference
+from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference
 from hf_zero.nvme import SwapFile, aligned_buffer
 
 FLOOR_BYTES_PER_ELEMENT = 28

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels import AdamHyperparams, SGDHyperparams, adam_step, sgd_step
+from .kernels.adamw import AdamHyperparams, adam_step
+from .kernels.sgd import SGDHyperparams, sgd_step
 
 # (start, length, gradient, where the 16-bit copy goes): one contiguous piece of a master shard.
 Piece = tuple[int, int, torch.Tensor, torch.Tensor | None]

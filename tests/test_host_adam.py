@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from hf_zero.host_staging import HostStaging
-from hf_zero.kernels import AdamHyperparams, adam_step, adam_step_reference
-from hf_zero.kernels.adamw import adam_step_torch_cpu
+from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference, adam_step_torch_cpu
 from hf_zero.layout import Run
 
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from hf_zero.kernels import AdamHyperparams, adam_step_reference, adam_step_triton
+from hf_zero.kernels.adamw import AdamHyperparams, adam_step_reference, adam_step_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

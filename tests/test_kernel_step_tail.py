@@ -10,17 +10,10 @@ import os
 import pytest
 import torch
 
-from hf_zero.kernels import (
-    SGDHyperparams,
-    grad_stats,
-    grad_stats_reference,
-    grad_stats_triton,
-    sgd_step_reference,
-    sgd_step_triton,
-)
-from hf_zero.kernels.grad_stats import BLOCK_SIZE
+from hf_zero.kernels.grad_stats import BLOCK_SIZE, grad_stats, grad_stats_reference, grad_stats_triton
+from hf_zero.kernels.sgd import SGDHyperparams, sgd_step_reference, sgd_step_triton
 
-# The module itself (the package exports its function under the same name).
+# The module itself (`hf_zero.kernels` exports its function under the same name).
 grad_stats_module = importlib.import_module("hf_zero.kernels.grad_stats")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
