@@ -4,11 +4,15 @@ in place of `Accelerator` (plus its `zero_config`).
     accelerate launch --config_file examples/accelerate_config.yaml examples/accelerate_train.py
     accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py      # same, flags
     torchrun --nproc_per_node 2 examples/accelerate_train.py                          # or torchrun
+    python examples/accelerate_train.py                                               # one GPU
 
-On a machine without GPUs the same commands start CPU processes (gloo). Trains a small GPT-2 on a
-generated Markov-chain corpus with gradient accumulation, evaluates with `gather_for_metrics`,
-saves its state with `save_state` and the model with `save_model`. `--out DIR` picks the output
-folder; `--stage`, `--steps` and `--offload` change the run.
+One process per GPU (`--num_processes` / `--nproc_per_node` = the number of GPUs). Nothing here
+names a device: `prepare` shards the model onto each process's `accelerator.device` and the
+prepared data loaders put the batches there. On a machine without GPUs the same commands start CPU
+processes (gloo). Trains a small GPT-2 on a generated Markov-chain corpus with gradient
+accumulation, evaluates with `gather_for_metrics`, saves its state with `save_state` and the model
+with `save_model`. `--out DIR` picks the output folder; `--stage`, `--steps` and `--offload`
+change the run.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def main() -> None:
     accelerator = ZeroAccelerator(
         zero_config={"stage": options.stage, "offload_optimizer": options.offload},
         gradient_accumulation_steps=2,
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available(),  # several CPU processes need it (see the README)
     )
     torch.manual_seed(0)  # every process builds the same model (rank 0's weights are broadcast anyway)
     model = build_model()

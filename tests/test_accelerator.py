@@ -1,21 +1,29 @@
-"""ZeroAccelerator on 2 gloo ranks (through torchrun): checkpoints, full weights, compile, world checks.
+"""ZeroAccelerator on 2 gloo ranks (through torchrun): checkpoints, full weights, compile, world checks;
+and, in this process, where `prepare` places the model.
 
 One launch per mode of `hf_zero.testing.accelerate_run` (start-up dominates on CPU); each test
-checks one property of what it wrote.
+checks one property of what it wrote. The placement decision is a pure function, so its GPU cases
+run here on torch.device objects; `prepare`'s use of it runs with the engine recorded, not built.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import hf_zero
 from hf_zero import ZeroAccelerator
 from hf_zero.checkpoint.format import MANIFEST, TRAINER_SUBFOLDER, rank_file_name
+from hf_zero.integrations import accelerator as accelerator_module
+from hf_zero.integrations.placement import decide_placement
 from hf_zero.saving import write_atomically
 from hf_zero.testing.accelerate_run import SAVE_AFTER
 from hf_zero.testing.launch import torchrun
@@ -213,3 +221,213 @@ def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
         write_atomically(target, crash_halfway)
     assert torch.equal(load_file(target)["w"], torch.ones(3))
     assert [path.name for path in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+# ---- where prepare places the model -----------------------------------------------------------------
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+
+
+def gpu(index: int) -> torch.device:
+    return torch.device("cuda", index)
+
+
+# (case, decide_placement arguments, the device decided or the error raised, the warning or None)
+PLACEMENTS = [
+    ("cpu-only machine", dict(target=CPU, model_devices=[CPU]), CPU, None),
+    (
+        "cpu-only machine, weights on disk",
+        dict(target=CPU, model_devices=[META, CPU], pending=True),
+        CPU,
+        None,
+    ),
+    ("one GPU", dict(target=gpu(0), model_devices=[CPU], cuda_available=True), gpu(0), None),
+    (
+        "4 GPUs, local rank 3",
+        dict(target=gpu(3), model_devices=[CPU], cuda_available=True, num_processes=4),
+        gpu(3),
+        None,
+    ),
+    (
+        "model already on its GPU, placement off",
+        dict(
+            target=gpu(1),
+            model_devices=[gpu(1)],
+            device_placement=False,
+            cuda_available=True,
+            num_processes=2,
+        ),
+        gpu(1),
+        None,
+    ),
+    (
+        "model on another process's GPU",
+        dict(target=gpu(0), model_devices=[gpu(1)], cuda_available=True, num_processes=2),
+        ValueError(
+            "the model has tensors on cuda:1, but this process trains on cuda:0 .* build the model on the CPU"
+        ),
+        None,
+    ),
+    (
+        "model on another process's GPU, placement off",
+        dict(target=gpu(0), model_devices=[gpu(1)], device_placement=False, cuda_available=True),
+        ValueError("tensors on cuda:1, but this process trains on cuda:0"),
+        None,
+    ),
+    (
+        "weights on disk (meta), local rank 2",
+        dict(target=gpu(2), model_devices=[META, CPU], pending=True, cuda_available=True, num_processes=4),
+        gpu(2),
+        None,
+    ),
+    (
+        "weights on disk, placement off",
+        dict(
+            target=gpu(2),
+            model_devices=[META, CPU],
+            pending=True,
+            device_placement=False,
+            cuda_available=True,
+        ),
+        gpu(2),
+        None,
+    ),
+    (
+        "cpu=True on a GPU machine",
+        dict(target=CPU, model_devices=[CPU], cuda_available=True, cpu=True),
+        CPU,
+        None,
+    ),
+    (
+        "cpu=True on a GPU machine, weights on disk",
+        dict(target=CPU, model_devices=[META], pending=True, cuda_available=True, cpu=True),
+        CPU,
+        None,
+    ),
+    (
+        "cpu=True, model on a GPU",
+        dict(target=CPU, model_devices=[gpu(0)], cuda_available=True, cpu=True),
+        CPU,
+        None,
+    ),
+    (
+        "cpu=True, model on a GPU, placement off",
+        dict(target=CPU, model_devices=[gpu(0)], device_placement=False, cuda_available=True, cpu=True),
+        ValueError("the model is on cuda:0 and device_placement=False .* Accelerate's device is cpu"),
+        None,
+    ),
+    (
+        "Accelerate chose the CPU on a GPU machine",
+        dict(target=CPU, model_devices=[CPU], cuda_available=True),
+        CPU,
+        "CUDA is available but Accelerate chose the CPU .* pass cpu=True",
+    ),
+    (
+        "mixed devices: CPU and its GPU",
+        dict(target=gpu(0), model_devices=[CPU, gpu(0)], cuda_available=True),
+        gpu(0),
+        None,
+    ),
+    (
+        "mixed devices: CPU and another GPU",
+        dict(target=gpu(0), model_devices=[gpu(0), CPU, gpu(1)], cuda_available=True, num_processes=2),
+        ValueError("the model has tensors on cuda:1, but this process trains on cuda:0"),
+        None,
+    ),
+    (
+        "mixed devices, placement off",
+        dict(target=gpu(0), model_devices=[CPU, gpu(0)], device_placement=False, cuda_available=True),
+        ValueError("the model is on cpu, cuda:0 .* several devices .* leave device_placement on"),
+        None,
+    ),
+    (
+        "placement off, model on the CPU, one GPU",
+        dict(target=gpu(0), model_devices=[CPU], device_placement=False, cuda_available=True),
+        CPU,
+        "the model stays on the CPU .* leave device_placement on .* to train on cuda:0",
+    ),
+    (
+        "placement off, model on the CPU, 2 GPUs",
+        dict(
+            target=gpu(1), model_devices=[CPU], device_placement=False, cuda_available=True, num_processes=2
+        ),
+        ValueError("the model is on cpu .* 2 processes communicate over NCCL .* leave device_placement on"),
+        None,
+    ),
+    (
+        "a device hf_zero does not compute on",
+        dict(target=torch.device("mps"), model_devices=[CPU]),
+        ValueError("Accelerate chose mps .* CUDA GPUs or the CPU; pass cpu=True"),
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "decided", "warning"), [c[1:] for c in PLACEMENTS], ids=[c[0] for c in PLACEMENTS]
+)
+def test_placement_decisions(arguments, decided, warning):
+    if isinstance(decided, Exception):
+        with pytest.raises(type(decided), match=str(decided)):
+            decide_placement(**arguments)
+        return
+    placement = decide_placement(**arguments)
+    assert placement.device == decided
+    if warning is None:
+        assert placement.warning is None
+    else:
+        assert re.search(warning, placement.warning), placement.warning
+
+
+class _Recorded(Exception):
+    """Raised by the stand-in engine: what prepare would have built is recorded, nothing is built."""
+
+
+@pytest.fixture
+def on_gpu0(monkeypatch):
+    """A `ZeroAccelerator` in this process that takes itself for GPU 0 of a CUDA machine, and the
+    devices `prepare` asks the engine for (the stand-in engine records them instead of building)."""
+    accelerator = ZeroAccelerator(zero_config={"stage": 2})
+    requested: list[torch.device] = []
+
+    def record(model, optimizer, config, device=None):
+        requested.append(device)
+        raise _Recorded
+
+    monkeypatch.setattr(accelerator_module, "ZeroEngine", record)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ZeroAccelerator, "device", property(lambda self: gpu(0)))
+    yield accelerator, requested
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _model_and_optimizer():
+    model = build_model("gpt2")
+    return model, torch.optim.AdamW(model.parameters())
+
+
+@pytest.mark.parametrize("where", ["prepare", "accelerator"])
+def test_prepare_shards_on_the_accelerator_device_or_where_placement_off_leaves_the_model(on_gpu0, where):
+    accelerator, requested = on_gpu0
+    with pytest.raises(_Recorded):
+        accelerator.prepare(*_model_and_optimizer())
+    assert requested == [gpu(0)]
+    # Accelerate's device_placement, per object in prepare or for the whole accelerator.
+    placement = {"device_placement": [True, False]} if where == "prepare" else {}
+    accelerator.device_placement = where == "prepare"
+    optimizer, model = reversed(_model_and_optimizer())
+    with pytest.warns(UserWarning, match="the model stays on the CPU"), pytest.raises(_Recorded):
+        accelerator.prepare(optimizer, model, **placement)
+    assert requested == [gpu(0), CPU]
+
+
+def test_prepare_reads_weights_still_on_disk_onto_the_accelerator_device(on_gpu0, tmp_path):
+    accelerator, requested = on_gpu0
+    build_model("llama").save_pretrained(tmp_path)
+    model = hf_zero.from_pretrained(AutoModelForCausalLM, tmp_path, {"stage": 3})
+    # Pending weights land on the accelerator's device even with placement off, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(_Recorded):
+            accelerator.prepare(model, torch.optim.AdamW(model.parameters()), device_placement=[False, False])
+    assert requested == [gpu(0)]

@@ -3,9 +3,11 @@
 `prepare(model, optimizer, ...)` hands the model and its optimizer to the ZeRO engine (the model
 comes back as itself, its parameters now views into flat buffers, compiled if Accelerate's dynamo
 plugin asks for it; the optimizer as an `AcceleratedOptimizer` around the engine's shard optimizer)
-and prepares data loaders and schedulers as Accelerate always does. `backward`, `clip_grad_norm_`
-and `no_sync` go through the engine. Precision is the engine's business, so Accelerate's autocast
-and GradScaler stay off.
+and prepares data loaders and schedulers as Accelerate always does. The engine computes on
+`accelerator.device` (see `placement.py`): as under plain Accelerate, a model on the CPU is moved
+there, unless `device_placement=False`; stage-3 weights still on disk are read straight onto it.
+`backward`, `clip_grad_norm_` and `no_sync` go through the engine. Precision is the engine's
+business, so Accelerate's autocast and GradScaler stay off.
 
 Checkpoints: `save_state`/`load_state` keep everything Accelerate saves (schedulers, data loader
 samplers, RNG states, objects registered for checkpointing, `step`, automatic naming and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,9 @@ from ..checkpoint.format import TRAINER_SUBFOLDER
 from ..config import ZeroConfig
 from ..engine import ZeroEngine, check_available, engine_of
 from ..params import is_peft_model
+from ..pending import PendingWeights
 from ..saving import save_full_weights, write_atomically
+from .placement import decide_placement
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -71,6 +76,8 @@ class ZeroAccelerator(Accelerator):
     Raises:
         RuntimeError: when Accelerate counts a different number of processes than the launcher
             started (each process would otherwise train alone on the same data).
+        ValueError: from `prepare`, for a model that cannot train on `accelerator.device` (on
+            another GPU, or kept off it by `device_placement=False`; see `placement.py`).
     """
 
     def __init__(self, *args: Any, zero_config: ZeroConfig | dict | str | None = None, **kwargs: Any) -> None:
@@ -80,6 +87,9 @@ class ZeroAccelerator(Accelerator):
         self.zero_config = config
         kwargs["mixed_precision"] = "no"
         super().__init__(*args, **kwargs)
+        # Whether the CPU was asked for: the Trainer (use_cpu) and `accelerate launch --cpu` tell
+        # Accelerate's shared state rather than pass cpu=True here.
+        self._cpu_requested = bool(kwargs.get("cpu") or getattr(self.state, "_cpu", False))
         self.zero_engine: ZeroEngine | None = None
         self._check_world_agrees()
 
@@ -102,9 +112,15 @@ class ZeroAccelerator(Accelerator):
     # ---- preparation -----------------------------------------------------------------------------
 
     def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
-        """Shard the (one) model with its (one) optimizer, then prepare everything as Accelerate does."""
+        """Shard the (one) model with its (one) optimizer on `accelerator.device`, then prepare
+        everything as Accelerate does (`device_placement`, per object, as in `Accelerator.prepare`)."""
         models = [obj for obj in args if isinstance(obj, torch.nn.Module)]
         optimizers = [obj for obj in args if isinstance(obj, torch.optim.Optimizer)]
+        if device_placement is not None and len(device_placement) != len(args):
+            raise ValueError(
+                f"device_placement should be a list with {len(args)} elements (one per object passed to "
+                f"prepare); got {len(device_placement)}"
+            )
         if models or optimizers:
             if len(models) != 1 or len(optimizers) != 1:
                 raise ValueError(
@@ -112,16 +128,40 @@ class ZeroAccelerator(Accelerator):
                     f"accelerator.prepare(model, optimizer, dataloader); got {len(models)} model(s) and "
                     f"{len(optimizers)} optimizer(s)"
                 )
-            self._attach_engine(models[0], _unwrap_optimizer(optimizers[0]))
+            index = next(i for i, obj in enumerate(args) if obj is models[0])
+            place = None if device_placement is None else device_placement[index]
+            self._attach_engine(
+                models[0], _unwrap_optimizer(optimizers[0]), self.device_placement if place is None else place
+            )
         return super().prepare(*args, device_placement=device_placement)
 
-    def _attach_engine(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _attach_engine(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device_placement: bool
+    ) -> None:
         engine = engine_of(model)
-        if engine is None:
-            engine = ZeroEngine(model, optimizer, self.zero_config)
-        elif engine.optimizer is not optimizer:
+        if engine is not None and engine.optimizer is not optimizer:
             raise ValueError("this model is already sharded by hf_zero with a different optimizer")
+        placement = decide_placement(
+            self._training_device(),
+            [engine.device] if engine is not None else _devices_of(model),
+            pending=engine is None and PendingWeights.of(model) is not None,
+            device_placement=device_placement and engine is None,  # a sharded model cannot move
+            cuda_available=torch.cuda.is_available(),
+            cpu=self._cpu_requested,
+            num_processes=self.num_processes,
+        )
+        if placement.warning is not None and self.is_main_process:
+            warnings.warn(placement.warning, stacklevel=3)
+        if engine is None:
+            engine = ZeroEngine(model, optimizer, self.zero_config, device=placement.device)
         self.zero_engine = engine
+
+    def _training_device(self) -> torch.device:
+        """`accelerator.device` with its GPU index (Accelerate names a single process's GPU `cuda`)."""
+        device = self.device
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def prepare_model(
         self, model: torch.nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False
@@ -312,6 +352,11 @@ def _launched_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _devices_of(model: torch.nn.Module) -> set[torch.device]:
+    """The devices the model's parameters and buffers are on."""
+    return {tensor.device for tensor in (*model.parameters(), *model.buffers())}
 
 
 def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
