@@ -4,12 +4,19 @@ A single process without an initialised process group is world size 1: every col
 a local copy (or nothing), so the same engine code runs under `python`, `torchrun` and
 `accelerate launch`. An existing process group (or a sub-group, for hf_zero beside tensor or
 pipeline parallelism) can be handed in; the engine then shards over that group only.
+
+hf_zero refers to process groups weakly: torch's registry owns them, so `destroy_process_group()`
+frees a group (and joins its gloo worker threads) at once, even while an engine is still alive;
+an engine whose group was destroyed refuses to run collectives. See `hf_zero.teardown` for why
+the groups must end before the interpreter does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +34,40 @@ def free_device_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def live_group(ref: Callable[[], dist.ProcessGroup | None] | None) -> dist.ProcessGroup | None:
+    """The process group `ref` (a weak reference) refers to (None for a world of one), or a clear
+    error once it was destroyed (or its engine closed)."""
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise RuntimeError(
+            "this hf_zero engine was closed (engine.close(), or the interpreter exiting) or its process group "
+            "destroyed (torch.distributed.destroy_process_group), so it can run no more collectives; save "
+            "before that, or initialise the process group and the engine again"
+        )
+    return group
+
+
+def _closed() -> None:
+    """Stands in for the weak reference of a closed engine's group: dead."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process sits: its rank and world size in the group the engine shards over, and
-    the device it computes on."""
+    the device it computes on. The group is held weakly (see the module docstring)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-    group: dist.ProcessGroup | None
+    group_ref: weakref.ref | None
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None in a world of one); raises once it was destroyed."""
+        return live_group(self.group_ref)
 
 
 def choose_device(
@@ -89,7 +120,11 @@ def setup_distributed(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return DistContext(
-        rank=rank, world_size=world_size, local_rank=local_rank or 0, device=device, group=group
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank or 0,
+        device=device,
+        group_ref=weakref.ref(group) if group is not None else None,
     )
 
 
@@ -108,7 +143,11 @@ def second_group(ctx: DistContext) -> DistContext:
     else:
         group = dist.new_group(ranks=ranks, use_local_synchronization=True)
     return DistContext(
-        rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank, device=ctx.device, group=group
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        local_rank=ctx.local_rank,
+        device=ctx.device,
+        group_ref=weakref.ref(group),
     )
 
 
@@ -137,12 +176,22 @@ class Collectives:
 
     def __init__(self, ctx: DistContext, fingerprint: bool = False) -> None:
         self.world_size = ctx.world_size
-        self.group = ctx.group
+        self.group_ref = ctx.group_ref
         self.bytes_sent = 0
         self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
         self._calls = 0
         # Broadcasts name their source by global rank; rank 0 of a sub-group need not be global rank 0.
         self._source = dist.get_global_rank(ctx.group, 0) if ctx.world_size > 1 else 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None in a world of one); raises once it was destroyed."""
+        return live_group(self.group_ref)
+
+    def close(self) -> None:
+        """Refuse every collective from now on (the engine was closed)."""
+        if self.group_ref is not None:
+            self.group_ref = _closed
 
     def _record(self, op: str, tensor: torch.Tensor, factor: float) -> None:
         share = (self.world_size - 1) / self.world_size

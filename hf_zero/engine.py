@@ -34,7 +34,7 @@ from .fused_step import fused_step, supports_fused_step
 from .gather import UnitGatherer
 from .grad_sync import BackwardReduceScatter, StepReduction
 from .host_staging import HostStaging
-from .kernels import grad_stats
+from .kernels.grad_stats import grad_stats
 from .layout import FlatLayout
 from .loss_scaler import LossScaler
 from .nvme import ALIGN as NVME_ALIGN
@@ -43,6 +43,7 @@ from .optim import check_elementwise, rebind_to_shards
 from .params import device_of, keep_in_fp32_parameter_ids, names_in_groups, trainable_parameters_by_group
 from .pending import PendingWeights, initialise_new_adapters
 from .precision import compute_dtype_for
+from .teardown import leave_group, release, release_before_teardown
 from .units import find_units
 
 _ENGINE_ATTR = "_hf_zero_engine"
@@ -59,6 +60,9 @@ class ZeroEngine(ShardedState, nn.Module):
 
     Use it like the model (`engine(**batch)`), then `engine.backward(loss)` and `engine.step()`.
     Gradients of successive backward passes add up until `step()`, which consumes them.
+    `device` is where it computes and keeps the model (default: the model's own device; under a
+    launcher a GPU is each rank's own, see `distributed.choose_device`); `ZeroAccelerator` passes
+    `accelerator.device`, onto which weights still on disk are read directly.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ZeroEngine(ShardedState, nn.Module):
         optimizer: torch.optim.Optimizer,
         config: ZeroConfig,
         process_group: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         check_available(config)
@@ -79,7 +84,9 @@ class ZeroEngine(ShardedState, nn.Module):
         self.compute_dtype = compute_dtype_for(config.precision)
         # Weights still on disk (hf_zero.from_pretrained): the model has no device of its own yet.
         pending = _take_pending_weights(module)
-        self.ctx: DistContext = setup_distributed(None if pending else device_of(module), process_group)
+        if device is None and not pending:
+            device = device_of(module)
+        self.ctx: DistContext = setup_distributed(device, process_group)
         self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
 
         self.source_param_names = names_in_groups(module, optimizer)
@@ -184,6 +191,12 @@ class ZeroEngine(ShardedState, nn.Module):
         self.last_step_comm_bytes = 0
         self.global_steps = 0
         self.comm.bytes_sent = 0
+        # Threads and the swap file end with the engine, at the interpreter's exit at the latest (see
+        # `teardown.py`). Nothing the finalizer holds may lead back to the engine.
+        comms = [self.comm] + ([self.gather_comm] if config.stage == 3 else [])
+        swap_file = self.swapper.file if self.swapper is not None else None
+        self._release = weakref.finalize(self, release, comms, self._delayed, swap_file)
+        release_before_teardown(self._release)
 
     # ---- set-up helpers ---------------------------------------------------------------------------
 
@@ -405,6 +418,17 @@ class ZeroEngine(ShardedState, nn.Module):
     def step(self) -> None:
         """Take one optimizer step on the accumulated gradients and clear them."""
         self.optimizer.step()
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: wait for the host update in flight
+        (offload_overlap="delayed", whose weights then stay unpublished) and stop its thread, close
+        the NVMe swap file, destroy the process group the engine made for stage-3 gathers. Not a
+        collective, but call it on every rank once training, saving and evaluating are over: the
+        engine runs no collective afterwards. Garbage collection and the interpreter's exit release
+        the threads and file too; the gather group then ends with the default process group."""
+        own_group = self.gather_comm.group_ref if self.gatherer is not None else None
+        self._release()
+        leave_group(own_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard gradients accumulated since the last step (`optimizer.zero_grad()` and

@@ -107,8 +107,9 @@ class SwapFile:
             os.unlink(self.path)  # the open descriptors keep it alive; nothing outlives the process
         self.size = 0
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="hf_zero-nvme")
-        # Closed once nothing uses the file any more (the memory maps hold their own descriptors).
-        weakref.finalize(self, _close, self._pool, {self.fd, self.io_fd})
+        # Closed by `close`, or once nothing uses the file any more (the memory maps hold their own
+        # descriptors, so tensors bound to them stay readable).
+        self._closer = weakref.finalize(self, _close, self._pool, {self.fd, self.io_fd})
 
     def _open_direct(self) -> tuple[int, bool]:
         flag = getattr(os, "O_DIRECT", 0)
@@ -129,6 +130,11 @@ class SwapFile:
 
     def describe(self) -> str:
         return f"{self.path} (NVMe swap file, unlinked once open)"
+
+    def close(self) -> None:
+        """Finish the reads and writes under way, stop the IO threads and close the descriptors; the
+        tensors bound to the file's memory maps stay readable, but no step can run any more."""
+        self._closer()
 
     def reserve(self, nbytes: int) -> int:
         """Grow the file by `nbytes` (a multiple of `ALIGN`), reserving the blocks on disk so that

@@ -38,15 +38,10 @@ def torchrun(module: str, nproc: int, args: list[str], timeout: float = 600) -> 
 
 
 def exit_cleanly() -> None:
-    """End a launched rank: leave the process group, flush output, skip interpreter teardown.
-
-    Gloo's worker threads can abort the process while Python tears its modules down (seen as
-    "terminate called without an active exception", also in PyTorch's own gloo tests, issue
-    65231), which would fail a launch whose work is done.
-    """
+    """End a launched rank as a user's script should: wait for the other ranks, leave the process
+    group, and exit through the interpreter's ordinary teardown (no `os._exit`: the tests see the
+    exit a user sees; what hf_zero's engines hold ends before teardown, see `hf_zero.teardown`)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    sys.exit(0)
