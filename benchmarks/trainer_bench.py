@@ -5,8 +5,8 @@
 
 MODEL: gpt2-124m (16 x 1024 tokens) | llama-1b (Llama-1.1B config, 4 x 2048 tokens) | tiny (CPU smoke run)
 MODE : plain | zero0 | zero1 | zero2 | zero3
-Settings match the anchor script (../shared/bench/trainer_e2e.py): bf16 (or fp16 with --precision;
-on CPU fp32 unless fp16 is asked for), fused AdamW, lr 1e-4, weight decay 0.01, max_grad_norm 1.0,
+Settings match the anchor script (benchmarks/anchor_bench.py, which takes its models and data from
+here): bf16 (or fp16 with --precision; on CPU fp32 unless fp16 is asked for), fused AdamW, lr 1e-4, weight decay 0.01, max_grad_norm 1.0,
 random tokens. --liger switches on the Trainer's `use_liger_kernel` (Llama only). --offload moves
 the fp32 masters and optimizer state to host memory or an NVMe swap file (--nvme-path, default a
 temporary folder), --offload-params (zero3) the 16-bit shards to the host, --delayed takes the

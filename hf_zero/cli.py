@@ -4,7 +4,7 @@ hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
 hf-zero estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
 hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 hf-zero merge --verify CKPT_DIR
-hf-zero env [--nvme-path DIR]
+hf-zero env [--nvme-path DIR] [--strict]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ commands:
         write an hf_zero checkpoint as a save_pretrained folder (one CPU process)
   merge --verify CKPT_DIR
         check a checkpoint's manifest and checksums and print a summary
-  env   print the versions and devices hf_zero sees, host and locked memory, NVMe free space
+  env [--nvme-path DIR] [--strict]
+        print the versions and devices hf_zero sees, host and locked memory, NVMe free space; a
+        warning for each package outside the versions CI tested (--strict: then exit 1)
 """
 
 
@@ -53,7 +55,7 @@ def train(argv: list[str]) -> int:
         parser.error("RECIPE is required: the recipe YAML file to train, e.g. recipes/gpt2-clm-pretrain.yaml")
     if options.nproc is not None and options.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {options.nproc}")
-    from .recipes import Recipe, describe_run, run_recipe
+    from .recipes import Recipe, check_run, run_recipe
 
     try:
         recipe = Recipe.load(options.recipe, options.overrides)
@@ -63,9 +65,9 @@ def train(argv: list[str]) -> int:
     import torch
 
     nproc = options.nproc if options.nproc is not None else max(torch.cuda.device_count(), 1)
-    if "WORLD_SIZE" not in os.environ:  # the launching process says it once, not every rank
+    if "WORLD_SIZE" not in os.environ:  # the launching process checks once, not every rank
         try:
-            print(f"hf-zero train: {describe_run(recipe, nproc)}", flush=True)
+            check_run(recipe)
         except (ValueError, ImportError, RuntimeError, OSError) as error:
             print(f"hf-zero train: {error}", file=sys.stderr)
             return 2
@@ -86,34 +88,25 @@ def train(argv: list[str]) -> int:
             print(f"hf-zero train: final eval at step {result.eval_step}: {shown}")
         train_loss = result.train_metrics.get("train_loss")
         loss = f"; mean training loss {train_loss:.4g}" if train_loss is not None else ""
-        runtime = result.train_metrics.get("train_runtime", 0.0)
         print(
-            f"hf-zero train: done in {runtime:.0f} s{loss}; {', '.join(result.written)} written to "
-            f"{result.output_dir}"
+            f"hf-zero train: done, training took {result.runtime_s:.0f} s{loss}; {', '.join(result.written)} "
+            f"written to {result.output_dir}"
         )
     _end_launched_worker()
     return 0
 
 
 def _end_launched_worker() -> None:
-    """End a rank started by torchrun once its work is done and written: leave the process group,
-    flush, and exit without tearing the interpreter down. Gloo and other native worker threads,
-    torn down with Python's modules, can abort a finished run ("terminate called without an active
-    exception", about one run in eight here, after the model was saved); everything the run writes
-    is closed by then (the Trainer closes its loggers when training ends)."""
+    """Leave the process group once a rank started by torchrun has done and written its work, as a
+    well-behaved script does; the rank then exits through the interpreter's ordinary teardown
+    (hf_zero ends its engines' threads and process groups before it, see `hf_zero.teardown`)."""
     if "WORLD_SIZE" not in os.environ:
         return
-    import logging
-
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def merge(argv: list[str]) -> int:
@@ -178,27 +171,29 @@ def host_memory_lines(nvme_path: str | None = None) -> list[str]:
 
 
 def env(argv: list[str]) -> int:
-    """Print the software and devices relevant to hf_zero (`--nvme-path DIR`: its free space too)."""
-    import importlib.metadata
-
+    """Print the software and devices relevant to hf_zero (`--nvme-path DIR`: its free space too),
+    with a warning for each package outside the versions CI tested (`--strict`: then exit 1)."""
+    parser = argparse.ArgumentParser(prog="hf-zero env")
+    parser.add_argument("--nvme-path", default=None, help="an NVMe offload folder to report free space for")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a package lies outside the versions CI tested"
+    )
+    options = parser.parse_args(argv)
     import torch
     import torch.distributed as dist
 
     import hf_zero
 
+    from .tested_versions import installed_versions, untested_warnings
+
     print(f"hf_zero      {hf_zero.__version__}")
     print(f"python       {platform.python_version()} ({platform.platform()})")
-    parser = argparse.ArgumentParser(prog="hf-zero env")
-    parser.add_argument("--nvme-path", default=None, help="an NVMe offload folder to report free space for")
-    options = parser.parse_args(argv)
-    for package in (
-        "torch", "transformers", "accelerate", "datasets", "safetensors", "triton", "peft", "liger-kernel"
-    ):  # fmt: skip
-        try:
-            version = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            version = "not installed"
-        print(f"{package:12s} {version}")
+    versions = installed_versions()
+    for package, version in versions.items():
+        print(f"{package:12s} {version or 'not installed'}")
+    warnings = untested_warnings(versions)
+    for line in warnings:
+        print(line)
     backends = [
         name for name in ("nccl", "gloo") if dist.is_available() and getattr(dist, f"is_{name}_available")()
     ]
@@ -211,7 +206,7 @@ def env(argv: list[str]) -> int:
         print("cuda         not available: training runs on CPU with gloo")
     for line in host_memory_lines(options.nvme_path):
         print(line)
-    return 0
+    return 1 if warnings and options.strict else 0
 
 
 def estimate(argv: list[str]) -> int:

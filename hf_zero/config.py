@@ -12,11 +12,13 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .deepspeed_config import check_loop_values, zero_fields_from_deepspeed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -85,6 +87,10 @@ class ZeroConfig:
         generate_gather: stage 3, `model.generate()`: "auto" gathers the whole model once per call
             when its 16-bit weights fit in half the free device memory, else unit by unit for every
             token; "once" and "per_unit" force either.
+        deepspeed_loop_values: the concrete training-loop values of a DeepSpeed config
+            (`{"optimizer.params.lr": 3e-4, ...}`; `from_deepspeed` fills it). hf_zero does not
+            build the optimizer, so nothing applies them: `ZeroTrainer` refuses to train when its
+            `TrainingArguments` disagree with one, as the Trainer's DeepSpeed integration does.
     """
 
     stage: int = 2
@@ -109,6 +115,7 @@ class ZeroConfig:
     unit_classes: list[str] | None = None
     prefetch_bytes: int | None = None
     generate_gather: str = "auto"
+    deepspeed_loop_values: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stage = _check_int("stage", self.stage, minimum=0, maximum=3)
@@ -141,6 +148,7 @@ class ZeroConfig:
         if self.prefetch_bytes is not None:
             self.prefetch_bytes = _check_int("prefetch_bytes", self.prefetch_bytes, minimum=0)
         self.generate_gather = _check_choice("generate_gather", self.generate_gather, GENERATE_GATHER)
+        self.deepspeed_loop_values = check_loop_values(self.deepspeed_loop_values)
         self._check_combinations()
 
     def _check_combinations(self) -> None:
@@ -198,9 +206,8 @@ class ZeroConfig:
 
     @classmethod
     def from_deepspeed(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ZeroConfig:
-        """Translate a DeepSpeed JSON config (path or dict); keys hf_zero does not use are warned about."""
-        from .deepspeed_config import zero_fields_from_deepspeed
-
+        """Translate a DeepSpeed JSON config (path or dict). The parts hf_zero does not use are
+        reported (one warning, a line per block, on one process); see `hf_zero.deepspeed_config`."""
         values = path_or_dict if isinstance(path_or_dict, dict) else load_mapping(path_or_dict)
         return cls.from_dict(zero_fields_from_deepspeed(values))
 

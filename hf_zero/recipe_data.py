@@ -141,23 +141,28 @@ class PreparedData:
     description: str
 
 
-def prepare_data(model: dict[str, Any], data: dict[str, Any], output_dir: str, is_main: bool) -> PreparedData:
+def prepare_data(
+    model: dict[str, Any], data: dict[str, Any], output_dir: str, is_main: bool, progress: bool = True
+) -> PreparedData:
     """Read (or generate) the data, get the tokenizer, tokenize for the task.
 
     Run it on the main process first and then on the others (`TrainingArguments.main_process_first`):
     the main process writes the generated files and trains and saves the tokenizer into
     `<output_dir>/tokenizer`; the others read what it wrote, so every rank has the same vocabulary.
+    `progress=False` turns off the progress bars of `datasets` and `tokenizers` (for output that is
+    not a terminal); the main process is the only one that shows them in any case.
     """
     import datasets
 
     task = model.get("task", "causal-lm")
     fields = data_fields(data)
-    if not is_main:
-        datasets.disable_progress_bars()  # one set of bars, from the main process
+    progress = progress and is_main
+    if not progress:
+        datasets.disable_progress_bars()
     if fields["source"] == "markov":
         return _markov(fields, model)
     raw = _load_raw(fields, task, output_dir)
-    tokenizer = _tokenizer(model, task, raw["train"], fields, output_dir, is_main)
+    tokenizer = _tokenizer(model, task, raw["train"], fields, output_dir, is_main, progress)
     tokenized = {split: _tokenize(rows, task, tokenizer, fields) for split, rows in raw.items()}
     empty = [split for split, rows in tokenized.items() if len(rows) == 0]
     if empty:
@@ -264,7 +269,9 @@ def _load_raw(fields: dict[str, Any], task: str, output_dir: str) -> dict[str, A
     return raw
 
 
-def _tokenizer(model: dict[str, Any], task: str, train_rows, fields, output_dir: str, is_main: bool):
+def _tokenizer(
+    model: dict[str, Any], task: str, train_rows, fields, output_dir: str, is_main: bool, progress: bool
+):
     from transformers import AutoTokenizer
 
     spec = tokenizer_spec(model)
@@ -281,7 +288,8 @@ def _tokenizer(model: dict[str, Any], task: str, train_rows, fields, output_dir:
             else:
                 texts = (row[text] for row in train_rows)
             kind = "wordpiece" if task == "masked-lm" else "bpe"
-            tokenizer = train_tokenizer(texts, kind, int(model.get("tokenizer_vocab_size", 2000)))
+            vocab_size = int(model.get("tokenizer_vocab_size", 2000))
+            tokenizer = train_tokenizer(texts, kind, vocab_size, show_progress=progress)
             tokenizer.save_pretrained(folder)
         else:
             tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -22,7 +22,6 @@ Everything is checked by `Recipe.load`, before any process starts.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,10 @@ class Recipe:
             _apply_override(values, override)
         unknown = [key for key in values if key not in SECTIONS]
         if unknown:
-            raise ValueError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(SECTIONS)}")
+            raise ValueError(
+                f"recipe {path}: unknown section(s) {unknown}{did_you_mean(str(unknown[0]), list(SECTIONS))}; "
+                f"sections are {list(SECTIONS)}"
+            )
         for section in SECTIONS:
             if not isinstance(values.get(section, {}), dict):
                 raise ValueError(f"recipe {path}: section {section!r} must be a mapping")
@@ -90,11 +92,6 @@ class Recipe:
     @property
     def task(self) -> str:
         return self.model.get("task", "causal-lm")
-
-    @property
-    def text_data(self) -> bool:
-        """Whether the data is text (to tokenize) rather than token ids."""
-        return data_fields(self.data)["source"] != "markov"
 
     def validate(self, where: str) -> None:
         """Check everything that can be checked before a process starts or a weight is read."""
@@ -133,7 +130,10 @@ class Recipe:
             raise ValueError(
                 f"recipe {where}: model.tokenizer={spec!r} is neither 'train' nor a folder or Hub id"
             )
-        zero = ZeroConfig.from_dict(self.zero)
+        try:
+            zero = ZeroConfig.from_dict(self.zero)
+        except ValueError as error:
+            raise ValueError(f"recipe {where}: zero section: {error}") from error
         if "nvme" in (zero.offload_optimizer, zero.offload_params):
             existing_folder(zero.nvme_path)
 
@@ -254,12 +254,14 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     node[path[-1]] = load_yaml(text)
 
 
-def model_config(model_section: dict[str, Any], tokenizer=None, text_data: bool = True):
+def model_config(model_section: dict[str, Any], tokenizer=None):
     """The model's config: the checkpoint's own with `model.pretrained` (`model.architecture` and
     `model.config` describe a model to build, so a recipe written for one can be pointed at a
     checkpoint with a single override), else built for `model.architecture` with the
     `model.config` overrides, taking its vocabulary size and special-token ids from the tokenizer
-    trained for it."""
+    trained for it. Without a tokenizer (token-id data), an architecture's default special-token id
+    that the vocabulary set in `model.config` does not reach (GPT-2's 50256 in 256 tokens) is unset:
+    no such token exists, and transformers would warn about it in every process."""
     from transformers import AutoConfig
 
     overrides = dict(model_section.get("config") or {})
@@ -270,9 +272,22 @@ def model_config(model_section: dict[str, Any], tokenizer=None, text_data: bool 
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name, None) is not None:
                 overrides.setdefault(name, getattr(tokenizer, name))
-    elif tokenizer_spec(model_section) == "train" and text_data:
-        overrides.setdefault("vocab_size", int(model_section.get("tokenizer_vocab_size", 2000)))
+    if "vocab_size" in overrides:
+        defaults = AutoConfig.for_model(model_section["architecture"]).to_dict()
+        for name, value in defaults.items():
+            outside = isinstance(value, int) and not 0 <= value < int(overrides["vocab_size"])
+            if name.endswith("_token_id") and outside:
+                overrides.setdefault(name, None)
     return AutoConfig.for_model(model_section["architecture"], **overrides)
+
+
+def model_type_of(recipe: Recipe) -> str:
+    """The recipe's model type (`gpt2`, `llama`, ...), without building its config."""
+    if "pretrained" in recipe.model:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(os.path.expanduser(str(recipe.model["pretrained"]))).model_type
+    return str(recipe.model["architecture"])
 
 
 def build_model(recipe: Recipe, tokenizer=None):
@@ -295,8 +310,13 @@ def build_model(recipe: Recipe, tokenizer=None):
                 f"the tokenizer has {len(tokenizer)} tokens and {recipe.model['pretrained']} embeds only {vocab}; "
                 "use the model's own tokenizer (leave model.tokenizer out)"
             )
-        return model
-    return auto_class.from_config(model_config(recipe.model, tokenizer, recipe.text_data))
+    else:
+        model = auto_class.from_config(model_config(recipe.model, tokenizer))
+    if recipe.task != "masked-lm" and getattr(model, "loss_type", "") is None:
+        # Class names outside transformers' loss table (GPT2LMHeadModel) get the causal-LM loss
+        # anyway, after a warning in every process; naming it gives the same loss, silently.
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def check_liger(model_type: str) -> None:
@@ -330,8 +350,12 @@ def _tensorboard_available() -> bool:
 def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
     """The recipe's `TrainingArguments` fields, completed for this machine and its kernels:
     precision as the Trainer would pick it, CPU use without GPUs, TensorBoard logs when it is
-    installed (into `<output_dir>/runs/`)."""
+    installed (into `<output_dir>/runs/`), progress bars only on a terminal (`disable_tqdm`
+    otherwise, so that a log file or pipe gets plain lines)."""
+    from .run_report import interactive_output
+
     training = dict(recipe.training)
+    training.setdefault("disable_tqdm", not interactive_output())
     if torch.cuda.is_available():
         # Precision "auto" follows the Trainer: use bf16 where the GPU has it, unless the recipe says.
         if "bf16" not in training and "fp16" not in training:
@@ -352,30 +376,52 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
     return training
 
 
-def describe_run(recipe: Recipe, processes: int) -> str:
-    """One line saying what a run will do: model and size, data, processes, ZeRO stage, precision,
-    where the model goes. The model is built on the meta device to count its parameters (with the
-    vocabulary the trained tokenizer may reach, so about)."""
-    import transformers
+def check_run(recipe: Recipe) -> None:
+    """The checks that need the model's config and this machine, made before any process starts:
+    the `model.config` overrides build a model (on the meta device, so no memory), and the training
+    arguments complete (Liger-Kernel's availability). Errors are ValueError, ImportError or
+    RuntimeError naming the problem."""
+    config = model_config(recipe.model)
+    _parameter_count(config, recipe.task)
+    training_arguments(recipe, config.model_type)
 
-    config = model_config(recipe.model, text_data=recipe.text_data)
-    with torch.device("meta"):
-        model = getattr(transformers, AUTO_CLASSES[recipe.task][0]).from_config(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    args = training_arguments(recipe, config.model_type)
+
+def describe_run(recipe: Recipe, config, args) -> str:
+    """One line saying what a run does: the model and its size, the data, ZeRO stage, precision,
+    the global batch with its factors, where the model goes. `config` is the config of the model
+    that trains (with the trained tokenizer's vocabulary), `args` the run's `TrainingArguments`."""
     zero = ZeroConfig.from_dict(recipe.zero)
     precision = zero.precision
     if precision == "auto":
-        precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "fp32"
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     offload = "" if zero.offload_optimizer == "none" else f", optimizer offload to {zero.offload_optimizer}"
     name = recipe.model.get("pretrained") or recipe.model["architecture"]
     if "pretrained" in recipe.model and recipe.model.get("config"):
         name += " (its own config: model.config is for building a model)"
-    return (
-        f"{name} ({parameters / 1e6:.1f}M parameters, {recipe.task}) on {describe_source(data_fields(recipe.data))}; "
-        f"{processes} process(es), ZeRO stage {zero.stage}{offload}, {precision}; output to "
-        f"{recipe.training['output_dir']}"
+    per_process, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    batch = (
+        f"global batch {per_process * args.world_size * steps} = {per_process} per process x "
+        f"{_counted(args.world_size, 'process', 'processes')} x {_counted(steps, 'accumulation step')}"
     )
+    return (
+        f"{name} ({_parameter_count(config, recipe.task):,} parameters, {recipe.task}) on "
+        f"{describe_source(data_fields(recipe.data))}; ZeRO stage {zero.stage}{offload}, {precision}; "
+        f"{batch}; output to {args.output_dir}"
+    )
+
+
+def _parameter_count(config, task: str) -> int:
+    """The parameters of the model `config` describes, counted once each (tied ones too) on a
+    build on the meta device: right at stage 3 too, where a rank's loaded model holds a shard."""
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, AUTO_CLASSES[task][0]).from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _counted(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
 @dataclass
@@ -388,6 +434,7 @@ class RecipeResult:
     output_dir: str
     written: list[str]
     eval_step: int | None = None
+    runtime_s: float = 0.0  # the training loop's, as the card states it
 
 
 def run_recipe(recipe: Recipe) -> RecipeResult:
@@ -400,12 +447,13 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
     from .model_card import facts_from_trainer, write_card
     from .run_report import install_step_logging, plot_curves
 
-    started = time.monotonic()
-    model_type = model_config(recipe.model, text_data=recipe.text_data).model_type
-    args = TrainingArguments(**training_arguments(recipe, model_type))
+    args = TrainingArguments(**training_arguments(recipe, model_type_of(recipe)))
+    main = args.process_index == 0
     with args.main_process_first(local=False, desc="data and tokenizer"):
-        data = prepare_data(recipe.model, recipe.data, args.output_dir, args.process_index == 0)
+        data = prepare_data(recipe.model, recipe.data, args.output_dir, main, progress=not args.disable_tqdm)
     model = build_model(recipe, data.tokenizer)
+    if main:  # said once the model exists: its size counts the vocabulary the tokenizer reached
+        print(f"hf-zero train: {describe_run(recipe, model.config, args)}", flush=True)
     evaluating = data.evaluation is not None
     trainer = ZeroTrainer(
         model=model,
@@ -432,7 +480,9 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         eval_step = trainer.state.global_step
     trainer.save_model(args.output_dir)
     written = ["model"] + (["tokenizer"] if data.tokenizer is not None else [])
-    if args.process_index == 0:
+    # One measurement of the training time, for the card and the console: the Trainer's own.
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    if main:
         metric_names = (ACCURACY_METRIC[recipe.task], "perplexity") if evaluating else ()
         if plot_curves(trainer.state.log_history, Path(args.output_dir) / "curves.png", metric_names):
             written.append("curves (curves.png)")
@@ -444,7 +494,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
                 "base_model": recipe.model.get("pretrained"),
                 "data": data.description,
                 "tokenizer": _tokenizer_words(recipe, data.tokenizer),
-                "runtime_s": time.monotonic() - started,
+                "runtime_s": runtime,
                 "curve": "curves.png" if (Path(args.output_dir) / "curves.png").exists() else None,
                 "recipe": recipe.to_yaml(),
                 "command": recipe.command(args.world_size),
@@ -452,7 +502,9 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         )
         if card is not None:
             written.append("model card (README.md)")
-    return RecipeResult(_shown(eval_metrics), dict(result.metrics), args.output_dir, written, eval_step)
+    return RecipeResult(
+        _shown(eval_metrics), dict(result.metrics), args.output_dir, written, eval_step, runtime
+    )
 
 
 def _shown(metrics: dict[str, Any]) -> dict[str, float]:

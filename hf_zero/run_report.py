@@ -1,9 +1,12 @@
 """What a recipe run shows and leaves behind: log lines that carry the step (under the Trainer's
-progress bar), and the loss and metric curves as a PNG in the output folder."""
+progress bar on a terminal, plain lines in a log file or pipe), and the loss and metric curves as a
+PNG in the output folder."""
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 
 from .model_card import TRAINER_BOOKKEEPING
 from .saving import write_atomically
+
+
+def interactive_output() -> bool:
+    """Whether progress bars belong in this process's output: only when both stdout and stderr
+    are terminals. The bars redraw themselves on stderr with carriage returns and cursor escapes,
+    and the log lines go to stdout; once either is captured (`> log 2>&1`, a pipe, nohup, CI) the
+    bars' escapes would end up glued to the log lines, so everything is written as plain lines."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def format_log(step: int, max_steps: int, logs: dict[str, Any]) -> str:
@@ -49,7 +60,10 @@ class StepPrinterCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and not self.quiet:
-            print(format_log(state.global_step, state.max_steps, logs), flush=True)
+            # One write per record: another process sharing the stream (a warning from rank 1)
+            # cannot land between a line and its newline.
+            sys.stdout.write(format_log(state.global_step, state.max_steps, logs) + "\n")
+            sys.stdout.flush()
 
 
 def install_step_logging(trainer) -> TrainerCallback:
@@ -85,18 +99,43 @@ def plot_curves(
         loss_axis.plot(*evaluation, marker="o", label="eval loss")
     loss_axis.set(xlabel="step", ylabel="loss", title="loss")
     loss_axis.legend()
+    panel_values = [train[1] + evaluation[1]]
     for index, (name, series) in enumerate(curves.items(), start=1):
         axis = axes[0][index]
         axis.plot(*series, marker="o", color="tab:green")
         axis.set(xlabel="step", ylabel=name, title=f"eval {name}")
-    for axis in axes[0]:
+        panel_values.append(series[1])
+    for axis, values in zip(axes[0], panel_values, strict=True):
         axis.grid(alpha=0.3)
+        limits = y_limits(values)
+        if limits is not None:
+            axis.set_ylim(*limits)
     figure.tight_layout()
     try:
         write_atomically(path, lambda partial: figure.savefig(partial, dpi=100, format="png"))
     finally:
         pyplot.close(figure)
     return Path(path)
+
+
+def y_limits(values: list[float], min_relative_span: float = 0.1) -> tuple[float, float] | None:
+    """The y-axis limits of a panel whose values barely move, else None (matplotlib's autoscale).
+
+    Autoscaling stretches any change over the whole panel, so two evaluations 0.003 apart look like
+    a collapse. The axis spans at least `min_relative_span` of the largest magnitude shown, centred
+    on the values: a tenth, because a change of a few percent in a loss, accuracy or perplexity
+    is what a reader should see as small, and a move of a tenth or more still fills the panel
+    as it does under autoscale. Values that move more than that, or that are all zero, autoscale.
+    """
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return None
+    low, high = min(finite), max(finite)
+    span = min_relative_span * max(abs(low), abs(high))
+    if high - low >= span:
+        return None
+    middle = (low + high) / 2
+    return middle - span / 2, middle + span / 2
 
 
 def _series(log_history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

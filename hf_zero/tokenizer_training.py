@@ -16,12 +16,14 @@ WORDPIECE_SPECIALS = {
 BPE_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
-def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int):
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, show_progress: bool = False):
     """A `transformers` fast tokenizer trained on `texts`.
 
     `kind="wordpiece"`: BERT's scheme (lower-casing, WordPiece, `[CLS] ... [SEP]` around every
     sequence, a `[MASK]` token for masked-LM). `kind="bpe"`: byte-level BPE as GPT-2 and Llama use
     (any text round-trips), with `<s>`/`</s>` begin/end tokens and a `<pad>` token.
+    `show_progress`: the `tokenizers` progress bars (off by default: away from a terminal they
+    still print a blank line per training stage).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -32,7 +34,9 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int):
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()))
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=show_progress
+        )
         tokenizer.train_from_iterator(texts, trainer)
         cls, sep = specials["cls_token"], specials["sep_token"]
         tokenizer.post_processor = processors.TemplateProcessing(
@@ -48,6 +52,7 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int):
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=list(specials.values()),
+            show_progress=show_progress,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         tokenizer.train_from_iterator(texts, trainer)

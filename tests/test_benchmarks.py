@@ -52,3 +52,18 @@ def test_offload_host_bench_runs_on_cpu(tmp_path):
     swaps = {line["variant"]: line for line in lines if line["measure"] == "swap"}
     assert len(updates) == 2 and all(line["elements_per_s"] > 0 for line in updates)
     assert swaps["SwapFile write"]["GB/s"] > 0 and swaps["SwapFile read"]["GB/s"] > 0
+
+
+def test_anchor_bench_runs_the_plain_trainer_on_cpu():
+    # Only the plain mode: the anchor script's other modes (DeepSpeed, FSDP2) need a GPU.
+    script = SCRIPT.parent / "anchor_bench.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "tiny", "plain", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "plain" and report["steps"] == 5 and report["step_ms"] > 0
+    assert report["device"] == "cpu" and 0 < report["loss"] < 10

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import hf_zero
 from hf_zero.checkpoint.format import TRAINER_SUBFOLDER, rank_file_name
+from hf_zero.cli import main
 from hf_zero.testing.tiny_models import build_model, make_samples
 
 
@@ -76,7 +77,7 @@ def test_verify_summarises_a_good_checkpoint_and_names_a_damaged_file(tmp_path):
     assert result.returncode == 1 and not (tmp_path / "merged").exists()
 
 
-def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path):
+def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path, capsys):
     _trained_checkpoint(tmp_path / "lora", name="gpt2-lora")
     result = _hf_zero("merge", str(tmp_path / "lora"), str(tmp_path / "out"))
     assert result.returncode == 1 and "PEFT model" in result.stderr
@@ -88,6 +89,13 @@ def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     result = _hf_zero("merge", str(tmp_path), str(tmp_path / "out"))
     assert result.returncode == 1 and "holds no hf_zero checkpoint" in result.stderr
+    # A mistyped path is named as missing, not as a folder without a checkpoint (in this process: the
+    # command's own code path, without another interpreter start).
+    assert main(["merge", "--verify", str(tmp_path / "gtp2")]) == 1
+    error = capsys.readouterr().err
+    assert "gtp2' does not exist" in error and "holds no hf_zero checkpoint" not in error
+    assert main(["merge", str(tmp_path / "gpt2" / "manifest.json"), str(tmp_path / "out")]) == 1
+    assert "is a file, not a checkpoint folder" in capsys.readouterr().err
 
 
 _MEASURE = textwrap.dedent(

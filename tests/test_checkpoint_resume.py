@@ -89,7 +89,8 @@ def runs(root) -> dict[str, dict]:
         out = root / f"launch{index}"
         out.mkdir()
         (out / "jobs.json").write_text(json.dumps(specs))
-        torchrun("hf_zero.testing.checkpoint_resume", world, [str(out / "jobs.json"), str(out)])
+        launch = torchrun("hf_zero.testing.checkpoint_resume", world, [str(out / "jobs.json"), str(out)])
+        (out / "stdout.txt").write_text(launch.stdout)
         for job in jobs:
             results[job["name"]] = torch.load(out / f"{job['name']}.pt")
     return results
@@ -134,6 +135,36 @@ def test_resharded_resume_continues_the_new_layouts_curve(runs, resumed, uninter
     torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-6, atol=1e-6)
     for name, value in full["weights"].items():
         torch.testing.assert_close(resume["weights"][name], value, rtol=0, atol=2e-6, msg=name)
+
+
+def test_a_resume_on_another_layout_says_once_what_was_resharded(runs, root):
+    def lines(launch: int) -> list[str]:
+        stdout = (root / f"launch{launch}" / "stdout.txt").read_text()
+        return [line for line in stdout.splitlines() if "resharded" in line]
+
+    # Rank 0 alone says it (two ranks would print it twice); same-layout resumes say nothing.
+    assert lines(0) == [
+        "hf_zero: resharded w2s1: saved by 2 processes at stage 1, loaded into 2 processes at stage 2",
+        "hf_zero: resharded w2s2: saved by 2 processes at stage 2, loaded into 2 processes at stage 3",
+        "hf_zero: resharded w2s3: saved by 2 processes at stage 3, loaded into 2 processes at stage 1",
+    ]
+    assert lines(2) == [
+        "hf_zero: resharded w4s1: saved by 4 processes at stage 1, loaded into 2 processes at stage 1"
+    ]
+    assert lines(3) == [
+        "hf_zero: resharded w2s1: saved by 2 processes at stage 1, loaded into 1 process at stage 1",
+        "hf_zero: resharded w2s3: saved by 2 processes at stage 3, loaded into 1 process at stage 0",
+    ]
+
+
+def test_a_trainer_checkpoint_is_named_by_its_checkpoint_folder(tmp_path):
+    from hf_zero.checkpoint.load import _reshard_note
+
+    folder = tmp_path / "checkpoint-20" / "hf_zero_checkpoint"
+    assert _reshard_note(folder, {"world_size": 2, "stage": 2}, 3, 3) == (
+        "resharded checkpoint-20: saved by 2 processes at stage 2, loaded into 3 processes at stage 3"
+    )
+    assert _reshard_note(folder, {"world_size": 3, "stage": 3}, 3, 3) is None
 
 
 def test_each_rank_reads_only_its_own_elements(runs, root):

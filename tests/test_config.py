@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -111,6 +112,7 @@ def test_coerce_refuses_other_types():
 
 DEEPSPEED = {
     "train_micro_batch_size_per_gpu": "auto",
+    "steps_per_print": 100,
     "gradient_accumulation_steps": 4,
     "gradient_clipping": 1.0,
     "zero_allow_untested_optimizer": True,
@@ -136,6 +138,7 @@ DEEPSPEED = {
         "reduce_bucket_size": 2e8,
         "overlap_comm": False,
         "contiguous_gradients": True,
+        "stage3_prefetch_bucket_size": "auto",
     },
 }
 
@@ -161,18 +164,73 @@ def test_from_deepspeed_maps_zero_precision_scaler_clipping_and_accumulation(tmp
         gradient_accumulation_steps=4,
         allow_untested_optimizer=True,
     )
-    ignored = str(caught[0].message)
-    for key in (
-        "zero_optimization.contiguous_gradients",
-        "zero_optimization.offload_optimizer.pin_memory",
-        "fp16.auto_cast",
-        "train_micro_batch_size_per_gpu",
-        "optimizer",
-    ):
-        assert key in ignored
+    # One report, a short line per block of keys not used ("auto" ones ask for a default: not listed).
+    assert len(caught) == 1
+    assert str(caught[0].message).splitlines() == [
+        "hf_zero does not use these parts of the DeepSpeed config:",
+        "  optimizer (AdamW): your optimizer trains; ZeroTrainer checks concrete values against TrainingArguments",
+        "  zero_optimization (offload_optimizer.pin_memory, contiguous_gradients): hf_zero's own settings apply",
+        "  fp16.auto_cast: no hf_zero counterpart",
+        "  steps_per_print: no hf_zero counterpart",
+    ]
     (tmp_path / "ds.json").write_text(json.dumps(DEEPSPEED))
     with pytest.warns(UserWarning):
         assert ZeroConfig.from_deepspeed(tmp_path / "ds.json") == config
+
+
+def test_from_deepspeed_reports_on_one_process_only(monkeypatch):
+    # Before the process group exists, torchrun's RANK says which process reports.
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ZeroConfig.from_deepspeed(DEEPSPEED).stage == 3
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(UserWarning, match="hf_zero does not use these parts"):
+        ZeroConfig.from_deepspeed(DEEPSPEED)
+
+
+def test_a_concrete_learning_rate_that_is_not_what_trains_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_zero import ZeroTrainer
+    from hf_zero.testing.tiny_models import build_model
+
+    ds = {
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}},
+        "train_micro_batch_size_per_gpu": 2,
+    }
+    with pytest.warns(UserWarning):
+        config = ZeroConfig.from_deepspeed(ds)
+    assert config.deepspeed_loop_values == {
+        "optimizer.params.lr": 3e-4, "optimizer.params.betas": [0.9, 0.95], "train_micro_batch_size_per_gpu": 2
+    }  # fmt: skip
+    assert ZeroConfig.from_dict(config.to_dict()) == config
+
+    def args(**kwargs):
+        return TrainingArguments(
+            output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2, **kwargs
+        )
+
+    model = build_model("gpt2")
+    # As the Trainer does with deepspeed=: every disagreement named, and the fix.
+    with pytest.raises(ValueError) as error:
+        ZeroTrainer(model=model, args=args(learning_rate=5e-5), zero_config=config)
+    assert str(error.value).splitlines()[1:3] == [
+        "- ds optimizer.params.lr=0.0003 vs hf learning_rate=5e-05",
+        "- ds optimizer.params.betas=[0.9, 0.95] vs hf adam_beta1, adam_beta2=[0.9, 0.999]",
+    ]
+    assert 'write "auto" in the DeepSpeed config' in str(error.value)
+    trainer = ZeroTrainer(model=model, args=args(learning_rate=3e-4, adam_beta2=0.95), zero_config=config)
+    assert trainer.create_optimizer().param_groups[0]["lr"] == 3e-4
+    with pytest.raises(
+        ValueError, match=r"optimizer.params.lr='fast' is not allowed: expected a number or \"auto\""
+    ):
+        ZeroConfig.from_deepspeed({"optimizer": {"params": {"lr": "fast"}}})
+    with pytest.raises(
+        ValueError, match=r"deepspeed_loop_values has 'optimizer.params.momentum', which is not"
+    ):
+        ZeroConfig.from_dict({"deepspeed_loop_values": {"optimizer.params.momentum": 0.9}})
 
 
 def test_from_deepspeed_precision_and_auto_values():

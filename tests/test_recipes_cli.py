@@ -38,6 +38,10 @@ def test_shipped_recipe_loads_and_overrides_apply():
         (["training"], "must look like section.key=value"),
         (["zero=2"], "must name a field inside 'zero'"),
         (["zero.stage=9"], r"ZeroConfig.stage=9 is not allowed"),
+        (
+            ["zero.stgae=2"],
+            r"recipe \S+gpt2-clm-pretrain.yaml: zero section: unknown ZeroConfig field 'stgae'; did you mean 'stage'",
+        ),
         (["data.rows=10"], r"unknown data field\(s\) \['rows'\]"),
         (["data.source=wikipedia"], "data.source='wikipedia' is not allowed"),
         (["data.num_trian=5"], r"unknown data field\(s\) \['num_trian'\]; did you mean 'num_train'"),
@@ -98,6 +102,9 @@ def test_recipe_structure_errors(tmp_path):
     bad.write_text("model: {architecture: gpt2}\nextras: {}\n")
     with pytest.raises(ValueError, match=r"unknown section\(s\) \['extras'\]"):
         Recipe.load(bad)
+    bad.write_text("model: {architecture: gpt2}\ntrainig: {output_dir: x}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainig'\]; did you mean 'training'\?"):
+        Recipe.load(bad)
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
@@ -131,11 +138,14 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path):
     assert "not a folder" in capsys.readouterr().out
 
 
-def _train(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _train(recipe: Path, *overrides: str, merged: bool = False) -> subprocess.CompletedProcess:
+    """Run a recipe on 2 processes, its output captured through pipes (`merged`: stderr into
+    stdout, as `2>&1 | tee log` or nohup would see it)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-m", "hf_zero.cli", "train", str(recipe), "--nproc", "2", *overrides],
-        capture_output=True, text=True, timeout=600, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True,
+        timeout=600, env=env,
     )  # fmt: skip
 
 
@@ -172,9 +182,16 @@ def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
     result = _train(
         RECIPE, f"training.output_dir={out}", "training.max_steps=40", "training.logging_steps=10",
         "training.eval_steps=20", "training.warmup_steps=4", "data.num_train=1500", "data.num_eval=60",
-        "model.config.n_layer=2",
+        "model.config.n_layer=2", merged=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout[-4000:]
+    # Through a pipe, stdout and stderr together: plain lines, no progress bar's carriage returns or
+    # escapes, each log record a line of its own; and no warning about the model's config.
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout, result.stdout[-2000:]
+    records = [line for line in result.stdout.splitlines() if re.search(r"step \d+/\d+", line)]
+    assert len(records) == 7 and all(re.fullmatch(r"step \d+/40( eval)?: [^:]+", line) for line in records)
+    for warning in ("bos_token_id", "eos_token_id", "pad_token_id", "loss_type"):
+        assert warning not in result.stdout, result.stdout[-3000:]
     losses = [values["loss"] for _, values in _logged(result.stdout) if "loss" in values]
     assert len(losses) == 4
     assert losses[-1] < losses[0] - 2.0  # from ~6.5 (uniform over the vocabulary) well on the way down
@@ -185,8 +202,9 @@ def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
     assert final["perplexity"] == evaluations[1][1]["perplexity"]
     # One summary before the processes start: model and size, data, world, stage, precision, output.
     summaries = [line for line in result.stdout.splitlines() if line.startswith("hf-zero train: gpt2 (")]
-    assert len(summaries) == 1 and "2 process(es), ZeRO stage 2, fp32; output to" in summaries[0]
-    assert "generated hf_zero corpus" in summaries[0]
+    assert len(summaries) == 1 and "generated hf_zero corpus" in summaries[0]
+    batch = "global batch 32 = 16 per process x 2 processes x 1 accumulation step"
+    assert f"ZeRO stage 2, fp32; {batch}; output to {out}" in summaries[0]
     weights = load_file(out / "model.safetensors")
     assert "transformer.wte.weight" in weights
     # The model and tokenizer it wrote load as any Hub model and continue the generated text.
@@ -194,6 +212,17 @@ def test_main_job_trains_on_two_processes_and_the_loss_falls(tmp_path):
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size == len(tokenizer) and model.dtype == torch.float32
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == special
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    # The start line counts the model that trained (with the trained tokenizer's vocabulary), as the
+    # card does; the card's training time is the one the console printed.
+    card = (out / "README.md").read_text()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    assert summaries[0].startswith(f"hf-zero train: gpt2 ({parameters:,} parameters, causal-lm) on ")
+    assert f"- parameters: {parameters:,}" in card and "- global batch size: 32" in card
+    printed = re.search(r"hf-zero train: done, training took (\d+) s", result.stdout)
+    assert printed and f"- training time: {printed.group(1)} s" in card
     assert (out / "data" / "train.txt").read_text().count("\n") == 1500
 
 
@@ -251,3 +280,62 @@ def test_llama_sft_recipe_fine_tunes_a_pretrained_folder(tmp_path):
     card = (out / "README.md").read_text()
     assert f"base_model: {base}" in card and f"fine-tuned from `{base}`" in card and "ZeRO stage 3" in card
     assert "(input_ids)" not in card and "local files: train" in card
+
+
+def test_a_config_built_without_a_tokenizer_has_no_special_ids_outside_its_vocabulary():
+    from hf_zero.recipes import model_config
+    from hf_zero.text_corpus import documents
+    from hf_zero.tokenizer_training import train_tokenizer
+
+    # Token-id data with a small vocabulary: GPT-2's default 50256 names no token of 256.
+    config = model_config({"architecture": "gpt2", "config": {"vocab_size": 256, "n_layer": 1}})
+    assert config.vocab_size == 256 and config.bos_token_id is None and config.eos_token_id is None
+    explicit = model_config({"architecture": "gpt2", "config": {"vocab_size": 256, "eos_token_id": 7}})
+    assert explicit.eos_token_id == 7  # what the recipe says stays
+    assert model_config({"architecture": "gpt2"}).eos_token_id == 50256  # in range: kept
+    tokenizer = train_tokenizer(documents(100), "bpe", 400)
+    config = model_config({"architecture": "gpt2", "config": {"n_layer": 1}}, tokenizer)
+    assert config.vocab_size == len(tokenizer)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def test_curves_do_not_magnify_tiny_changes(tmp_path):
+    from hf_zero.run_report import plot_curves, y_limits
+
+    # Two evaluations 0.003 apart: the axis spans a tenth of the value, centred on them.
+    low, high = y_limits([0.561, 0.564])
+    assert high - low == pytest.approx(0.0564) and (low + high) / 2 == pytest.approx(0.5625)
+    assert y_limits([5.4, 3.1, 2.1]) is None  # a real fall: autoscaled
+    assert y_limits([12.0, 10.7]) is None  # a move of a tenth or more: autoscaled
+    assert y_limits([0.0, 0.0]) is None and y_limits([]) is None and y_limits([float("nan")]) is None
+    low, high = y_limits([-2.0, -2.01])
+    assert low < -2.01 and high > -2.0 and high - low == pytest.approx(0.201)
+    history = [
+        {"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.5},
+        {"step": 20, "eval_loss": 2.4, "eval_token_accuracy": 0.561},
+        {"step": 40, "eval_loss": 2.39, "eval_token_accuracy": 0.564},
+    ]  # fmt: skip
+    path = plot_curves(history, tmp_path / "curves.png", ("token_accuracy",))
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+
+
+def test_the_start_line_states_the_global_batch_and_its_factors():
+    from types import SimpleNamespace
+
+    from hf_zero.recipes import describe_run, model_config
+
+    recipe = Recipe.load(RECIPE, ["zero.offload_optimizer=cpu"])
+    config = model_config(recipe.model)
+    args = SimpleNamespace(
+        bf16=True, fp16=False, per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=3,
+        output_dir="out",
+    )  # fmt: skip
+    line = describe_run(recipe, config, args)
+    assert "ZeRO stage 2, optimizer offload to cpu, bf16; " in line and line.endswith("; output to out")
+    assert "; global batch 48 = 8 per process x 3 processes x 2 accumulation steps; " in line
+    args.world_size, args.gradient_accumulation_steps, args.bf16 = 1, 1, False
+    assert "fp32; global batch 8 = 8 per process x 1 process x 1 accumulation step;" in describe_run(
+        recipe, config, args
+    )

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..loss_scaler import LossScaler
-from .format import CheckpointError, check_files, checksum_mismatch, dtype_of, read_manifest
+from .format import (
+    TRAINER_SUBFOLDER,
+    CheckpointError,
+    check_files,
+    checksum_mismatch,
+    dtype_of,
+    read_manifest,
+)
 from .reader import SpanReader
 from .records import names_by_tensor
 from .rng import restore_rng
@@ -36,7 +43,8 @@ def load_checkpoint(
     Every rank must call it. The checkpoint may come from any number of ranks and any stage. With
     `restore_rng_state`, each rank's random generators are set as they were when saved (only on
     the same number of ranks: otherwise there is no one state per rank to take). `verify=False`
-    skips the SHA-256 check (sizes are still checked).
+    skips the SHA-256 check (sizes are still checked). When the checkpoint was saved on another
+    number of ranks or at another stage, rank 0 prints one line saying what was resharded.
     """
     folder = Path(directory)
     manifest = read_manifest(folder)
@@ -70,7 +78,29 @@ def load_checkpoint(
         engine.loss_scaler.load_state_dict(scaler_state)
     if restore_rng_state and manifest["world_size"] == engine.world_size and manifest.get("rng"):
         restore_rng(manifest["rng"][engine.rank], engine.device)
+    note = _reshard_note(folder, manifest, engine.world_size, engine.config.stage)
+    if note and engine.rank == 0:
+        print(f"hf_zero: {note}", flush=True)
     return manifest
+
+
+def _reshard_note(folder: Path, manifest: dict[str, Any], world_size: int, stage: int) -> str | None:
+    """`resharded checkpoint-20: saved by 2 processes at stage 2, loaded into 3 processes at
+    stage 3`, or None when the checkpoint was saved on this layout. A Trainer checkpoint is named
+    by its `checkpoint-N` folder, not the `hf_zero_checkpoint` inside it."""
+    saved_world, saved_stage = manifest["world_size"], manifest["stage"]
+    if (saved_world, saved_stage) == (world_size, stage):
+        return None
+    folder = folder.absolute()
+    name = folder.parent.name if folder.name == TRAINER_SUBFOLDER else folder.name
+
+    def processes(count: int) -> str:
+        return f"{count} process" if count == 1 else f"{count} processes"
+
+    return (
+        f"resharded {name}: saved by {processes(saved_world)} at stage {saved_stage}, loaded into "
+        f"{processes(world_size)} at stage {stage}"
+    )
 
 
 def _verify_checksums(engine: ZeroEngine, folder: Path, manifest: dict[str, Any]) -> None:

@@ -46,12 +46,26 @@ _TOKENIZER_FILES = (
 )
 
 
+def _checkpoint_folder(path: str | os.PathLike) -> Path:
+    """The folder holding the checkpoint's manifest (`path`, or its `hf_zero_checkpoint/`), with an
+    error that says what is wrong with a path that does not exist or is not a folder."""
+    given = Path(path)
+    if not given.exists():
+        raise FileNotFoundError(f"checkpoint folder {str(given)!r} does not exist; check the path")
+    if not given.is_dir():
+        raise NotADirectoryError(
+            f"{str(given)!r} is a file, not a checkpoint folder; pass the folder that holds manifest.json "
+            "(or the Trainer's checkpoint-N folder)"
+        )
+    return resolve_checkpoint(given)
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check a checkpoint's manifest and every file's size and SHA-256; return a summary of it.
 
     Raises `CheckpointError` (or `FileNotFoundError`) naming the first file at fault.
     """
-    folder = resolve_checkpoint(path)
+    folder = _checkpoint_folder(path)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
     for name in sorted(manifest["files"]):
@@ -91,7 +105,7 @@ def merge_checkpoint(
     files found beside the checkpoint come along. The folder appears complete or not at all.
     Returns the files written, their total size and the most weight bytes held at once.
     """
-    folder = resolve_checkpoint(path)
+    folder = _checkpoint_folder(path)
     verify_checkpoint(folder)
     manifest = read_manifest(folder)
     model = manifest.get("model", {})

@@ -32,6 +32,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_N
 
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config import ZeroConfig
+from ..deepspeed_config import training_args_mismatches
 from ..engine import ZeroEngine, check_available, engine_of
 from ..model_card import facts_from_trainer, write_card
 from ..optim_state import load_unsharded_optimizer_state
@@ -100,6 +101,13 @@ class ZeroTrainer(Trainer):
                 f"ZeroConfig.gradient_accumulation_steps={steps} disagrees with "
                 f"TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps}; set it "
                 "in TrainingArguments"
+            )
+        mismatches = training_args_mismatches(config.deepspeed_loop_values, args)
+        if mismatches:
+            raise ValueError(
+                "the DeepSpeed config's training values disagree with TrainingArguments, which ZeroTrainer "
+                "trains with:\n" + "\n".join(mismatches) + '\nset them in TrainingArguments and write "auto" '
+                "in the DeepSpeed config (or make them equal), as with the Trainer's deepspeed= argument"
             )
         return config
 
