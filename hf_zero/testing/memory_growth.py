@@ -25,11 +25,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import hf_zero
 
-from .tiny_models import VOCAB
+from .tiny_models import VOCAB, llama_config
 
 WARMUP = 40
 EVERY = 5
@@ -68,16 +68,7 @@ def growth_per_step(samples: list[tuple[int, int]]) -> float:
 
 def _model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(llama_config(layers=8))
 
 
 def measure(name: str, steps: int, device: torch.device) -> dict[str, float]:

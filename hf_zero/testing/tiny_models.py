@@ -43,7 +43,8 @@ MODEL_NAMES = ("llama", "gpt2", "bert")
 EXTRA_MODEL_NAMES = ("llama-shared", "llama-ckpt", "llama-deep", "gpt2-lora", "beam", "mixtral", "branches")
 
 
-def _llama_config(layers: int = 2) -> LlamaConfig:
+def llama_config(layers: int = 2) -> LlamaConfig:
+    """The tiny Llama's config with `layers` layers."""
     return LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -79,17 +80,17 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
     """A freshly initialised tiny model of architecture `name`, identical for equal seeds."""
     torch.manual_seed(seed)
     if name == "llama":
-        return LlamaForCausalLM(_llama_config())
+        return LlamaForCausalLM(llama_config())
     if name == "llama-shared":
-        model = LlamaForCausalLM(_llama_config(layers=3))
+        model = LlamaForCausalLM(llama_config(layers=3))
         model.model.layers[1] = model.model.layers[2] = model.model.layers[0]
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         model.config.use_cache = False
         return model.train()
     if name == "llama-deep":  # enough layers that "a unit or two gathered at once" is a real bound
-        return LlamaForCausalLM(_llama_config(layers=5))
+        return LlamaForCausalLM(llama_config(layers=5))
     if name == "llama-ckpt":
-        model = LlamaForCausalLM(_llama_config())
+        model = LlamaForCausalLM(llama_config())
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model.train()
