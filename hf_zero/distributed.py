@@ -172,11 +172,17 @@ class Collectives:
     With `fingerprint=True` every call is also folded into a running digest of (operation,
     element count, dtype); `check_fingerprint()` compares it across ranks, so collectives that
     paired up out of order are reported instead of silently mixing gradients.
+
+    `trace`, when a list is set there (several communicators may share one), receives a
+    `(operation, communicator name, bytes, unit)` tuple per collective, in the order this rank
+    issued them: what the rules of order (`rules_of_order.py`) are checked against.
     """
 
-    def __init__(self, ctx: DistContext, fingerprint: bool = False) -> None:
+    def __init__(self, ctx: DistContext, fingerprint: bool = False, name: str = "main") -> None:
         self.world_size = ctx.world_size
         self.group_ref = ctx.group_ref
+        self.name = name
+        self.trace: list[tuple[str, str, int, int | None]] | None = None
         self.bytes_sent = 0
         self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
         self._calls = 0
@@ -193,9 +199,11 @@ class Collectives:
         if self.group_ref is not None:
             self.group_ref = _closed
 
-    def _record(self, op: str, tensor: torch.Tensor, factor: float) -> None:
+    def _record(self, op: str, tensor: torch.Tensor, factor: float, unit: int | None = None) -> None:
         share = (self.world_size - 1) / self.world_size
         self.bytes_sent += round(tensor.numel() * tensor.element_size() * factor * share)
+        if self.trace is not None:
+            self.trace.append((op, self.name, tensor.numel() * tensor.element_size(), unit))
         if self._fingerprint is not None:
             self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
             self._calls += 1
@@ -207,23 +215,28 @@ class Collectives:
         self._record("all_reduce", tensor, 2.0)
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op) or _Done()
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
+    ):
         """Sum `input` over ranks and leave chunk `rank` of the sum in `output` (which may be that
-        chunk of `input` itself)."""
+        chunk of `input` itself); `unit` only labels the trace."""
         if self.world_size == 1:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return _Done()
-        self._record("reduce_scatter", input, 1.0)
+        self._record("reduce_scatter", input, 1.0, unit)
         return _reduce_scatter_single(output, input, group=self.group, async_op=async_op) or _Done()
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
-        """Concatenate every rank's `input` into `output` (in place when `input` is this rank's chunk)."""
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
+    ):
+        """Concatenate every rank's `input` into `output` (in place when `input` is this rank's
+        chunk); `unit` only labels the trace."""
         if self.world_size == 1:
             if output.data_ptr() != input.data_ptr():
                 output.copy_(input)
             return _Done()
-        self._record("all_gather", output, 1.0)
+        self._record("all_gather", output, 1.0, unit)
         return _all_gather_single(output, input, group=self.group, async_op=async_op) or _Done()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
@@ -231,6 +244,8 @@ class Collectives:
         if self.world_size == 1:
             return
         self.bytes_sent += tensor.numel() * tensor.element_size()
+        if self.trace is not None:
+            self.trace.append(("broadcast", self.name, tensor.numel() * tensor.element_size(), None))
         source = self._source if src == 0 else dist.get_global_rank(self.group, src)
         dist.broadcast(tensor, src=source, group=self.group)
 

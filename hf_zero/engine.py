@@ -32,7 +32,7 @@ from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
 from .fused_step import fused_step, supports_fused_step
 from .gather import UnitGatherer
-from .grad_sync import BackwardReduceScatter, StepReduction
+from .grad_sync import BackwardReduceScatter, StepReduction, UnitReduceScatter
 from .host_staging import HostStaging
 from .kernels.grad_stats import grad_stats
 from .layout import FlatLayout
@@ -137,18 +137,14 @@ class ZeroEngine(ShardedState, nn.Module):
         self.slot_of = {
             id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)
         }
-        if config.stage >= 2 and self.ctx.world_size > 1:
+        layers = [unit.index for unit in self.units if not unit.is_root]
+        if config.stage == 3 and self.ctx.world_size > 1:
+            # Reduced unit by unit as the gatherer's backward walk leaves each (`rules_of_order.py`).
+            self.grad_sync = UnitReduceScatter(self.groups, self.comm, [*reversed(layers), 0])
+        elif config.stage == 2 and self.ctx.world_size > 1:
             position = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
             positions = [[position[id(p)] for p in g.params] for g in self.groups]
-            self.grad_sync = BackwardReduceScatter(
-                self.groups,
-                self.comm,
-                config.overlap_comm,
-                positions,
-                # gloo waits block the host: at stage 3 a rank blocked on a reduce-scatter could
-                # hold up a gather its peer is blocked on.
-                blocking=config.stage == 2 or dist.get_backend(self.ctx.group) != "gloo",
-            )
+            self.grad_sync = BackwardReduceScatter(self.groups, self.comm, config.overlap_comm, positions)
         else:
             self.grad_sync = StepReduction(self.groups, self.comm, scatter=config.stage >= 1)
         self._inverse_world = torch.full((), 1.0 / self.ctx.world_size, device=self.ctx.device)
@@ -162,16 +158,21 @@ class ZeroEngine(ShardedState, nn.Module):
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._hooks.extend(user_paths.install(self))
         if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm and config.stage == 2:
-            # (At stage 3 buckets follow units, whose registration order already is the order
-            # backward fills them; and no collective may block mid-backward, see `blocking`.)
             self._hooks.extend(self._watch_first_forward())
         self.gatherer: UnitGatherer | None = None
         if config.stage == 3:
             # Gathers get a process group of their own: their order never mixes with the
             # reduce-scatters, whose timing follows each rank's backward.
-            self.gather_comm = Collectives(second_group(self.ctx), fingerprint=config.debug_collectives)
+            self.gather_comm = Collectives(
+                second_group(self.ctx), fingerprint=config.debug_collectives, name="gather"
+            )
+            end_unit = self.grad_sync.end_unit if isinstance(self.grad_sync, UnitReduceScatter) else None
             self.gatherer = UnitGatherer(
-                self.units, self.groups + self.frozen, self.gather_comm, config.prefetch_bytes
+                self.units,
+                self.groups + self.frozen,
+                self.gather_comm,
+                config.prefetch_bytes,
+                on_unit_end=end_unit if config.overlap_comm else None,
             )
             self._hooks.extend(self.gatherer.install(module))
         module.__dict__[_ENGINE_ATTR] = weakref.ref(self)
@@ -409,10 +410,12 @@ class ZeroEngine(ShardedState, nn.Module):
         """Finish the backward pass that ran last: send what is left to reduce and (stage 3)
         release the gathered parameters. `engine.backward`, the model's next forward, `zero_grad`
         and the step call it; `force` ends a pass even on a rank no gradient reached."""
-        # Gathers first: a rank still in its backward may be waiting on a gather this rank's sweep
-        # issues, and the reducer's waits below would otherwise keep it from issuing it.
+        # The gatherer's walk first: it ends (and so reduces) the units this rank's backward did not
+        # reach, between the gathers other ranks' backward needs, in the order every rank issues.
+        # Without gradients since the last pass, no backward ran here (a forward with gradients
+        # whose backward never came): nothing is reduced.
         if self.gatherer is not None:
-            self.gatherer.end_backward()
+            self.gatherer.end_backward(reduce=force or self.grad_sync.pending)
         self.grad_sync.end_backward(force=force)
 
     def step(self) -> None:
@@ -429,6 +432,16 @@ class ZeroEngine(ShardedState, nn.Module):
         own_group = self.gather_comm.group_ref if self.gatherer is not None else None
         self._release()
         leave_group(own_group)
+
+    def trace_collectives(self) -> list[tuple[str, str, int, int | None]]:
+        """Start recording every collective this rank issues from now on, on all the engine's
+        communicators in one list: `(operation, communicator, bytes, unit)` in issue order (see
+        `rules_of_order.py`). Returns the list, which keeps growing; call again for a fresh one."""
+        trace: list[tuple[str, str, int, int | None]] = []
+        self.comm.trace = trace
+        if self.gatherer is not None:
+            self.gather_comm.trace = trace
+        return trace
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Discard gradients accumulated since the last step (`optimizer.zero_grad()` and

@@ -194,6 +194,7 @@ class FlatParamGroup:
                 self.layout.bucket_view(self.flat, bucket),
                 self.layout.shard_chunk(source, bucket),
                 async_op=True,
+                unit=self.unit,
             )
             for bucket in self.layout.buckets
         ]

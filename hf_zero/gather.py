@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -113,21 +113,12 @@ class _Walk:
         self.cursor = self.issued = 0
         self.used.clear()
 
-    def up_to(self, unit: int) -> tuple[list[int], bool]:
-        """The units to gather before `unit` (skipped by this rank's data), and whether `unit` is
-        reached in canonical order (False: the walk has already passed it)."""
-        target = self.position[unit]
-        if target < self.cursor:
-            return [], False
-        skipped = self.order[self.cursor : target]
-        self.cursor = target + 1
+    def step(self) -> int:
+        """Move past the next unit of the order and return it."""
+        unit = self.order[self.cursor]
+        self.cursor += 1
         self.issued = max(self.issued, self.cursor)
-        return skipped, True
-
-    def rest(self) -> list[int]:
-        remaining = self.order[self.cursor :]
-        self.cursor = self.issued = len(self.order)
-        return remaining
+        return unit
 
     def ahead(self) -> list[int]:
         """Units whose gathers were issued ahead of the walk."""
@@ -143,6 +134,7 @@ class UnitGatherer:
         segments: Sequence[FlatParamGroup],
         comm: Collectives,
         prefetch_bytes: int | None = None,
+        on_unit_end: Callable[[int], None] | None = None,
     ) -> None:
         self.units = list(units)
         self.comm = comm
@@ -167,13 +159,14 @@ class UnitGatherer:
         self.backward_walk = _Walk(list(reversed(layers)))
         self.open_backward = False  # a forward with gradients ran; its backward pass has not ended
         self.pinned: set[int] = set()  # units kept gathered by `gathered_parameters`
-        # Backward uses of each unit under way, and units whose uses are all done but not released
-        # yet. A unit's use ends (its inputs' gradients are ready) just before the use before it in
-        # forward begins (from the hook on that same tensor, its output): a unit applied twice in a
-        # row is needed again at once. So a unit whose last use ended is released at the next
-        # backward use of any unit, or at the end of the pass, unless that use is its own.
+        # Backward uses of each unit under way. A unit's use ends (its inputs' gradients are ready)
+        # just before the use before it in forward begins (from the hook on that same tensor, its
+        # output): a unit applied twice in a row is needed again at once. So the unit the backward
+        # walk is in (`open_unit`) stays gathered until the walk moves on to another unit (or the
+        # pass ends), which also ends its backward: `on_unit_end` (the stage-3 reducer) is told then.
         self.holds = [0] * len(self.units)
-        self.done_with: list[int] = []
+        self.open_unit: int | None = None
+        self.on_unit_end = on_unit_end
         self.gathered_bytes = 0
         self.peak_gathered_bytes = 0
 
@@ -210,24 +203,53 @@ class UnitGatherer:
         for unit in self.units:
             self.release(unit.index)
 
-    def _gather_in_order(self, walk: _Walk, unit: int) -> None:
-        skipped, reached = walk.up_to(unit)
-        if not reached and unit not in walk.used and not self.warned_order:
-            self.warned_order = True
-            warnings.warn(
-                f"hf_zero stage 3: unit {self.units[unit].name!r} ran after units registered later "
-                "than it; units are gathered (and prefetched) in registration order, so it was "
-                "gathered twice in this pass. Results are unaffected; communication grows. Register "
-                "the model's layers in the order they run, or name coarser units in "
-                "ZeroConfig.unit_classes.",
-                stacklevel=2,
-            )
+    def _gather_in_order(self, walk: _Walk, unit: int, backward: bool = False) -> None:
+        """Gather `unit` for a use in this pass, taking the walk through the units before it."""
+        if walk.position[unit] < walk.cursor:  # the walk has passed it: gather it again, on demand
+            if unit not in walk.used and not self.warned_order:
+                self.warned_order = True
+                warnings.warn(
+                    f"hf_zero stage 3: unit {self.units[unit].name!r} ran after units registered later "
+                    "than it; units are gathered (and prefetched) in registration order, so it was "
+                    "gathered twice in this pass. Results are unaffected; communication grows. Register "
+                    "the model's layers in the order they run, or name coarser units in "
+                    "ZeroConfig.unit_classes.",
+                    stacklevel=3,
+                )
+            walk.used.add(unit)
+            self.gather(unit)
+            self._prefetch(walk)
+            return
         walk.used.add(unit)
-        for other in skipped:  # gathered for the ranks that run it; not needed here
-            self.gather(other)
-            self.release(other)
-        self.gather(unit)
-        self._prefetch(walk)
+        self._walk_through(walk, walk.position[unit], backward)
+
+    def _walk_through(self, walk: _Walk, last: int, backward: bool, reduce: bool = True) -> None:
+        """Take the walk through position `last`. Each unit it passes is gathered, with the
+        prefetches that follow it, whether or not this rank's data use it (those that do not are
+        released again: in forward at once, in backward when the walk leaves them), so every rank
+        issues the same collectives in the same interleaving (`rules_of_order.py`). In backward the
+        walk first ends the unit it is in (`_end_open_unit`)."""
+        while walk.cursor <= last:
+            if backward:
+                self._end_open_unit(reduce)
+            unit = walk.step()
+            self.gather(unit)
+            self._prefetch(walk)
+            if backward:
+                self.open_unit = unit
+            elif walk.cursor <= last:  # skipped by this rank's data
+                self.release(unit)
+
+    def _end_open_unit(self, reduce: bool = True) -> None:
+        """The backward walk leaves the unit it is in: its backward is over (`on_unit_end`), and it
+        is released unless a use is still under way."""
+        unit, self.open_unit = self.open_unit, None
+        if unit is None:
+            return
+        if reduce and self.on_unit_end is not None:
+            self.on_unit_end(unit)
+        if not self.holds[unit]:
+            self.release(unit)
 
     def _prefetch(self, walk: _Walk) -> None:
         """Issue the gathers of the walk's next units, within the prefetch budget."""
@@ -262,7 +284,9 @@ class UnitGatherer:
         if _in_backward():
             return
         if self.open_backward:
-            self.end_backward()  # the last forward's backward never came, or ended unnoticed
+            # The last forward's backward never came (the engine ends a pass that had gradients
+            # before this hook runs): its walk still takes part in the gathers, reducing nothing.
+            self.end_backward(reduce=False)
         self.forward_walk.restart()
         self.gather(0)
 
@@ -270,9 +294,10 @@ class UnitGatherer:
     def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         if _in_backward():
             return
-        for unit in self.forward_walk.rest():
-            self.gather(unit)
-            self.release(unit)
+        walk = self.forward_walk
+        if walk.cursor < len(walk.order):  # units this rank's data skipped at the end
+            self._walk_through(walk, len(walk.order) - 1, backward=False)
+            self.release(walk.order[-1])
         if torch.is_grad_enabled():
             self.open_backward = True
             self.backward_walk.restart()
@@ -313,35 +338,28 @@ class UnitGatherer:
         return hook
 
     def _acquire(self, unit: int) -> None:
-        """A backward use of `unit` begins: release the units done with, gather it (in canonical
-        order)."""
+        """A backward use of `unit` begins: gather it, the walk ending the units before it."""
         self.holds[unit] += 1
-        self._release_done()
-        self._gather_in_order(self.backward_walk, unit)
+        self._gather_in_order(self.backward_walk, unit, backward=True)
 
     def _drop(self, unit: int) -> None:
-        """A backward use of `unit` is done (its inputs have their gradients): release it at the
-        next use of another unit when no use needs it any more."""
+        """A backward use of `unit` is done (its inputs have their gradients): release it if no use
+        needs it any more and the walk has left it (else the walk releases it when it leaves)."""
         self.holds[unit] = max(0, self.holds[unit] - 1)
-        if not self.holds[unit]:
-            self.done_with.append(unit)
+        if not self.holds[unit] and unit != self.open_unit:
+            self.release(unit)
 
-    def _release_done(self) -> None:
-        for unit in self.done_with:
-            if not self.holds[unit]:
-                self.release(unit)
-        self.done_with.clear()
-
-    def end_backward(self) -> None:
-        """After a backward pass: take part in the gathers of the units this rank's backward never
-        reached, then release everything."""
+    def end_backward(self, reduce: bool = True) -> None:
+        """After a backward pass: take the walk through the units this rank's backward never
+        reached (gathering them, and with `reduce` ending their backward too, for the ranks that ran
+        them), end the last one, then release everything. `reduce=False`: no backward ran (a forward
+        with gradients whose backward never came), so no unit's gradients are reduced."""
         if not self.open_backward:
             return
-        for unit in self.backward_walk.rest():
-            self.gather(unit)
-            self.release(unit)
+        walk = self.backward_walk
+        self._walk_through(walk, len(walk.order) - 1, backward=True, reduce=reduce)
+        self._end_open_unit(reduce)
         self.holds = [0] * len(self.units)
-        self.done_with.clear()
         self.release_all()
         self.open_backward = False
 

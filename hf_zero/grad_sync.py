@@ -19,6 +19,9 @@ keeps it. The 1/world average is not applied here: the optimizer folds it into i
   call order, so every rank launches every bucket exactly once per backward pass, in one
   canonical order, whatever parameters its data used (a bucket nothing reached is sent as
   zeros; a ready bucket waits for its predecessors).
+- `UnitReduceScatter` (stage 3): the same staging, but a unit's buckets are launched when the
+  backward walk of the stage-3 gatherer ends that unit, so the reduce-scatters interleave with the
+  gathers identically on every rank (`rules_of_order.py`).
 """
 
 from __future__ import annotations
@@ -171,14 +174,10 @@ class BackwardReduceScatter(GradientReducer):
         comm: Collectives,
         overlap: bool,
         positions: Sequence[Sequence[int]],
-        blocking: bool = True,
     ) -> None:
         super().__init__(groups, comm)
         self.overlap = overlap
         self.max_in_flight = 2
-        # Whether the bound on reductions in flight may wait for one; if not, it only completes
-        # those already finished, and the rest at the end of the pass.
-        self.blocking = blocking
         self.grads = [
             torch.zeros(g.layout.shard_numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
         ]
@@ -293,11 +292,9 @@ class BackwardReduceScatter(GradientReducer):
         target = self.grads[g][bucket.shard_offset : bucket.shard_offset + bucket.chunk]
         # The first micro-batch of a step lands in the shard; later ones land beside it and add in.
         out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
-        work = self.comm.reduce_scatter(out, staging, async_op=True)
+        work = self.comm.reduce_scatter(out, staging, async_op=True, unit=self.groups[g].unit)
         self.in_flight.append((work, out, target, staging, g))  # staging stays alive until it lands
-        while len(self.in_flight) > self.max_in_flight and (
-            self.blocking or self.in_flight[0][0].is_completed()
-        ):
+        while len(self.in_flight) > self.max_in_flight:
             self._complete(self.in_flight.popleft())
 
     def _complete(self, entry) -> None:
@@ -391,3 +388,45 @@ class BackwardReduceScatter(GradientReducer):
         first: every rank joined those collectives."""
         self.end_backward()
         self.clear_after_step(set())
+
+
+class UnitReduceScatter(BackwardReduceScatter):
+    """Stage 3: reduce-scatter a unit's buckets when its backward ends (`end_unit`), in the
+    backward walk's order (layer units in reverse registration order, then the root unit).
+
+    A parameter that got no gradient on this rank contributes zeros at that point, and a unit this
+    rank's data skipped is reduced where the walk passes it, so every rank issues the same
+    reduce-scatters at the same points between its gathers. Nothing is launched when buckets fill,
+    so no first pass has to learn hook counts or a launch order. With `overlap=False` the gatherer
+    does not call `end_unit`, and everything is reduced when the pass ends.
+    """
+
+    def __init__(
+        self, groups: Sequence[FlatParamGroup], comm: Collectives, unit_order: Sequence[int]
+    ) -> None:
+        super().__init__(groups, comm, overlap=False, positions=[[0] * len(g.params) for g in groups])
+        walk_position = {unit: i for i, unit in enumerate(unit_order)}
+        self.order = sorted(
+            range(len(self.buckets)), key=lambda k: (walk_position[groups[self.buckets[k][0]].unit], k)
+        )
+        # unit -> the position in `order` just past its last bucket
+        self.unit_end: dict[int, int] = {}
+        for position, k in enumerate(self.order):
+            self.unit_end[groups[self.buckets[k][0]].unit] = position + 1
+        self.calibrated = True
+
+    def end_unit(self, unit: int) -> None:
+        """The backward walk has ended `unit`: launch its buckets (and any before it in the order)."""
+        end = self.unit_end.get(unit, self.cursor)
+        while self.cursor < end:
+            self._launch(self.order[self.cursor])
+
+    def _late_gradient_error(self, group: int, index: int) -> RuntimeError:
+        name = self.groups[group].layout.slots[index].name
+        return RuntimeError(
+            f"parameter {name} received a gradient after the backward of its unit ended and its gradients "
+            "were reduced: its unit ran again after the backward had moved on to units registered before "
+            "it. Stage 3 reduces each unit when the backward walk (reverse registration order) leaves it; "
+            "register the model's layers in the order they run, name coarser units in "
+            "ZeroConfig.unit_classes, or set ZeroConfig(overlap_comm=False) to reduce after each backward pass"
+        )

@@ -135,16 +135,16 @@ def expected_bytes_per_step(case: Case, world: int, got: dict) -> list[int]:
     if case.stage == 3:
         steady += _gather_bytes(case, share, got)
     per_step = [steady] * case.steps
-    if case.stage >= 2 and case.overlap:
-        # The first backward pass of an engine agrees on hook counts, late gradients and launch
-        # order, once; a layer shared three times under reentrant checkpointing fires its hooks
-        # after its bucket went, so those buckets get a second round in that pass.
+    if case.stage == 2 and case.overlap:
+        # The first backward pass of a stage-2 engine agrees on hook counts, late gradients and
+        # launch order, once (stage 3 launches each unit's buckets where the walk of units ends it,
+        # with nothing to learn); a layer shared three times under reentrant checkpointing fires its
+        # hooks after its bucket went, so those buckets get a second round in that pass.
         slots = sum(s for _, _, _, s, _ in got["segments"])
         buckets = sum(b for *_, b in got["segments"])
-        # (at stage 2 the first pass's launch order, from rank 0's first forward; then counts and
-        # late gradients; then the order backward really filled the buckets in)
-        agreed_first_order = 8 * buckets if case.stage == 2 else 0
-        calibration = agreed_first_order + round(2 * share * 8 * (slots + buckets)) + 8 * buckets
+        # (the first pass's launch order, from rank 0's first forward; then counts and late
+        # gradients; then the order backward really filled the buckets in)
+        calibration = 8 * buckets + round(2 * share * 8 * (slots + buckets)) + 8 * buckets
         if case.model == "llama-shared":
             for segment, (_, _, size, _, _) in zip(got["buckets"], got["segments"], strict=True):
                 shared = sum(numel for numel, names in segment if any(".layers.0." in n for n in names))
