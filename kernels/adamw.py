@@ -108,28 +108,32 @@ if triton is not None:
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        # A skipped step masks every load and store but the gradient reset: no memory traffic.
-        update = mask & (tl.load(skip_ptr + offsets * 0) == 0) if HAS_SKIP else mask
-        p = tl.load(param_ptr + offsets, mask=update)
-        g = tl.load(grad_ptr + offsets, mask=update).to(tl.float32)
-        m = tl.load(exp_avg_ptr + offsets, mask=update)
-        v = tl.load(exp_avg_sq_ptr + offsets, mask=update)
-        if HAS_SCALE:
-            g = g * tl.load(scale_ptr)
-        if DECOUPLED:
-            p = p * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * p
-        m = m + (1 - beta1) * (g - m)
-        v = v * beta2 + (1 - beta2) * (g * g)
-        denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
-        p = p - step_size * tl.div_rn(m, denom)
-        tl.store(param_ptr + offsets, p, mask=update)
-        tl.store(exp_avg_ptr + offsets, m, mask=update)
-        tl.store(exp_avg_sq_ptr + offsets, v, mask=update)
-        store_copy(out_ptr, offsets, p, update, OUT_MODE)
+        # The skip flag is one value for the whole launch: read it once and branch, so no mask depends
+        # on it. Folded into the per-element mask it hid that the mask is uniform over each 16-byte
+        # vector, and every access compiled to scalar loads and stores. A skipped step touches no
+        # memory but the gradient reset.
+        update = tl.load(skip_ptr) == 0 if HAS_SKIP else True
+        if update:
+            p = tl.load(param_ptr + offsets, mask=mask)
+            g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+            m = tl.load(exp_avg_ptr + offsets, mask=mask)
+            v = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr)
+            if DECOUPLED:
+                p = p * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+            m = m + (1 - beta1) * (g - m)
+            v = v * beta2 + (1 - beta2) * (g * g)
+            denom = tl.sqrt_rn(v) / bias_correction2_sqrt + eps
+            p = p - step_size * tl.div_rn(m, denom)
+            tl.store(param_ptr + offsets, p, mask=mask)
+            tl.store(exp_avg_ptr + offsets, m, mask=mask)
+            tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+            store_copy(out_ptr, offsets, p, mask, OUT_MODE)
         if ZERO_GRAD:
-            tl.store(grad_ptr + offsets, tl.zeros_like(g).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + offsets, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=mask)
 
 
 def adam_step_triton(

@@ -93,28 +93,31 @@ if triton is not None:
     ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        update = mask & (tl.load(skip_ptr + offsets * 0) == 0) if HAS_SKIP else mask
-        p = tl.load(param_ptr + offsets, mask=update)
-        g = tl.load(grad_ptr + offsets, mask=update).to(tl.float32)
-        if HAS_SCALE:
-            g = g * tl.load(scale_ptr)
-        g = g + weight_decay * p
-        if HAS_MOMENTUM:
-            if FIRST:
-                buf = g
-            else:
-                buf = tl.load(buf_ptr + offsets, mask=update)
-                buf = buf * momentum + (1 - dampening) * g
-            tl.store(buf_ptr + offsets, buf, mask=update)
-            if NESTEROV:  # noqa: SIM108 (a compile-time branch in Triton)
-                g = g + momentum * buf
-            else:
-                g = buf
-        p = p - lr * g
-        tl.store(param_ptr + offsets, p, mask=update)
-        store_copy(out_ptr, offsets, p, update, OUT_MODE)
+        # One skip flag per launch, read once (see adamw.py: folded into the mask it costs the vector
+        # accesses). A skipped step touches no memory but the gradient reset.
+        update = tl.load(skip_ptr) == 0 if HAS_SKIP else True
+        if update:
+            p = tl.load(param_ptr + offsets, mask=mask)
+            g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+            if HAS_SCALE:
+                g = g * tl.load(scale_ptr)
+            g = g + weight_decay * p
+            if HAS_MOMENTUM:
+                if FIRST:
+                    buf = g
+                else:
+                    buf = tl.load(buf_ptr + offsets, mask=mask)
+                    buf = buf * momentum + (1 - dampening) * g
+                tl.store(buf_ptr + offsets, buf, mask=mask)
+                if NESTEROV:  # noqa: SIM108 (a compile-time branch in Triton)
+                    g = g + momentum * buf
+                else:
+                    g = buf
+            p = p - lr * g
+            tl.store(param_ptr + offsets, p, mask=mask)
+            store_copy(out_ptr, offsets, p, mask, OUT_MODE)
         if ZERO_GRAD:
-            tl.store(grad_ptr + offsets, tl.zeros_like(g).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + offsets, tl.zeros([BLOCK], grad_ptr.dtype.element_ty), mask=mask)
 
 
 def sgd_step_triton(
