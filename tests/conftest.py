@@ -1,5 +1,9 @@
 """Test-wide settings: no network, quiet transformers, one thread per process on small CI machines,
-and Triton's interpreter for the kernel tests where there is no GPU (set before Triton is imported)."""
+and Triton's interpreter for the kernel tests where there is no GPU (set before Triton is imported).
+
+The single-process tests that run on any device take it from the `device` fixture: `--device cuda`
+(or HF_ZERO_TEST_DEVICE=cuda) runs them on the GPU, as benchmarks/gpu_proof.sh does; the default
+is the CPU, where CI runs."""
 
 import os
 import shutil
@@ -14,6 +18,47 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=os.environ.get("HF_ZERO_TEST_DEVICE", "cpu"),
+        choices=["cpu", "cuda"],
+        help="where the single-process, device-agnostic tests compute (default cpu, or HF_ZERO_TEST_DEVICE)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "on_device: a single-process test that computes on the `device` fixture"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m on_device` selects exactly the tests `--device cuda` moves (benchmarks/gpu_proof.sh).
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.on_device)
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device the single-process tests compute on (`--device`)."""
+    name = request.config.getoption("--device")
+    if name not in ("cpu", "cuda"):  # HF_ZERO_TEST_DEVICE bypasses the option's choices
+        raise pytest.UsageError(f"--device / HF_ZERO_TEST_DEVICE must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        # A GPU run that quietly fell back to the CPU would prove nothing: refuse it.
+        pytest.fail("--device cuda was asked for but torch sees no GPU", pytrace=False)
+    return torch.device(name)
+
+
+@pytest.fixture
+def needs_triton(device: torch.device) -> None:
+    """Skip a kernel test where its Triton kernel cannot run: on the CPU outside the interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need --device cuda or Triton's interpreter (TRITON_INTERPRET=1)")
 
 
 @pytest.fixture(scope="session")

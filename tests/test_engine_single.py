@@ -1,4 +1,5 @@
-"""The engine in one process (world size 1): API contract, errors, accumulation and state."""
+"""The engine in one process (world size 1): API contract, errors, accumulation and state, on the
+`device` fixture's device (conftest.py: the CPU, or the GPU with `--device cuda`)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import hf_zero
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
 
-def _gpt2_and_sgd():
-    model = build_model("gpt2")
+def _samples(name: str, count: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in make_samples(name, count).items()}
+
+
+def _gpt2_and_sgd(device):
+    model = build_model("gpt2").to(device)
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def _gpt2_and_adamw(**optimizer_kwargs):
-    model = build_model("gpt2")
+def _gpt2_and_adamw(device, **optimizer_kwargs):
+    model = build_model("gpt2").to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **optimizer_kwargs)
 
 
@@ -36,8 +41,8 @@ def _gpt2_and_adamw(**optimizer_kwargs):
         ),
     ],
 )
-def test_configs_that_cannot_run_here_say_so(config, error, message):
-    model, optimizer = _gpt2_and_adamw()
+def test_configs_that_cannot_run_here_say_so(config, error, message, device):
+    model, optimizer = _gpt2_and_adamw(device)
     with pytest.raises(error, match=message):
         hf_zero.initialize(model, optimizer, config)
 
@@ -51,8 +56,8 @@ class MyElementwise(torch.optim.SGD):
     pass
 
 
-def test_optimizers_that_are_not_elementwise_are_refused():
-    model = build_model("gpt2")
+def test_optimizers_that_are_not_elementwise_are_refused(device):
+    model = build_model("gpt2").to(device)
     with pytest.raises(ValueError, match="LBFGS cannot run on hf_zero's flat shards: it runs a line search"):
         hf_zero.initialize(model, torch.optim.LBFGS(model.parameters()), {})
     with pytest.raises(ValueError, match=r"Lamb cannot run .* per-tensor trust ratio"):
@@ -67,8 +72,8 @@ def test_optimizers_that_are_not_elementwise_are_refused():
     assert isinstance(engine.optimizer, MyElementwise)
 
 
-def test_optimizer_must_cover_exactly_the_trainable_parameters():
-    model = build_model("gpt2")
+def test_optimizer_must_cover_exactly_the_trainable_parameters(device):
+    model = build_model("gpt2").to(device)
     params = list(model.parameters())
     with pytest.raises(ValueError, match=r"require grad but are in no param group"):
         hf_zero.initialize(model, torch.optim.SGD(params[1:], lr=0.1), {})
@@ -77,8 +82,8 @@ def test_optimizer_must_cover_exactly_the_trainable_parameters():
         hf_zero.initialize(model, torch.optim.SGD([*params, stranger], lr=0.1), {})
 
 
-def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
-    model = build_model("llama")
+def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device):
+    model = build_model("llama").to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -93,7 +98,7 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
     assert [u.name for u in engine.units] == ["<root>", "model.layers.0", "model.layers.1"]
     assert [len(g["params"]) for g in optimizer.param_groups] == [3, 3]
     assert all(g["params"][0].dtype == torch.float32 for g in optimizer.param_groups)
-    samples = make_samples("llama", 2)
+    samples = _samples("llama", 2, device)
     engine.backward(engine(**samples).loss)
     engine.step()
     scheduler.step()
@@ -102,9 +107,9 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters():
     assert sorted(state) == list(range(6)) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
-def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters():
-    model = build_model("llama")
-    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters(device):
+    model = build_model("llama").to(device)
+    original = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
     engine = hf_zero.initialize(
         model, torch.optim.AdamW(model.parameters()), {"stage": 1, "precision": "bf16"}
     )
@@ -123,29 +128,29 @@ def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters():
         assert torch.equal(full[name], value), name
 
 
-def test_frozen_parameters_are_cast_and_left_alone():
-    model = build_model("gpt2")
+def test_frozen_parameters_are_cast_and_left_alone(device):
+    model = build_model("gpt2").to(device)
     model.transformer.wpe.weight.requires_grad_(False)
     frozen = model.transformer.wpe.weight.detach().clone()
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine = hf_zero.initialize(model, torch.optim.AdamW(trainable, lr=1e-2), {"precision": "bf16"})
-    engine.backward(engine(**make_samples("gpt2", 2)).loss)
+    engine.backward(engine(**_samples("gpt2", 2, device)).loss)
     engine.step()
     assert model.transformer.wpe.weight.dtype == torch.bfloat16
     assert torch.equal(model.transformer.wpe.weight.float(), frozen.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_accumulation_and_zero_grad(stage):
+def test_accumulation_and_zero_grad(stage, device):
     # SGD: linear in the gradient, so accumulation errors show in full (Adam's first step is
     # about sign(g), which turns summation-order noise in near-zero gradients into lr-sized steps).
-    samples = make_samples("gpt2", 4)
-    reference, optimizer = _gpt2_and_sgd()
+    samples = _samples("gpt2", 4, device)
+    reference, optimizer = _gpt2_and_sgd(device)
     reference_engine = hf_zero.initialize(reference, optimizer, {"stage": stage})
     reference_engine.backward(reference_engine(**samples).loss)
     reference_engine.step()
 
-    model, optimizer = _gpt2_and_sgd()
+    model, optimizer = _gpt2_and_sgd(device)
     engine = hf_zero.initialize(model, optimizer, {"stage": stage})
     engine.backward(engine(**slice_samples(samples, 0, 1)).loss * 10)  # discarded below
     engine.zero_grad()
@@ -159,9 +164,9 @@ def test_accumulation_and_zero_grad(stage):
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_plain_pytorch_loop_with_optimizer_step_and_loss_backward():
-    samples = make_samples("gpt2", 2)
-    model, optimizer = _gpt2_and_adamw()
+def test_plain_pytorch_loop_with_optimizer_step_and_loss_backward(device):
+    samples = _samples("gpt2", 2, device)
+    model, optimizer = _gpt2_and_adamw(device)
     reference = copy.deepcopy(model)
     # On the CPU the engine's AdamW step is torch's fused one (the default foreach AdamW differs by
     # a few 1e-6 where a gradient is only rounding noise, e.g. the attention's key bias).
@@ -178,9 +183,9 @@ def test_plain_pytorch_loop_with_optimizer_step_and_loss_backward():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_clip_grad_norm_matches_torch_and_blocks_further_backward():
-    samples = make_samples("gpt2", 2)
-    model, optimizer = _gpt2_and_adamw()
+def test_clip_grad_norm_matches_torch_and_blocks_further_backward(device):
+    samples = _samples("gpt2", 2, device)
+    model, optimizer = _gpt2_and_adamw(device)
     reference = copy.deepcopy(model)
     engine = hf_zero.initialize(model, optimizer, {"stage": 2})
     engine.backward(engine(**samples).loss)
@@ -194,8 +199,8 @@ def test_clip_grad_norm_matches_torch_and_blocks_further_backward():
     assert engine.get_global_grad_norm() is got
 
 
-def test_full_state_dict_restores_dtypes_and_shares_tied_weights():
-    model = build_model("gpt2").to(torch.bfloat16)
+def test_full_state_dict_restores_dtypes_and_shares_tied_weights(device):
+    model = build_model("gpt2").to(device, torch.bfloat16)
     engine = hf_zero.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), {"precision": "fp32"})
     assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32  # computes in fp32 now
     state = engine.full_state_dict()
@@ -205,29 +210,29 @@ def test_full_state_dict_restores_dtypes_and_shares_tied_weights():
     assert state.keys() == model.state_dict().keys()
 
 
-def test_initialize_twice_is_refused():
-    model, optimizer = _gpt2_and_adamw()
+def test_initialize_twice_is_refused(device):
+    model, optimizer = _gpt2_and_adamw(device)
     hf_zero.initialize(model, optimizer, {})
     with pytest.raises(ValueError, match="already managed by an hf_zero engine"):
         hf_zero.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), {})
 
 
-def test_checkpoint_round_trip_in_bf16(tmp_path):
-    samples = make_samples("gpt2", 2)
-    model, optimizer = _gpt2_and_adamw()
+def test_checkpoint_round_trip_in_bf16(tmp_path, device):
+    samples = _samples("gpt2", 2, device)
+    model, optimizer = _gpt2_and_adamw(device)
     engine = hf_zero.initialize(model, optimizer, {"stage": 2, "precision": "bf16"})
     engine.backward(engine(**samples).loss)
     engine.step()
     engine.save_checkpoint(tmp_path / "checkpoint")
     weights = engine.full_state_dict()
 
-    restored_model, restored_optimizer = _gpt2_and_adamw()
+    restored_model, restored_optimizer = _gpt2_and_adamw(device)
     restored = hf_zero.initialize(restored_model, restored_optimizer, {"stage": 2, "precision": "bf16"})
     restored.load_checkpoint(tmp_path / "checkpoint")
     assert restored.global_steps == 1
     for key, value in weights.items():
         assert torch.equal(restored.full_state_dict()[key], value), key
-    live = restored_model.state_dict()
+    live = {key: value.cpu() for key, value in restored_model.state_dict().items()}
     assert all(
         torch.equal(live[k], v.to(torch.bfloat16)) for k, v in weights.items() if v.is_floating_point()
     )
@@ -241,9 +246,9 @@ def test_checkpoint_round_trip_in_bf16(tmp_path):
 
 @pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_activation_checkpointing(reentrant, stage):
-    samples = make_samples("llama", 4)
-    model = build_model("llama")
+def test_activation_checkpointing(reentrant, stage, device):
+    samples = _samples("llama", 4, device)
+    model = build_model("llama").to(device)
     reference = copy.deepcopy(model)
     # Newer transformers renamed gradient checkpointing to activation checkpointing.
     if hasattr(model, "activation_checkpointing_enable"):
@@ -263,31 +268,31 @@ def test_activation_checkpointing(reentrant, stage):
         reference_optimizer.zero_grad()
     got = engine.full_state_dict()
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(got[key], value.cpu(), rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_full_state_dict_keep_false_returns_nothing():
-    model, optimizer = _gpt2_and_adamw()
+def test_full_state_dict_keep_false_returns_nothing(device):
+    model, optimizer = _gpt2_and_adamw(device)
     engine = hf_zero.initialize(model, optimizer, {"stage": 1})
     assert engine.full_state_dict(keep=False) == {}
     assert engine.full_state_dict().keys() == model.state_dict().keys()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_load_full_state_dict_sets_masters_exactly(tmp_path, stage):
+def test_load_full_state_dict_sets_masters_exactly(tmp_path, stage, device):
     source = build_model("gpt2")
     source.save_pretrained(tmp_path)  # ties: writes transformer.wte.weight once
     from hf_zero.weights import load_pretrained_weights
 
     weights = load_pretrained_weights(tmp_path)
-    model, optimizer = _gpt2_and_adamw()
+    model, optimizer = _gpt2_and_adamw(device)
     engine = hf_zero.initialize(model, optimizer, {"stage": stage, "precision": "bf16"})
     engine.load_full_state_dict(weights)
     got = engine.full_state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(got[key], value), key
     assert torch.equal(
-        model.transformer.h[0].attn.c_attn.weight, source.transformer.h[0].attn.c_attn.weight.bfloat16()
+        model.transformer.h[0].attn.c_attn.weight.cpu(), source.transformer.h[0].attn.c_attn.weight.bfloat16()
     )
 
     with pytest.raises(ValueError, match=r"no entry for parameter transformer.wte.weight / lm_head.weight"):

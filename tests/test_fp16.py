@@ -161,7 +161,11 @@ def test_a_static_scale_skips_overflows_but_never_changes(runs):
         assert {s["scale_after"] for s in result["steps"]} == {256.0}
 
 
-# ---- the scaler and the engine in one process ------------------------------------------------------
+# ---- the scaler and the engine in one process (on the `device` fixture's device, conftest.py) -------
+
+
+def _batch(device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in slice_samples(make_samples("gpt2", 2), 0, 2).items()}
 
 
 def _scaler(**fields) -> LossScaler:
@@ -189,14 +193,14 @@ def test_overflowing_at_the_minimum_scale_on_consecutive_steps_raises():
         scaler.update(True)
 
 
-def test_the_min_scale_error_reaches_the_training_loop():
-    model = build_model("gpt2")
+def test_the_min_scale_error_reaches_the_training_loop(device):
+    model = build_model("gpt2").to(device)
     engine = hf_zero.initialize(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
         {"stage": 2, "precision": "fp16", "initial_scale_power": 0, "hysteresis": 1},
     )
-    batch = slice_samples(make_samples("gpt2", 2), 0, 2)
+    batch = _batch(device)
     engine.backward(engine(**batch).loss * float("inf"))
     engine.step()
     assert engine.last_step_skipped and engine.loss_scale == 1.0
@@ -205,15 +209,15 @@ def test_the_min_scale_error_reaches_the_training_loop():
         engine.step()
 
 
-def test_plain_loss_backward_is_refused_under_fp16():
-    model = build_model("gpt2")
+def test_plain_loss_backward_is_refused_under_fp16(device):
+    model = build_model("gpt2").to(device)
     engine = hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), {"precision": "fp16"})
-    loss = engine(**slice_samples(make_samples("gpt2", 2), 0, 2)).loss
+    loss = engine(**_batch(device)).loss
     with pytest.raises(RuntimeError, match=r"call engine.backward\(loss\)"):
         loss.backward()
 
 
-def test_scaler_state_round_trips_through_state_dict_and_checkpoints(tmp_path):
+def test_scaler_state_round_trips_through_state_dict_and_checkpoints(tmp_path, device):
     scaler = _scaler(loss_scale_window=3)
     for overflow in (True, False, True, True, False):
         scaler.update(overflow)
@@ -224,12 +228,12 @@ def test_scaler_state_round_trips_through_state_dict_and_checkpoints(tmp_path):
         other.load_state_dict({"scale": 2.0})
 
     def engine():
-        model = build_model("gpt2")
+        model = build_model("gpt2").to(device)
         config = {"stage": 1, "precision": "fp16", "initial_scale_power": 3, "loss_scale_window": 2}
         return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
 
     trained = engine()
-    batch = slice_samples(make_samples("gpt2", 2), 0, 2)
+    batch = _batch(device)
     for poison in (1.0, 1.0, 1.0, float("inf")):
         trained.backward(trained(**batch).loss * poison)
         trained.step()
@@ -242,11 +246,11 @@ def test_scaler_state_round_trips_through_state_dict_and_checkpoints(tmp_path):
     assert resumed.loss_scale == 16.0 and resumed.skipped_steps == 1
 
 
-def test_full_grad_and_clip_grad_norm_report_the_unscaled_gradient():
-    batch = slice_samples(make_samples("gpt2", 2), 0, 2)
+def test_full_grad_and_clip_grad_norm_report_the_unscaled_gradient(device):
+    batch = _batch(device)
     measured = {}
     for precision in ("fp32", "fp16"):
-        model = build_model("gpt2")
+        model = build_model("gpt2").to(device)
         engine = hf_zero.initialize(
             model, torch.optim.AdamW(model.parameters(), lr=1e-3), {"precision": precision}
         )

@@ -1,31 +1,25 @@
-"""The fused Adam/AdamW Triton kernel against its PyTorch reference and torch.optim: on the GPU
-where there is one, else on CPU through Triton's interpreter (TRITON_INTERPRET=1, conftest.py)."""
+"""The fused Adam/AdamW Triton kernel against its PyTorch reference and torch.optim: on the GPU with
+`--device cuda`, else on CPU through Triton's interpreter (TRITON_INTERPRET=1, conftest.py)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from hf_zero.kernels.adamw import AdamHyperparams, adam_step_reference, adam_step_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or Triton's interpreter",
-)
+pytestmark = pytest.mark.usefixtures("needs_triton")
 
 SIZES = [1, 1000, 2048, 4097, 10_001]  # below, at and across block boundaries
 
 
-def _inputs(n, grad_dtype, seed):
+def _inputs(n, grad_dtype, seed, device):
     generator = torch.Generator().manual_seed(seed)
     param = torch.randn(n, generator=generator)
     grad = (torch.randn(n, generator=generator) * 1e-2).to(grad_dtype)
     exp_avg = torch.randn(n, generator=generator) * 1e-3
     exp_avg_sq = torch.rand(n, generator=generator) * 1e-5
-    return tuple(t.to(DEVICE) for t in (param, grad, exp_avg, exp_avg_sq))
+    return tuple(t.to(device) for t in (param, grad, exp_avg, exp_avg_sq))
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -39,16 +33,18 @@ def _inputs(n, grad_dtype, seed):
         (True, 0.05, torch.float32, torch.float32, True, True),
     ],
 )
-def test_kernel_matches_reference(n, decoupled, weight_decay, grad_dtype, out_dtype, scaled, zero_grad):
+def test_kernel_matches_reference(
+    n, decoupled, weight_decay, grad_dtype, out_dtype, scaled, zero_grad, device
+):
     hp = AdamHyperparams(
         lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=weight_decay, step=7, decoupled=decoupled
     )
-    scale = torch.tensor(0.37, device=DEVICE) if scaled else None
+    scale = torch.tensor(0.37, device=device) if scaled else None
     results = []
     for step in (adam_step_reference, adam_step_triton):
-        param, grad, exp_avg, exp_avg_sq = _inputs(n, grad_dtype, seed=n)
+        param, grad, exp_avg, exp_avg_sq = _inputs(n, grad_dtype, seed=n, device=device)
         out = (
-            None if out_dtype is None else torch.full((n,), float("nan"), dtype=out_dtype, device=DEVICE)
+            None if out_dtype is None else torch.full((n,), float("nan"), dtype=out_dtype, device=device)
         )  # poisoned
         step(param, grad, exp_avg, exp_avg_sq, out, hp, scale, zero_grad)
         results.append((param, grad, exp_avg, exp_avg_sq, out))
@@ -64,14 +60,14 @@ def test_kernel_matches_reference(n, decoupled, weight_decay, grad_dtype, out_dt
 
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.Adam])
-def test_kernel_steps_like_torch_optim(optimizer_class):
+def test_kernel_steps_like_torch_optim(optimizer_class, device):
     n, steps = 3001, 4
-    param, _, _, _ = _inputs(n, torch.float32, seed=1)
+    param, _, _, _ = _inputs(n, torch.float32, seed=1, device=device)
     reference = torch.nn.Parameter(param.clone())  # torch.optim on the same device
     optimizer = optimizer_class([reference], lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
-    exp_avg, exp_avg_sq = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    exp_avg, exp_avg_sq = torch.zeros(n, device=device), torch.zeros(n, device=device)
     for step in range(1, steps + 1):
-        gradient = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(DEVICE)
+        gradient = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(device)
         reference.grad = gradient.clone()
         optimizer.step()
         hp = AdamHyperparams(1e-2, 0.8, 0.99, 1e-6, 0.1, step, decoupled=optimizer_class is torch.optim.AdamW)
@@ -82,12 +78,12 @@ def test_kernel_steps_like_torch_optim(optimizer_class):
     torch.testing.assert_close(exp_avg_sq, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
 
-def test_bf16_copy_rounds_to_nearest_even_and_keeps_nan():
+def test_bf16_copy_rounds_to_nearest_even_and_keeps_nan(device):
     values = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8) - 2**-20, float("nan"), float("inf")])
-    values = values.to(DEVICE)
+    values = values.to(device)
     hp = AdamHyperparams(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, decoupled=True)
-    out = torch.empty(5, dtype=torch.bfloat16, device=DEVICE)
-    zeros = [torch.zeros(5, device=DEVICE) for _ in range(3)]
+    out = torch.empty(5, dtype=torch.bfloat16, device=device)
+    zeros = [torch.zeros(5, device=device) for _ in range(3)]
     adam_step_triton(values.clone(), *zeros, out, hp)
     expected = values.to(torch.bfloat16)
     assert torch.equal(out[:3], expected[:3]) and torch.isnan(out[3]) and torch.isinf(out[4])
@@ -106,20 +102,20 @@ def test_bad_shapes_and_dtypes_are_refused():
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("zero_grad", [True, False])
-def test_a_flagged_step_changes_nothing_but_the_gradient_reset(n, zero_grad):
+def test_a_flagged_step_changes_nothing_but_the_gradient_reset(n, zero_grad, device):
     hp = AdamHyperparams(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7, decoupled=True)
     for step in (adam_step_reference, adam_step_triton):
-        param, grad, exp_avg, exp_avg_sq = _inputs(n, torch.float16, seed=n)
+        param, grad, exp_avg, exp_avg_sq = _inputs(n, torch.float16, seed=n, device=device)
         grad[-1] = float("inf")
         before = [t.clone() for t in (param, exp_avg, exp_avg_sq)]
-        out = torch.full((n,), 7.0, dtype=torch.float16, device=DEVICE)
-        step(param, grad, exp_avg, exp_avg_sq, out, hp, None, zero_grad, torch.tensor([1.0], device=DEVICE))
+        out = torch.full((n,), 7.0, dtype=torch.float16, device=device)
+        step(param, grad, exp_avg, exp_avg_sq, out, hp, None, zero_grad, torch.tensor([1.0], device=device))
         assert all(torch.equal(a, b) for a, b in zip(before, (param, exp_avg, exp_avg_sq), strict=True))
         assert torch.equal(out, torch.full_like(out, 7.0))
         assert torch.equal(grad, torch.zeros_like(grad)) == zero_grad
         # A zero flag is an ordinary step.
-        flagged_off = _inputs(n, torch.float16, seed=n)
-        plain = _inputs(n, torch.float16, seed=n)
-        step(*flagged_off, None, hp, None, False, torch.zeros(1, device=DEVICE))
+        flagged_off = _inputs(n, torch.float16, seed=n, device=device)
+        plain = _inputs(n, torch.float16, seed=n, device=device)
+        step(*flagged_off, None, hp, None, False, torch.zeros(1, device=device))
         step(*plain, None, hp)
         assert all(torch.equal(a, b) for a, b in zip(flagged_off, plain, strict=True))

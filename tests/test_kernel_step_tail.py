@@ -1,11 +1,10 @@
 """The gradient-statistics kernel and the fused SGD kernel against their PyTorch references (and
-the SGD reference against torch.optim.SGD): on the GPU where there is one, else on CPU through
+the SGD reference against torch.optim.SGD): on the GPU with `--device cuda`, else on CPU through
 Triton's interpreter (TRITON_INTERPRET=1, conftest.py)."""
 
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -16,19 +15,15 @@ from hf_zero.kernels.sgd import SGDHyperparams, sgd_step_reference, sgd_step_tri
 # The module itself (`hf_zero.kernels` exports its function under the same name).
 grad_stats_module = importlib.import_module("hf_zero.kernels.grad_stats")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs a GPU or Triton's interpreter",
-)
+pytestmark = pytest.mark.usefixtures("needs_triton")
 
 SIZES = [1, 1000, 2048, 4097, 10_001]  # below, at and across block boundaries
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _gradient(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _gradient(n: int, dtype: torch.dtype, seed: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, generator=generator) * 3).to(dtype).to(DEVICE)
+    return (torch.randn(n, generator=generator) * 3).to(dtype).to(device)
 
 
 # ---- gradient statistics ---------------------------------------------------------------------------
@@ -36,8 +31,11 @@ def _gradient(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_grad_stats_matches_reference_on_finite_gradients(n, dtype):
-    grads = [_gradient(n, dtype, seed=n), _gradient(n // 3 + 5, dtype, seed=n + 1)]
+def test_grad_stats_matches_reference_on_finite_gradients(n, dtype, device):
+    grads = [
+        _gradient(n, dtype, seed=n, device=device),
+        _gradient(n // 3 + 5, dtype, seed=n + 1, device=device),
+    ]
     got, want = grad_stats_triton(grads), grad_stats_reference(grads)
     exact = sum(g.double().square().sum() for g in grads).item()
     assert got[1].item() == want[1].item() == 0
@@ -48,8 +46,8 @@ def test_grad_stats_matches_reference_on_finite_gradients(n, dtype):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
-def test_grad_stats_counts_non_finite_elements_in_the_last_block(n, dtype, bad):
-    grad = _gradient(n, dtype, seed=n)
+def test_grad_stats_counts_non_finite_elements_in_the_last_block(n, dtype, bad, device):
+    grad = _gradient(n, dtype, seed=n, device=device)
     grad[-1] = float(bad)
     if n > 3:
         grad[n - 3] = float("nan")
@@ -59,11 +57,11 @@ def test_grad_stats_counts_non_finite_elements_in_the_last_block(n, dtype, bad):
         assert not torch.isfinite(stats[0])
 
 
-def test_grad_stats_spreads_large_tensors_over_a_bounded_grid(monkeypatch):
+def test_grad_stats_spreads_large_tensors_over_a_bounded_grid(monkeypatch, device):
     # A small grid stands in for MAX_PROGRAMS (1024): more blocks than programs, so each loops.
     monkeypatch.setattr(grad_stats_module, "MAX_PROGRAMS", 3)
     n = BLOCK_SIZE * grad_stats_module.MAX_PROGRAMS + 3 * BLOCK_SIZE + 17
-    grad = _gradient(n, torch.float16, seed=3)
+    grad = _gradient(n, torch.float16, seed=3, device=device)
     grad[-1] = float("inf")
     got = grad_stats_triton([grad])
     assert got[1].item() == 1
@@ -89,25 +87,25 @@ SGD_CASES = [
 ]
 
 
-def _sgd_inputs(n, grad_dtype, seed):
+def _sgd_inputs(n, grad_dtype, seed, device):
     generator = torch.Generator().manual_seed(seed)
     param = torch.randn(n, generator=generator)
     grad = (torch.randn(n, generator=generator) * 1e-1).to(grad_dtype)
     buffer = torch.randn(n, generator=generator) * 1e-2
-    return tuple(t.to(DEVICE) for t in (param, grad, buffer))
+    return tuple(t.to(device) for t in (param, grad, buffer))
 
 
 @pytest.mark.parametrize("n", [1, 4097, 10_001])
 @pytest.mark.parametrize("grad_dtype", DTYPES)
 @pytest.mark.parametrize("case", SGD_CASES)
-def test_sgd_kernel_matches_reference(n, grad_dtype, case):
+def test_sgd_kernel_matches_reference(n, grad_dtype, case, device):
     hp = SGDHyperparams(*case)
-    scale = torch.tensor(0.37, device=DEVICE)
+    scale = torch.tensor(0.37, device=device)
     out_dtype = torch.float16 if grad_dtype == torch.float16 else torch.bfloat16
     results = []
     for step in (sgd_step_reference, sgd_step_triton):
-        param, grad, buffer = _sgd_inputs(n, grad_dtype, seed=n)
-        out = torch.full((n,), float("nan"), dtype=out_dtype, device=DEVICE)
+        param, grad, buffer = _sgd_inputs(n, grad_dtype, seed=n, device=device)
+        out = torch.full((n,), float("nan"), dtype=out_dtype, device=device)
         step(param, grad, buffer if hp.momentum else None, out, hp, scale, True)
         results.append((param, grad, buffer, out))
     (p0, g0, b0, _), (p1, g1, b1, o1) = results
@@ -119,13 +117,13 @@ def test_sgd_kernel_matches_reference(n, grad_dtype, case):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("grad_dtype", DTYPES)
-def test_a_flagged_sgd_step_changes_nothing_but_the_gradient_reset(n, grad_dtype):
+def test_a_flagged_sgd_step_changes_nothing_but_the_gradient_reset(n, grad_dtype, device):
     hp = SGDHyperparams(0.1, 0.9, 0.0, 0.01, True, False)
     for step in (sgd_step_reference, sgd_step_triton):
-        param, grad, buffer = _sgd_inputs(n, grad_dtype, seed=n)
+        param, grad, buffer = _sgd_inputs(n, grad_dtype, seed=n, device=device)
         grad[-1] = float("nan")
         before = (param.clone(), buffer.clone())
-        step(param, grad, buffer, None, hp, None, True, torch.tensor([2.0], device=DEVICE))
+        step(param, grad, buffer, None, hp, None, True, torch.tensor([2.0], device=device))
         assert torch.equal(param, before[0]) and torch.equal(buffer, before[1])
         assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -139,14 +137,14 @@ def test_a_flagged_sgd_step_changes_nothing_but_the_gradient_reset(n, grad_dtype
         {"weight_decay": 0.1},
     ],
 )
-def test_sgd_reference_is_torch_sgd_exactly(options):
+def test_sgd_reference_is_torch_sgd_exactly(options, device):
     n, steps = 3001, 4
-    param, _, _ = _sgd_inputs(n, torch.float32, seed=1)
+    param, _, _ = _sgd_inputs(n, torch.float32, seed=1, device=device)
     reference = torch.nn.Parameter(param.clone())
     optimizer = torch.optim.SGD([reference], lr=0.05, **options)
-    buffer = torch.zeros(n, device=DEVICE)
+    buffer = torch.zeros(n, device=device)
     for step in range(steps):
-        gradient = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(DEVICE)
+        gradient = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(device)
         reference.grad = gradient.clone()
         optimizer.step()
         hp = SGDHyperparams(
