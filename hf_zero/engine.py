@@ -397,7 +397,12 @@ class ZeroEngine(ShardedState, nn.Module):
         """Backpropagate `loss`; gradients add to those of earlier backward calls since the last step."""
         self.grad_sync._check_open()
         if self.loss_scaler is not None:
-            loss = loss.float() * self.loss_scaler.scale
+            # 1/world here rather than in the step: each rank's gradient of its own mean loss is
+            # about `world` times its share of the global mean, so scaled by `scale` alone the local
+            # backward and the sum over ranks run `world` times hotter than unsharded training and
+            # the scale settles log2(world) bits lower. Divided first, every value stays at the
+            # unsharded magnitude (exact for powers of two) and the sum over ranks is the mean.
+            loss = loss.float() * (self.loss_scaler.scale / self.ctx.world_size)
         self._in_backward = True
         try:
             loss.backward(**kwargs)
@@ -554,10 +559,11 @@ class ZeroEngine(ShardedState, nn.Module):
         return self._stats
 
     def _unscale_factor(self) -> torch.Tensor:
-        """What turns the reduced gradient sum into the mean unscaled gradient: 1/(world * loss scale)."""
+        """What turns the reduced gradient into the mean unscaled gradient: 1/world (the reduction
+        sums), or under fp16 1/loss scale (`backward` divided the loss by the world size already)."""
         if self.loss_scaler is None:
             return self._inverse_world
-        return self._inverse_world / self.loss_scaler.scale
+        return torch.full((), 1.0 / self.loss_scaler.scale, device=self.ctx.device)
 
     def _reset_step_state(self) -> None:
         self._grads_reduced = False
@@ -570,8 +576,8 @@ class ZeroEngine(ShardedState, nn.Module):
         self._undo_if_skipped: list = []  # the fused steps' host bookkeeping, for a skipped step
 
     def _step_scale(self) -> torch.Tensor | None:
-        """What the optimizer multiplies the reduced gradient sum by: 1/world, the fp16 unscale
-        and the clip coefficient, as one device scalar (None: nothing to multiply by)."""
+        """What the optimizer multiplies the reduced gradient by: `_unscale_factor` and the clip
+        coefficient, as one device scalar (None: nothing to multiply by)."""
         if self.ctx.world_size == 1 and self.loss_scaler is None:
             return self._grad_scale
         if self._grad_scale is None:

@@ -9,7 +9,8 @@ Precision: within one backward pass gradients add up in the compute dtype (as au
 adds up a shared weight's gradients); across the micro-batches of a step they add up in fp32 at
 every stage. A step with one micro-batch keeps no fp32 gradient: the optimizer reads the 16-bit
 gradient directly. The first time a step accumulates, the reducer switches to an fp32 buffer and
-keeps it. The 1/world average is not applied here: the optimizer folds it into its gradient scale.
+keeps it. The 1/world average is not applied here: the optimizer folds it into its gradient scale,
+or under fp16 the engine's backward divides the loss by the world size (so the sum is the mean).
 
 - `StepReduction` (stages 0 and 1, and any stage in a world of one): gradients add up in a
   full-size buffer; at the step it is all-reduced (stage 0) or reduce-scattered bucket by bucket

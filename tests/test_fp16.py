@@ -28,8 +28,11 @@ STEPS = 30
 # the step-for-step comparison with fp32 starts lower, where this run never overflows.
 COMPARED = {"steps": STEPS, "config": {"initial_scale_power": 12}}
 OVERFLOW = {"steps": 6, "overflow_at": {"3": 1, "4": 1}}  # two overflows in a row, from rank 1
+# Started far above fp16's range with hysteresis 1, the scale halves on each overflow until it settles.
+SETTLE = {"steps": 16, "config": {"initial_scale_power": 26, "hysteresis": 1, "loss_scale_window": 1000}}
 
 LAUNCHES = {
+    1: [{"name": "settle", "stage": 0, "micro_batch": 8, **SETTLE}],  # the global batch of 4 ranks
     2: [
         {"name": "s1", "stage": 1, **COMPARED},
         {"name": "s2_clip", "stage": 2, **COMPARED, "clipping": 1.0},
@@ -53,6 +56,9 @@ LAUNCHES = {
         {"name": "s2_clip", "stage": 2, **COMPARED, "clipping": 1.0},
         {"name": "s3", "stage": 3, **COMPARED},
         {"name": "s2_overflow", "stage": 2, "steps": 6, "overflow_at": {"3": 3, "4": 2}},
+        {"name": "s1_settle", "stage": 1, **SETTLE},
+        {"name": "s2_settle", "stage": 2, **SETTLE},
+        {"name": "s3_settle", "stage": 3, **SETTLE},
     ],
 }
 
@@ -147,6 +153,26 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(runs, world, name)
     initial = build_model("gpt2").state_dict()
     weights = ranks[0]["weights"]
     assert sum((value - initial[key].float()).abs().sum().item() for key, value in weights.items()) > 0.1
+
+
+@pytest.mark.parametrize("name", ["s1_settle", "s2_settle", "s3_settle"])
+def test_the_loss_scale_settles_where_unsharded_trainings_does(runs, name):
+    # A rank's gradient of its own mean loss is about 4 times its share of the global mean: scaled
+    # by the loss scale alone, the sum over 4 ranks settled 2 bits lower than one process with the
+    # same global batch (65536, then 32768, against 131072). The engine divides the loss by the
+    # world size before backward, so both see the same values.
+    unsharded = [s["scale_after"] for s in runs(1)["settle"][0]["steps"]]
+    assert runs(1)["settle"][0]["skipped_steps"] >= 3  # it started above the overflow point
+    assert unsharded[-6:] == [unsharded[-1]] * 6  # and settled
+    for result in runs(4)[name]:
+        sharded = [s["scale_after"] for s in result["steps"]]
+        assert min(sharded[-6:]) >= unsharded[-1], (sharded, unsharded)
+    torch.testing.assert_close(
+        torch.tensor(runs(4)[name][0]["losses"]),
+        torch.tensor(runs(1)["settle"][0]["losses"]),
+        rtol=2e-2,
+        atol=0,
+    )
 
 
 def test_the_scale_grows_after_a_clean_window(runs):

@@ -4,9 +4,10 @@
 
 Each job (a dict) builds a fresh model, optimizer and engine (`stage`, `precision` (default fp16),
 `optimizer`, `clipping` and any extra ZeroConfig fields in `config`) and trains `steps` steps of
-`accumulation` micro-batches of 2 samples per rank; micro-batch `a` of rank `r` takes block
-`a * world + r` of the step's global batch, which is how the unsharded reference
-(`hf_zero.testing.unsharded`) splits them.
+`accumulation` micro-batches of `micro_batch` (default 2) samples per rank; micro-batch `a` of
+rank `r` takes block `a * world + r` of the step's global batch, which is how the unsharded
+reference (`hf_zero.testing.unsharded`) splits them. One rank with `micro_batch` × W samples sees
+the global batch of W ranks.
 
 `overflow_at` maps a step to the rank that injects an overflow into that step: one element of
 one gradient on that rank only becomes inf (the others stay finite; with the gradient sharded,
@@ -85,15 +86,16 @@ def run_job(job: dict) -> dict:
 
     injected.register_hook(poison)
     accumulation = job.get("accumulation", 1)
-    batch = world * MICRO_BATCH * accumulation
+    micro_batch = job.get("micro_batch", MICRO_BATCH)
+    batch = world * micro_batch * accumulation
     samples = make_samples("gpt2", job["steps"] * batch)
     losses, norms, steps_record = [], [], []
     for step in range(job["steps"]):
         inject["now"] = overflow_at.get(step) == rank
         loss = torch.zeros((), device=engine.device)
         for micro in range(accumulation):
-            start = step * batch + (micro * world + rank) * MICRO_BATCH
-            micro_loss = engine(**slice_samples(samples, start, MICRO_BATCH)).loss
+            start = step * batch + (micro * world + rank) * micro_batch
+            micro_loss = engine(**slice_samples(samples, start, micro_batch)).loss
             engine.backward(micro_loss / accumulation)
             loss = loss + micro_loss.detach().float() / accumulation
         before = _snapshot(engine) if step in overflow_at else None
