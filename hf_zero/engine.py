@@ -216,21 +216,30 @@ class ZeroEngine(ShardedState, nn.Module):
         trainable: bool = True,
         pending: PendingWeights | None = None,
     ) -> list[FlatParamGroup]:
-        """One flat segment per (unit, param group, compute dtype), units in registration order, so a
-        unit's parameters are laid out (and at stage 3 gathered) together. Parameters of modules the
+        """The flat segments. At stage 3 (and with NVMe offload) one per (unit, param group,
+        compute dtype), units in registration order, so a unit's parameters are laid out and
+        gathered (or swapped) together. Below stage 3 one per (param group, compute dtype), in
+        the param group's order, spanning units: its buckets follow `reduce_bucket_size` (as DDP's
+        do), so the number of collectives and of kernel launches per step does not grow with the
+        number of layers. Parameters of modules the
         model keeps in fp32 get fp32 segments; an empty param group gets one empty segment. Frozen
         weights (`trainable=False`, stage 3) form segments of their own, per unit and dtype. Weights
         still on disk (`pending`, stage 3) are read into the shards, each rank only its own part."""
         unit_of = {id(p): unit.index for unit in self.units for p in unit.params}
         dtypes = list(dict.fromkeys((self.compute_dtype, torch.float32)))
+        # Below stage 3 every segment belongs to the root unit: units only decide what is gathered.
+        # NVMe offload keeps per-unit segments: the step swaps whole segments through host buffers
+        # sized by the largest one.
+        spanning = self.config.stage < 3 and self.config.offload_optimizer != "nvme"
+        units = self.units[:1] if spanning else self.units
         segments = []
-        for unit in self.units:
+        for unit in units:
             for index, pairs in enumerate(named):
                 for dtype in dtypes:
                     members = [
                         (name, param)
                         for name, param in pairs
-                        if unit_of[id(param)] == unit.index
+                        if (len(units) == 1 or unit_of[id(param)] == unit.index)
                         and (torch.float32 if id(param) in keep_fp32 else self.compute_dtype) == dtype
                     ]
                     if members or (trainable and unit.is_root and not pairs and dtype == self.compute_dtype):

@@ -21,16 +21,19 @@ bytes per GPU:
     masters          4*P/Z        (0 at stage 0 in fp32, where the weights are the masters; 0 offloaded)
     gradients        g*P          (stages 2-3 with W > 1: g*P/W, this rank's reduced shard)
     optimizer state  4*k*P/Z      (0 offloaded)
-    staging          stage 2-3: b*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
+    staging          stage 3: b*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
                      reduce-scatter at once (the root's fills from the head's gradient to the
-                     embeddings', the end of backward; two more may be in flight)
+                     embeddings', the end of backward; two more may be in flight); stage 2:
+                     b*min(P, 4*bucket(P)), its segment spanning the layers
     gathered         stage 3: b*(R + 2*U), the root unit (gathered for the whole forward and
                      backward), the layer running and the next one prefetched
     host (offload)   4*P/Z + 4*k*P/Z + 2*chunk*(g + b), the masters, optimizer state and two
                      staging buffer pairs of chunk = min(offload_chunk_size, largest segment's shard)
-                     elements; with parameter offload also the 16-bit shard, b*P/W
+                     elements (below stage 3 the segment is P); with parameter offload also the
+                     16-bit shard, b*P/W
 
-where bucket(n) = min(n, max(reduce_bucket_size, the unit's largest tensor)): buckets hold whole tensors.
+where bucket(n) = min(n, max(reduce_bucket_size, the segment's largest tensor)): buckets hold whole
+tensors.
 
 Communication per GPU per optimizer step, counting as `Collectives` does (ring algorithms: a
 reduce-scatter or all-gather of n bytes sends n*(W-1)/W, an all-reduce twice that), with f = (W-1)/W
@@ -265,14 +268,20 @@ def estimate(
     gradients = g * P // world if scatters_in_backward else g * P
     optimizer_state = 0 if offloaded else 4 * optimizer_states * P // shards
     staging = 0
-    if scatters_in_backward:
+    if scatters_in_backward and stage == 2:
+        # One segment spanning the layers: its buckets follow reduce_bucket_size alone.
+        largest_tensor = max(shape.largest_root_tensor, shape.largest_unit_tensor)
+        staging = b * min(P, (1 + STAGED_BUCKETS) * _bucket(P, largest_tensor, reduce_bucket_size))
+    elif scatters_in_backward:
         root_bucket = _bucket(R, shape.largest_root_tensor, reduce_bucket_size)
         layer_bucket = _bucket(U, shape.largest_unit_tensor, reduce_bucket_size)
         staging = b * min(P, root_bucket + STAGED_BUCKETS * layer_bucket)
     gathered = b * min(P, R + GATHERED_LAYERS * U) if stage == 3 else 0
     host = 0
     if offloaded:
-        chunk = min(offload_chunk_size, max(1, math.ceil(shape.largest_segment / shards)))
+        # Below stage 3 one segment spans the layers (one param group here).
+        largest_segment = shape.largest_segment if stage == 3 else P
+        chunk = min(offload_chunk_size, max(1, math.ceil(largest_segment / shards)))
         host = 4 * P // shards + 4 * optimizer_states * P // shards + 2 * chunk * (g + b)
         if offload == "optimizer+params":
             host += b * P // world

@@ -82,7 +82,8 @@ def test_optimizer_must_cover_exactly_the_trainable_parameters(device):
         hf_zero.initialize(model, torch.optim.SGD([*params, stranger], lr=0.1), {})
 
 
-def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device, stage):
     model = build_model("llama").to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -91,12 +92,14 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device):
         lr=1e-3,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)  # made before initialize
-    engine = hf_zero.initialize(model, optimizer, {"stage": 2, "precision": "bf16"})
+    engine = hf_zero.initialize(model, optimizer, {"stage": stage, "precision": "bf16"})
     assert engine.optimizer is optimizer
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
-    # One flat fp32 master shard per (unit, param group): the root unit and the two decoder layers.
+    # One flat fp32 master shard per param group, spanning the units below stage 3; at stage 3 one
+    # per (unit, param group): the root unit and the two decoder layers.
     assert [u.name for u in engine.units] == ["<root>", "model.layers.0", "model.layers.1"]
-    assert [len(g["params"]) for g in optimizer.param_groups] == [3, 3]
+    masters = 1 if stage < 3 else 3
+    assert [len(g["params"]) for g in optimizer.param_groups] == [masters, masters]
     assert all(g["params"][0].dtype == torch.float32 for g in optimizer.param_groups)
     samples = _samples("llama", 2, device)
     engine.backward(engine(**samples).loss)
@@ -104,7 +107,7 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device):
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 2.5e-4]
     state = optimizer.state_dict()["state"]
-    assert sorted(state) == list(range(6)) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sorted(state) == list(range(2 * masters)) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters(device):
@@ -113,8 +116,8 @@ def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters(device):
     engine = hf_zero.initialize(
         model, torch.optim.AdamW(model.parameters()), {"stage": 1, "precision": "bf16"}
     )
-    # One flat buffer per unit (root, two decoder layers), each parameter a view into its unit's.
-    assert [(g.unit, len(g.params)) for g in engine.groups] == [(0, 3), (1, 9), (2, 9)]
+    # One flat buffer per param group below stage 3 (spanning the units), each parameter a view into it.
+    assert [(g.unit, len(g.params)) for g in engine.groups] == [(0, 21)]
     for group in engine.groups:
         start = group.flat.data_ptr()
         end = start + group.flat.numel() * group.flat.element_size()

@@ -107,11 +107,22 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, k
     initial = build_model("gpt2").state_dict()
     moved = sum((v.float() - initial[k].float()).abs().sum().item() for k, v in plain[0]["weights"].items())
     assert moved > 0.1  # training moved the weights
-    assert offloaded[0]["losses"] == plain[0]["losses"]
-    assert offloaded[0]["norms"] == plain[0]["norms"]
-    assert offloaded[0]["weights"].keys() == plain[0]["weights"].keys()
-    for key, value in plain[0]["weights"].items():
-        assert torch.equal(offloaded[0]["weights"][key], value), key
+    # Below stage 3 NVMe offload keeps a segment per unit where the device spans the units with
+    # one: the squared gradient norm is summed in another order, so the clip factor may differ in
+    # its last bit. Everything else is bit-identical.
+    same_layout = kind != "nvme" or PAIRS[name]["stage"] == 3
+    if same_layout or not PAIRS[name].get("clipping"):
+        assert offloaded[0]["losses"] == plain[0]["losses"]
+        assert offloaded[0]["norms"] == plain[0]["norms"]
+        assert offloaded[0]["weights"].keys() == plain[0]["weights"].keys()
+        for key, value in plain[0]["weights"].items():
+            assert torch.equal(offloaded[0]["weights"][key], value), key
+    else:
+        torch.testing.assert_close(offloaded[0]["losses"], plain[0]["losses"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(offloaded[0]["norms"], plain[0]["norms"], rtol=1e-6, atol=0)
+        # (Adam turns a last-bit difference of a near-zero gradient into a visible one: compared
+        # relative to how far training moved the weights.)
+        assert _relative_error(offloaded[0]["weights"], plain[0]["weights"]) < 1e-5
     for rank in range(2):
         assert [s["skipped"] for s in offloaded[rank]["steps"]] == [
             s["skipped"] for s in plain[rank]["steps"]
@@ -126,7 +137,10 @@ def test_offloaded_training_is_identical_to_training_on_the_device(runs, name, k
             assert memory["weights"] == 0 and off_device > state + device_memory["weights"]
             assert memory["peak_gathered"] == device_memory["peak_gathered"] > 0
             continue
-        assert memory["weights"] == device_memory["weights"]
+        if same_layout:
+            assert memory["weights"] == device_memory["weights"]
+        else:  # the same weights, padded to 64 elements per segment and bucket
+            assert 0 <= memory["weights"] - device_memory["weights"] <= 0.01 * device_memory["weights"]
         if kind == "offload":
             # Masters and optimizer state left the device; the host holds them plus two staging
             # buffer pairs (a gradient and a 16-bit or fp32 copy) of at most one chunk each.

@@ -35,6 +35,7 @@ def test_ranks_on_different_paths_issue_the_same_collectives_in_the_same_interle
         trace = result["traces"][0]
         communicators = {communicator for _, communicator, _, _ in trace}
         assert communicators == ({"main", "gather"} if "stage3" in name else {"main"}), name
-        # 3 steps reduce every unit's gradients: 6 blocks and the root, at least once each.
+        # At stage 3, 3 steps reduce every unit's gradients: 6 blocks and the root, at least once
+        # each; at stage 2 the segments span the units (all labelled with the root's).
         reduced = {unit for op, _, _, unit in trace if op == "reduce_scatter"}
-        assert reduced == set(range(7)), name
+        assert reduced == (set(range(7)) if "stage3" in name else {0}), name

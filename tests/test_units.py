@@ -54,21 +54,25 @@ def test_a_parameter_shared_by_two_units_belongs_to_the_root():
     assert sum(len(u.params) for u in units) == len(list(model.parameters()))
 
 
-def test_segments_follow_units_and_param_groups():
+@pytest.mark.parametrize(
+    ("config", "segments"),
+    [
+        # Below stage 3 one segment per param group spans the units (CPU offload too); stage 3 and
+        # NVMe offload cut them per unit as well (gathered, or swapped, unit by unit).
+        ({"stage": 2}, [(0, 0), (0, 1)]),
+        ({"stage": 1, "offload_optimizer": "cpu"}, [(0, 0), (0, 1)]),
+        ({"stage": 3}, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]),
+        ({"stage": 2, "offload_optimizer": "nvme"}, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]),
+    ],
+)
+def test_segments_follow_param_groups_and_at_stage_3_units(config, segments, tmp_path):
+    if config.get("offload_optimizer") == "nvme":
+        config = {**config, "nvme_path": str(tmp_path)}
     model = build_model("gpt2")
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    engine = hf_zero.initialize(
-        model, torch.optim.AdamW([{"params": matrices}, {"params": vectors}]), {"stage": 2}
-    )
-    assert [(g.unit, g.optimizer_group) for g in engine.groups] == [
-        (0, 0),
-        (0, 1),
-        (1, 0),
-        (1, 1),
-        (2, 0),
-        (2, 1),
-    ]
+    engine = hf_zero.initialize(model, torch.optim.AdamW([{"params": matrices}, {"params": vectors}]), config)
+    assert [(g.unit, g.optimizer_group) for g in engine.groups] == segments
     with pytest.raises(ValueError, match="unit_classes"):
         hf_zero.ZeroConfig(unit_classes=[3])
 

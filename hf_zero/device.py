@@ -1,0 +1,119 @@
+"""The device layer: the engine's page-locked allocations, events and host waits go through one
+`DeviceOps`, so the engine never branches on the device type.
+
+`CudaOps` does the real thing: page-locked host memory, events recorded on the current stream,
+host waits. `HostOps` runs on the CPU with the same calls and the same bookkeeping, where the
+CPU has nothing to wait for (its copies are synchronous, its events complete when recorded, its
+memory is pageable), so every branch of the engine runs in CI. Both count what the engine asks of
+the device, as a GPU would pay for it:
+
+- `host_syncs`: waits of the host for everything queued on the device (`synchronize`) and reads
+  of a device value on the host (`read`, `to_host`), each a full stop of the host's run-ahead;
+- `event_waits`: waits of the host for one recorded point (`Event.synchronize`), which leave
+  later work queued;
+- `pinned_bytes`: page-locked host memory allocated (on the CPU: what a GPU run would lock).
+
+The engine reads the counters per step (`ZeroEngine.device_counts`) and `memory_breakdown()`
+reports `pinned`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Event:
+    """A point recorded on the device's current stream (`DeviceOps.record`)."""
+
+    def __init__(self, ops: DeviceOps, cuda_event: torch.cuda.Event | None) -> None:
+        self._ops = ops
+        self._cuda_event = cuda_event
+
+    def synchronize(self) -> None:
+        """The host waits until the device has reached this point."""
+        self._ops.event_waits += 1
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+
+    def done(self) -> bool:
+        """Whether the device has reached this point (never waits)."""
+        return self._cuda_event is None or self._cuda_event.query()
+
+
+class DeviceOps:
+    """What the engine asks of its device; see the module docstring. Built by `for_device`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host_syncs = 0
+        self.event_waits = 0
+        self.pinned_bytes = 0
+
+    @staticmethod
+    def for_device(device: torch.device) -> DeviceOps:
+        """The implementation for `device`: CUDA, or the CPU one for anything else."""
+        return CudaOps(device) if device.type == "cuda" else HostOps(device)
+
+    @property
+    def pins(self) -> bool:
+        """Whether host buffers are page-locked (they are on a GPU, for asynchronous copies)."""
+        raise NotImplementedError
+
+    def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer that copies to and from the device can leave asynchronously."""
+        self.pinned_bytes += numel * dtype.itemsize
+        return torch.empty(numel, dtype=dtype, pin_memory=self.pins)
+
+    def host_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """`host_empty`, zeroed."""
+        return self.host_empty(numel, dtype).zero_()
+
+    def record(self) -> Event:
+        """Record the current point of the device's work, to wait for later."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """The host waits for everything queued on the device so far."""
+        self.host_syncs += 1
+
+    def read(self, tensor: torch.Tensor) -> float:
+        """The value of a one-element device tensor on the host (a wait for the device)."""
+        self.host_syncs += 1
+        return tensor.item()
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied to host memory, once the device has computed it (a wait for the device)."""
+        self.host_syncs += 1
+        return tensor.to("cpu")
+
+    def counts(self) -> dict[str, int]:
+        """The counters, as a dict (see the module docstring)."""
+        return {"host_syncs": self.host_syncs, "event_waits": self.event_waits, "pinned_bytes": self.pinned_bytes}
+
+
+class CudaOps(DeviceOps):
+    """A CUDA device: page-locked buffers, CUDA events, real waits."""
+
+    @property
+    def pins(self) -> bool:
+        return True
+
+    def record(self) -> Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return Event(self, event)
+
+    def synchronize(self) -> None:
+        super().synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
+
+
+class HostOps(DeviceOps):
+    """The CPU: the same calls and counts; nothing is queued, so nothing is waited for."""
+
+    @property
+    def pins(self) -> bool:
+        return False
+
+    def record(self) -> Event:
+        return Event(self, None)
