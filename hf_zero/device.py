@@ -64,6 +64,10 @@ class DeviceOps:
         self.pinned_bytes += numel * dtype.itemsize
         return torch.empty(numel, dtype=dtype, pin_memory=self.pins)
 
+    def note_pinned(self, tensor: torch.Tensor) -> None:
+        """Count a page-locked buffer allocated elsewhere (with `pin_memory=self.pins`)."""
+        self.pinned_bytes += tensor.untyped_storage().nbytes()
+
     def host_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """`host_empty`, zeroed."""
         return self.host_empty(numel, dtype).zero_()
@@ -88,7 +92,11 @@ class DeviceOps:
 
     def counts(self) -> dict[str, int]:
         """The counters, as a dict (see the module docstring)."""
-        return {"host_syncs": self.host_syncs, "event_waits": self.event_waits, "pinned_bytes": self.pinned_bytes}
+        return {
+            "host_syncs": self.host_syncs,
+            "event_waits": self.event_waits,
+            "pinned_bytes": self.pinned_bytes,
+        }
 
 
 class CudaOps(DeviceOps):

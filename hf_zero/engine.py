@@ -27,6 +27,7 @@ from torch import nn
 
 from . import user_paths
 from .config import ZeroConfig
+from .device import DeviceOps
 from .distributed import Collectives, DistContext, free_device_memory, second_group, setup_distributed
 from .engine_state import ShardedState
 from .flat_group import FlatParamGroup
@@ -87,6 +88,8 @@ class ZeroEngine(ShardedState, nn.Module):
         if device is None and not pending:
             device = device_of(module)
         self.ctx: DistContext = setup_distributed(device, process_group)
+        # Every page-locked buffer, event and host wait goes through this (`device.py`).
+        self.device_ops = DeviceOps.for_device(self.ctx.device)
         self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
 
         self.source_param_names = names_in_groups(module, optimizer)
@@ -124,7 +127,7 @@ class ZeroEngine(ShardedState, nn.Module):
         # CPU optimizer offload streams gradients and weights through these (see `host_staging.py`),
         # no larger than the largest shard.
         largest = max((g.layout.shard_numel for g in self.groups if g.offload == "cpu"), default=1)
-        self.staging = HostStaging(min(config.offload_chunk_size, max(largest, 1)), self.ctx.device)
+        self.staging = HostStaging(min(config.offload_chunk_size, max(largest, 1)), self.device_ops)
         # Bytes this rank read from weight files: a pretrained model's (at stage 3 its own shard of
         # them), or the last checkpoint loaded (its own elements of the saved runs).
         self.loaded_bytes = pending.reader.bytes_read if pending is not None else 0
@@ -263,7 +266,7 @@ class ZeroEngine(ShardedState, nn.Module):
             layout,
             self.ctx.rank,
             dtype,
-            self.ctx.device,
+            self.device_ops,
             group,
             unit,
             sharded_params=self.config.stage == 3,
@@ -311,7 +314,7 @@ class ZeroEngine(ShardedState, nn.Module):
             self.ctx.rank,
             optimizer,
             self.config.nvme_buffer_count,
-            pin=self.ctx.device.type == "cuda",
+            self.device_ops,
         )
 
     def _cast_frozen_parameters(self, keep: set[int]) -> dict[int, torch.dtype]:
@@ -447,6 +450,12 @@ class ZeroEngine(ShardedState, nn.Module):
         self._release()
         leave_group(own_group)
 
+    def device_counts(self) -> dict[str, int]:
+        """What this engine has asked of its device so far: host waits for all queued work or for a
+        device value (`host_syncs`), waits for one recorded point (`event_waits`), and page-locked
+        host bytes (`pinned_bytes`); see `device.py`. Compare two readings for a step's counts."""
+        return self.device_ops.counts()
+
     def trace_collectives(self) -> list[tuple[str, str, int, int | None]]:
         """Start recording every collective this rank issues from now on, on all the engine's
         communicators in one list: `(operation, communicator, bytes, unit)` in issue order (see
@@ -497,7 +506,7 @@ class ZeroEngine(ShardedState, nn.Module):
             [float(needed <= free_device_memory(self.ctx.device) // 2)], device=self.ctx.device
         )
         self.gather_comm.all_reduce(fits, op=dist.ReduceOp.MIN)
-        return bool(fits.item())
+        return bool(self.device_ops.read(fits))
 
     def write_back(self, params: list[torch.Tensor], source: int, before: list[torch.Tensor] | None) -> None:
         """After `gathered_parameters(..., modifier_rank=source)`: every rank takes rank `source`'s
@@ -512,7 +521,7 @@ class ZeroEngine(ShardedState, nn.Module):
         changed = torch.tensor(flags, dtype=torch.int64, device=self.ctx.device)
         self.comm.broadcast(changed, src=source)
         with torch.no_grad():
-            for param, flag in zip(params, changed.tolist(), strict=True):
+            for param, flag in zip(params, self.device_ops.to_host(changed).tolist(), strict=True):
                 if flag and id(param) in located:
                     value = param.detach().clone()
                     self.comm.broadcast(value, src=source)
@@ -580,6 +589,7 @@ class ZeroEngine(ShardedState, nn.Module):
         self._grad_scale: torch.Tensor | None = None  # clip coefficient, on device
         self._stats: torch.Tensor | None = None  # see _gradient_stats
         self._found_inf: torch.Tensor | None = None  # fp16: nonzero when this step overflowed, on device
+        self._skipped_on_host: bool | None = None  # `_found_inf` once the host has read it
         self._zeroed_in_kernel: set[int] = set()  # groups whose gradient the fused kernel zeroed
         self._fused_groups: set[int] = set()  # groups the fused kernel updated this step
         self._undo_if_skipped: list = []  # the fused steps' host bookkeeping, for a skipped step
@@ -620,11 +630,19 @@ class ZeroEngine(ShardedState, nn.Module):
         found_inf = self._found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
         scale = self._step_scale()
         host_scale, skipped = None, False
+        torch_path = [
+            group
+            for group in self.groups
+            if not group.offloaded
+            and not supports_fused_step(optimizer, optimizer.param_groups[group.optimizer_group])
+        ]
         if any(group.offloaded for group in self.groups):
-            # The host update needs both on the host: read them once, before any copy is queued
-            # (a later read would wait for those copies too).
-            host_scale = scale.to("cpu") if scale is not None else None
-            skipped = found_inf is not None and bool(found_inf.item())
+            # The host update needs both on the host: read them in one wait, before any copy is
+            # queued (a later read would wait for those copies too).
+            host_scale, skipped = self._read_scale_and_flag(scale, found_inf)
+        elif torch_path and found_inf is not None:
+            # Torch's own update must not see a skipped step's gradients: one read for all groups.
+            skipped = self._read_skip_flag(found_inf)
         if self._delayed is not None:
             self._start_delayed_update(optimizer, host_scale, skipped)
         elif self.config.offload_optimizer == "nvme":
@@ -634,11 +652,13 @@ class ZeroEngine(ShardedState, nn.Module):
                     optimizer, g, group, optimizer.param_groups[group.optimizer_group], host_scale, skipped
                 ),
             )
+        host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
-                if group.offload == "cpu" and self._delayed is None:
-                    self._host_step(optimizer, g, group, param_group, host_scale, skipped)
+                on_host = group.offload == "cpu" and self._delayed is None
+                if on_host and self._host_step(optimizer, g, group, param_group, host_scale, skipped):
+                    host_path.append(group)
             elif supports_fused_step(optimizer, param_group):
                 zero = self.grad_sync.kernel_zeroes(g)
                 pieces = [
@@ -652,7 +672,7 @@ class ZeroEngine(ShardedState, nn.Module):
                 self._fused_groups.add(g)
                 if zero:
                     self._zeroed_in_kernel.add(g)
-            elif found_inf is not None and bool(found_inf.item()):
+            elif skipped:
                 group.master.grad = None  # torch's optimizers leave gradient-less parameters alone
             else:
                 grad = torch.empty_like(group.master.data)
@@ -661,15 +681,43 @@ class ZeroEngine(ShardedState, nn.Module):
                         self.grad_sync.run_grad(g, run)
                     )
                 group.master.grad = grad if scale is None else grad.mul_(scale)
+        if host_path:
+            self.device_ops.synchronize()  # every torch-path download has landed: one wait for all
+            for group in host_path:
+                group.master.grad = (
+                    group.host_grad if host_scale is None else group.host_grad.mul_(host_scale)
+                )
+
+    def _read_scale_and_flag(
+        self, scale: torch.Tensor | None, found_inf: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The step's gradient factor and skip flag on the host, in one wait for the device."""
+        wanted = [t.reshape(1).float() for t in (scale, found_inf) if t is not None]
+        if not wanted:
+            return None, False
+        host = self.device_ops.to_host(torch.cat(wanted))
+        host_scale = host[:1].reshape(()) if scale is not None else None
+        skipped = found_inf is not None and bool(host[-1])
+        if found_inf is not None:
+            self._skipped_on_host = skipped
+        return host_scale, skipped
+
+    def _read_skip_flag(self, found_inf: torch.Tensor) -> bool:
+        """Whether this step overflowed (fp16), read on the host once per step."""
+        if self._skipped_on_host is None:
+            self._skipped_on_host = bool(self.device_ops.read(found_inf))
+        return self._skipped_on_host
 
     def _host_step(
         self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
-    ) -> None:
+    ) -> bool:
         """CPU optimizer offload: stream this rank's reduced gradient to the host chunk by chunk,
         update the host masters there with the fused step's CPU path, and stream the new weights
-        back (`host_staging.py`); optimizers on torch's own path get the whole shard's gradient.
-        The clip coefficient, unscale and overflow flag were computed on the device and come along
-        (the host must wait for the gradient anyway). A skipped step moves and changes nothing."""
+        back (`host_staging.py`); optimizers on torch's own path get the whole shard's gradient,
+        whose download this queues: returns True when the caller must wait for it and hand it to
+        the master (once for all such groups). The clip coefficient, unscale and overflow flag
+        were computed on the device and come along (the host must wait for the gradient anyway).
+        A skipped step moves and changes nothing."""
         group.master.grad = None
         if supports_fused_step(optimizer, param_group):
             self._fused_groups.add(g)
@@ -678,14 +726,12 @@ class ZeroEngine(ShardedState, nn.Module):
                 self._undo_if_skipped.append(
                     fused_step(optimizer, param_group, group.master, pieces, scale, False)
                 )
-            return
+            return False
         if skipped:
-            return
+            return False
         group.ensure_host_buffers()
         group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
-        if self.ctx.device.type == "cuda":
-            torch.cuda.current_stream(self.ctx.device).synchronize()  # the downloads have landed
-        group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
+        return True
 
     def _swapped_step(
         self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
@@ -698,8 +744,8 @@ class ZeroEngine(ShardedState, nn.Module):
         if skipped:
             return
         group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
-        if self.ctx.device.type == "cuda":
-            torch.cuda.current_stream(self.ctx.device).synchronize()  # the downloads have landed
+        # This segment's download has landed (the swapper brings segments in one after another).
+        self.device_ops.record().synchronize()
         self._undo_if_skipped.append(
             fused_step(optimizer, param_group, group.master, group.host_pieces(), scale, False)
         )
@@ -725,9 +771,8 @@ class ZeroEngine(ShardedState, nn.Module):
             group.download_grads(lambda run, g=g: self.grad_sync.run_grad(g, run))
             group.master.grad = None
             self._fused_groups.add(g)
-        if self.ctx.device.type == "cuda":
-            # The gradients have landed and the uploads have left `host_copy`, which the update rewrites.
-            torch.cuda.current_stream(self.ctx.device).synchronize()
+        # The gradients have landed and the uploads have left `host_copy`, which the update rewrites.
+        self.device_ops.synchronize()
         if skipped:
             return  # nothing to update: the device keeps its weights, the host its state
         # The update must not see what the LR scheduler sets for the next step meanwhile.
@@ -772,8 +817,9 @@ class ZeroEngine(ShardedState, nn.Module):
         for work in works:
             work.wait()
         self.grad_sync.clear_after_step(self._zeroed_in_kernel)
-        # The one host read of the overflow flag, after every kernel and collective was issued.
-        skipped = self._found_inf is not None and bool(self._found_inf.item())
+        # The one host read of the overflow flag, after every kernel and collective was issued
+        # (unless the step read it before it queued them).
+        skipped = self._found_inf is not None and self._read_skip_flag(self._found_inf)
         if skipped:
             for undo in self._undo_if_skipped:
                 undo()

@@ -14,7 +14,7 @@ import torch
 
 class ShardedState:
     """State methods of `ZeroEngine` (which supplies `groups`, `module`, `optimizer`, `comm`,
-    `ctx`, `config`, `grad_sync`, `compute_dtype` and `_frozen_dtypes`)."""
+    `device_ops`, `ctx`, `config`, `grad_sync`, `compute_dtype` and `_frozen_dtypes`)."""
 
     def full_state_dict(self, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The complete, unsharded state dict on every rank, as CPU tensors.
@@ -97,7 +97,8 @@ class ShardedState:
         2 and 3) and gathered parameters (stage 3) held at once so far. With optimizer offload,
         `offloaded` counts what lives in host memory instead: masters, optimizer state and the host
         gradient and weight buffers; with NVMe offload, the step's host buffers, and `nvme` the
-        swap file (masters and optimizer state)."""
+        swap file (masters and optimizer state). `pinned` is the host memory of those that is
+        page-locked on a GPU (on the CPU: what would be)."""
         breakdown = {"weights": 0, "masters": 0, "offloaded": 0}
         for group in self.groups + self.frozen:
             for kind, size in group.state_bytes().items():
@@ -123,6 +124,7 @@ class ShardedState:
             breakdown["offloaded" if id(master) in offloaded else "optimizer_state"] += size
         breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
         breakdown["peak_gathered"] = self.gatherer.peak_gathered_bytes if self.gatherer is not None else 0
+        breakdown["pinned"] = self.device_ops.pinned_bytes
         return breakdown
 
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .device import DeviceOps
 from .distributed import Collectives
 from .layout import FlatLayout, Run
 from .pending import assign
@@ -48,7 +49,7 @@ class FlatParamGroup:
         layout: FlatLayout,
         rank: int,
         compute_dtype: torch.dtype,
-        device: torch.device,
+        ops: DeviceOps,
         optimizer_group: int | None = 0,
         unit: int = 0,
         sharded_params: bool = False,
@@ -57,6 +58,8 @@ class FlatParamGroup:
         offload_params: str = "none",
     ) -> None:
         self.params = list(params)
+        self.ops = ops
+        device = ops.device
         self.optimizer_group = optimizer_group
         self.unit = unit
         self.original_dtypes = [p.dtype for p in params]
@@ -74,7 +77,7 @@ class FlatParamGroup:
         self.master_is_flat = (
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
         )
-        host, pin = torch.device("cpu"), self.offload == "cpu" and torch.cuda.is_available()
+        host, pin = torch.device("cpu"), self.offload == "cpu" and ops.pins
         if offload_params != "none" and not sharded_params:
             raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
         # "cpu": the 16-bit shard in host memory; "nvme": too, until `nvme.py` maps it to a swap file.
@@ -97,9 +100,12 @@ class FlatParamGroup:
         devices = [host if self.offloaded else device] * with_master + [
             host if self.params_offloaded else device
         ] * sharded_params
-        pin16 = offload_params == "cpu" and torch.cuda.is_available()
+        pin16 = offload_params == "cpu" and ops.pins
         pins = [pin] * with_master + [pin16] * sharded_params
         shards = layout.shards_of(read, self.rank, dtypes, devices, pins)
+        for shard, pinned in zip(shards, pins, strict=True):
+            if pinned:
+                ops.note_pinned(shard)
         master = shards[0] if with_master else None
         self.shard16 = shards[-1] if sharded_params else None
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)
@@ -132,9 +138,9 @@ class FlatParamGroup:
         """CPU offload, where the step needs the whole shard on the host at once (the delayed
         update, optimizers on torch's own path): allocate `host_grad` and `host_copy` once."""
         if self.host_grad is None:
-            numel, pin = self.layout.shard_numel, torch.cuda.is_available()
-            self.host_grad = torch.zeros(numel, dtype=torch.float32, pin_memory=pin)
-            self.host_copy = torch.zeros(numel, dtype=self.compute_dtype, pin_memory=pin)
+            numel = self.layout.shard_numel
+            self.host_grad = self.ops.host_zeros(numel, torch.float32)
+            self.host_copy = self.ops.host_zeros(numel, self.compute_dtype)
 
     def download_grads(self, run_grad: Callable[[Run], torch.Tensor]) -> None:
         """Offload: copy this rank's reduced gradient (`run_grad(run)`, on the device) into

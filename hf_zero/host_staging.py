@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import DeviceOps, Event
 from .flat_group import FlatParamGroup
 from .layout import Run
 
@@ -25,7 +26,7 @@ class _Stage:
 
     grad: torch.Tensor
     copy: torch.Tensor
-    uploaded: torch.cuda.Event | None = None  # set while its last chunk's weights are going up
+    uploaded: Event | None = None  # set while its last chunk's weights are going up
 
     def wait_until_free(self) -> None:
         if self.uploaded is not None:
@@ -36,10 +37,9 @@ class _Stage:
 class HostStaging:
     """Two staging buffer pairs (gradient, 16-bit copy) for every dtype combination in use."""
 
-    def __init__(self, chunk: int, device: torch.device) -> None:
+    def __init__(self, chunk: int, ops: DeviceOps) -> None:
         self.chunk = chunk
-        self.device = device
-        self.pin = device.type == "cuda"
+        self.ops = ops
         self._stages: dict[tuple[torch.dtype, torch.dtype], list[_Stage]] = {}
 
     @property
@@ -56,19 +56,11 @@ class HostStaging:
         if key not in self._stages:
             self._stages[key] = [
                 _Stage(
-                    torch.empty(self.chunk, dtype=grad_dtype, pin_memory=self.pin),
-                    torch.empty(self.chunk, dtype=copy_dtype, pin_memory=self.pin),
+                    self.ops.host_empty(self.chunk, grad_dtype), self.ops.host_empty(self.chunk, copy_dtype)
                 )
                 for _ in range(2)
             ]
         return self._stages[key]
-
-    def _event(self) -> torch.cuda.Event | None:
-        if self.device.type != "cuda":
-            return None  # copies between CPU tensors are done when they return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
 
     def pieces(
         self, group: FlatParamGroup, run_grad: Callable[[Run], torch.Tensor]
@@ -86,20 +78,21 @@ class HostStaging:
             stage = stages[index % 2]
             if index + 1 < len(chunks):  # the next chunk comes down while this one is updated
                 following = self._download(group, run_grad, chunks[index + 1], stages[(index + 1) % 2])
-            if downloaded is not None:
-                downloaded.synchronize()
+            downloaded.synchronize()
             uploads = []
             for run, begin, end in chunk:
                 offset = begin - chunk[0][1]
                 target = group.flat_run(run)[begin - run.shard_start : end - run.shard_start]
-                on_host = target.device.type == "cpu"
+                # A shard kept on the host (offload_params) takes the weights directly; one on the
+                # device gets them through the staging buffer (on the CPU too, so that path runs in CI).
+                on_host = group.params_offloaded
                 out = target if on_host else stage.copy[offset : offset + end - begin]
                 yield begin, end - begin, stage.grad[offset : offset + end - begin], out
                 if not on_host:
                     uploads.append((target, out))
             for target, out in uploads:
                 target.copy_(out, non_blocking=True)
-            stage.uploaded = self._event()
+            stage.uploaded = self.ops.record()
             if index + 1 < len(chunks):
                 downloaded = following
 
@@ -126,10 +119,10 @@ class HostStaging:
 
     def _download(
         self, group: FlatParamGroup, run_grad: Callable[[Run], torch.Tensor], chunk: list, stage: _Stage
-    ) -> torch.cuda.Event | None:
+    ) -> Event:
         stage.wait_until_free()  # its previous chunk's weights have left for the device
         first = chunk[0][1]
         for run, begin, end in chunk:
             source = run_grad(run)[begin - run.shard_start : end - run.shard_start]
             stage.grad[begin - first : end - first].copy_(source, non_blocking=True)
-        return self._event()
+        return self.ops.record()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .device import DeviceOps, Event
 from .flat_group import FlatParamGroup
 
 ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths in multiples of the disk's block size
@@ -251,7 +252,7 @@ class _Resident:
     buffer: torch.Tensor
     reads: list[Future]
     writes: list[Future] = field(default_factory=list)
-    uploaded: torch.cuda.Event | None = None
+    uploaded: Event | None = None
 
 
 def state_keys(optimizer: torch.optim.Optimizer, group: dict) -> list[str]:
@@ -272,12 +273,12 @@ class NvmeSwapper:
     """The swap file of one rank and the pool of host buffers segments are stepped through."""
 
     def __init__(
-        self, folder: str, rank: int, optimizer: torch.optim.Optimizer, buffer_count: int, pin: bool
+        self, folder: str, rank: int, optimizer: torch.optim.Optimizer, buffer_count: int, ops: DeviceOps
     ) -> None:
         self.file = SwapFile(folder, rank)
         self.optimizer = optimizer
         self.buffer_count = buffer_count
-        self.pin = pin
+        self.ops = ops
         self.regions: dict[int, _Region] = {}  # id(group) -> region
         self.param_regions: dict[int, _ParamRegion] = {}  # id(group) -> its 16-bit shard's region
         self.error: BaseException | None = None
@@ -389,7 +390,9 @@ class NvmeSwapper:
         size = max((region.buffer_bytes for region in self.regions.values()), default=0)
         if self._buffers and self._buffers[0].numel() >= size:
             return
-        self._buffers = [aligned_buffer(size, self.pin) for _ in range(self.buffer_count)]
+        self._buffers = [aligned_buffer(size, self.ops.pins) for _ in range(self.buffer_count)]
+        for buffer in self._buffers:
+            self.ops.note_pinned(buffer)
         self._free = list(self._buffers)
 
     def _acquire(self) -> torch.Tensor:
@@ -433,9 +436,7 @@ class NvmeSwapper:
             if tensor is not None and tensor.data_ptr() != slot.data_ptr():
                 slot.copy_(tensor.detach().reshape(-1))  # state the step created
                 _bind(tensor, slot)
-        if group.flat.is_cuda:
-            resident.uploaded = torch.cuda.Event()
-            resident.uploaded.record()
+        resident.uploaded = self.ops.record()
         group.host_grad = group.host_copy = None
         resident.writes = self.file.write_from(resident.buffer[: region.file_bytes], region.offset)
         self._writing.append(resident)
@@ -445,6 +446,7 @@ class NvmeSwapper:
             future.result()
         if resident.uploaded is not None:
             resident.uploaded.synchronize()  # the new weights left the buffer
+            resident.uploaded = None
         region = resident.region
         for name, tensor in self._tensors(region).items():
             _bind(tensor, region.views[name])

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_zero.device import DeviceOps
 from hf_zero.host_staging import HostStaging
 from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference, adam_step_torch_cpu
 from hf_zero.layout import Run
@@ -90,7 +91,7 @@ def test_adam_step_takes_the_torch_path_for_cpu_masters(monkeypatch):
 def test_the_shard_streams_in_chunks_that_fit_the_staging_buffers():
     # Runs of one shard with bucket padding between them (shard elements 5..7 and 20..21 are padding).
     group = SimpleNamespace(runs=[Run(0, 0, 5), Run(8, 100, 12), Run(22, 300, 3)])
-    chunks = HostStaging(6, torch.device("cpu"))._chunks(group)
+    chunks = HostStaging(6, DeviceOps.for_device(torch.device("cpu")))._chunks(group)
     pieces = [(run.shard_start, begin, end) for chunk in chunks for run, begin, end in chunk]
     assert pieces == [(0, 0, 5), (8, 8, 14), (8, 14, 20), (22, 22, 25)]
     for chunk in chunks:  # each chunk's span, padding included, fits one buffer

@@ -1,7 +1,8 @@
-"""Operations per training step, counted (hf_zero/testing/op_counts.py, 2 gloo ranks): below stage 3
-the segments span the layers, so a 22-layer Llama issues as many collectives, optimizer-kernel
-calls and gradient-statistics reads per step as a 4-layer one; stage 3 issues a bounded number
-per unit."""
+"""Operations per training step, counted (hf_zero/testing/op_counts.py, 2 gloo ranks, the Trainer's
+two param groups, clipping): below stage 3 the segments span the layers, so a 22-layer Llama issues
+as many collectives, optimizer-kernel calls and gradient-statistics reads per step as a 4-layer
+one; stage 3 issues a bounded number per unit; and the host waits for the device a fixed number
+of times per step, through the device layer (`hf_zero/device.py`), whatever the depth."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from hf_zero.testing.op_counts import LAYERS
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("op_counts") / "counts.json"
-    torchrun("hf_zero.testing.op_counts", 2, [str(out)], timeout=300)
-    return json.loads(out.read_text())
+    folder = tmp_path_factory.mktemp("op_counts")
+    (folder / "swap").mkdir()
+    torchrun("hf_zero.testing.op_counts", 2, [str(folder / "counts.json"), str(folder / "swap")], timeout=300)
+    return json.loads((folder / "counts.json").read_text())
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_below_stage_3_the_count_does_not_grow_with_the_layers(counts, stage):
-    shallow, deep = (counts[f"stage{stage}-layers{layers}"] for layers in LAYERS)
+def _depths(counts: dict, case: str) -> tuple[dict, dict]:
+    return tuple(counts[f"{case}-layers{layers}"] for layers in LAYERS)
+
+
+@pytest.mark.parametrize("case", ["stage1", "stage2", "stage2-bf16", "stage2-fp16"])
+def test_below_stage_3_the_count_does_not_grow_with_the_layers(counts, case):
+    shallow, deep = _depths(counts, case)
     assert deep["parameter_tensors"] > 5 * shallow["parameter_tensors"]
     for key in ("collectives", "optimizer_calls", "stats_tensors"):
         assert deep[key] == shallow[key], key
@@ -32,11 +38,35 @@ def test_below_stage_3_the_count_does_not_grow_with_the_layers(counts, stage):
     assert deep["optimizer_calls"] == deep["stats_tensors"] == 2
 
 
-def test_stage_3_issues_a_bounded_number_per_unit(counts):
-    for layers in LAYERS:
-        got = counts[f"stage3-layers{layers}"]
+@pytest.mark.parametrize("case", ["stage3", "stage3-bf16"])
+def test_stage_3_issues_a_bounded_number_per_unit(counts, case):
+    for layers, got in zip(LAYERS, _depths(counts, case), strict=True):
         segments = 2 * (layers + 1)  # (the root and each layer) x two param groups
+        assert got["segments"] == segments
         # Each segment gathered in forward and (the layers) again in backward, reduced once; plus
         # the statistics' all-reduce.
         assert got["collectives"] <= 3 * segments + 1
         assert got["optimizer_calls"] == got["stats_tensors"] == segments
+
+
+@pytest.mark.parametrize(
+    ("case", "host_syncs"),
+    [
+        ("stage1", 0),
+        ("stage2-bf16", 0),
+        ("stage3-bf16", 0),
+        ("stage2-fp16", 1),  # the overflow flag, read once after the step's kernels are queued
+        ("stage3-offload", 1),  # the gradient factor and flag, read together for the host update
+        ("stage3-offload-rmsprop", 2),  # and one wait for every torch-path gradient download
+        ("stage2-nvme", 1),
+    ],
+)
+def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_syncs):
+    shallow, deep = _depths(counts, case)
+    assert shallow["host_syncs"] == deep["host_syncs"] == host_syncs
+    if "offload" not in case and "nvme" not in case:
+        assert deep["event_waits"] == 0
+    if case in ("stage3-offload", "stage2-nvme"):
+        # Offload streams segment by segment: each waits for its own download and upload only.
+        assert deep["segments"] > shallow["segments"]
+        assert deep["event_waits"] == 2 * deep["segments"]

@@ -1,13 +1,14 @@
-"""Launched by tests/test_op_counts.py: how many collectives, optimizer-kernel calls and gradient
-tensors read for statistics each training step issues, for the tiny Llama at 4 and 22 layers,
-trained with the Trainer's two param groups (decay / no decay) and clipping.
+"""Launched by tests/test_op_counts.py: what each training step issues, counted, for the tiny Llama
+at 4 and 22 layers, trained with the Trainer's two param groups (decay / no decay) and clipping.
 
-    torchrun --nproc_per_node 2 -m hf_zero.testing.op_counts OUT.json
+    torchrun --nproc_per_node 2 -m hf_zero.testing.op_counts OUT.json SWAP_DIR
 
 Counts are per step, over 3 steps after one warm-up step: `collectives` from the engine's trace
 (both communicators), `optimizer_calls` the fused optimizer kernel's calls (`adam_step`, one
-launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launch each). Rank 0
-writes `{"stage{S}-layers{L}": counts}`.
+launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launch each), and the
+device layer's `host_syncs` and `event_waits` (`ZeroEngine.device_counts`). Cases (`CASES`): the
+stages in fp32, and the host waits of bf16, fp16, CPU offload (AdamW, and RMSprop on torch's own
+path) and NVMe offload. Rank 0 writes `{"CASE-layersL": counts}`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,18 @@ from .tiny_models import llama_config, make_samples, slice_samples
 
 STEPS = 3
 LAYERS = (4, 22)
-STAGES = (1, 2, 3)
+# name: (stage, precision, optimizer, extra ZeroConfig fields)
+CASES = {
+    "stage1": (1, "fp32", "adamw", {}),
+    "stage2": (2, "fp32", "adamw", {}),
+    "stage3": (3, "fp32", "adamw", {}),
+    "stage2-bf16": (2, "bf16", "adamw", {}),
+    "stage3-bf16": (3, "bf16", "adamw", {}),
+    "stage2-fp16": (2, "fp16", "adamw", {}),
+    "stage3-offload": (3, "bf16", "adamw", {"offload_optimizer": "cpu"}),
+    "stage3-offload-rmsprop": (3, "bf16", "rmsprop", {"offload_optimizer": "cpu"}),
+    "stage2-nvme": (2, "bf16", "adamw", {"offload_optimizer": "nvme"}),
+}
 
 
 class _Counted:
@@ -51,16 +63,20 @@ class _Counted:
         setattr(self.module, self.name, self.original)
 
 
-def count(stage: int, layers: int) -> dict[str, float]:
+def count(case: str, layers: int, swap: str) -> dict[str, float]:
+    stage, precision, optimizer_name, extra = CASES[case]
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(layers))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
-    )
-    engine = hf_zero.initialize(model, optimizer, {"stage": stage, "gradient_clipping": 1.0})
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer_class = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.RMSprop
+    optimizer = optimizer_class(groups, lr=1e-3)
+    config = {"stage": stage, "precision": precision, "gradient_clipping": 1.0, **extra}
+    if config.get("offload_optimizer") == "nvme":
+        config["nvme_path"] = swap
+    engine = hf_zero.initialize(model, optimizer, config)
     samples = make_samples("llama", 2 * world * (STEPS + 1))
 
     def step(index: int) -> None:
@@ -71,6 +87,7 @@ def count(stage: int, layers: int) -> dict[str, float]:
 
     step(0)
     trace = engine.trace_collectives()
+    device_before = engine.device_counts()
     optimizer_calls = _Counted(fused_step, "adam_step")
     stats = _Counted(engine_module, "grad_stats", tensors_of=lambda grads: list(grads))
     try:
@@ -79,8 +96,12 @@ def count(stage: int, layers: int) -> dict[str, float]:
     finally:
         optimizer_calls.restore()
         stats.restore()
+    device_after = engine.device_counts()
     engine.close()
     return {
+        "host_syncs": (device_after["host_syncs"] - device_before["host_syncs"]) / STEPS,
+        "event_waits": (device_after["event_waits"] - device_before["event_waits"]) / STEPS,
+        "segments": len(engine.groups),
         "collectives": len(trace) / STEPS,
         "optimizer_calls": optimizer_calls.calls / STEPS,
         "stats_tensors": stats.tensors / STEPS,
@@ -89,9 +110,9 @@ def count(stage: int, layers: int) -> dict[str, float]:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out, swap = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")
-    results = {f"stage{stage}-layers{layers}": count(stage, layers) for stage in STAGES for layers in LAYERS}
+    results = {f"{case}-layers{layers}": count(case, layers, swap) for case in CASES for layers in LAYERS}
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results, indent=1))
     exit_cleanly()
