@@ -19,9 +19,15 @@ STEPS = 60
 BOUND = 32 * 2**10  # bytes per step
 
 
-def test_least_squares_growth():
+def test_growth_per_step_is_robust_to_a_few_outliers():
     assert growth_per_step([(0, 100), (10, 200), (20, 300)]) == 10
     assert growth_per_step([(0, 5), (1, 5), (2, 5)]) == 0
+    flat = [(step, 1000) for step in range(20)]
+    flat[5], flat[17] = (5, 900_000), (17, -900_000)  # two noisy samples
+    assert growth_per_step(flat) == 0
+    leak = [(step, 1000 + 310 * 1024 * step) for step in range(20)]
+    leak[3] = (3, 0)
+    assert growth_per_step(leak) == 310 * 1024
 
 
 def test_no_memory_grows_per_step(tmp_path):

@@ -6,8 +6,8 @@ Each case trains an 8-layer Llama of the tiny models' width for `WARMUP + STEPS`
 a training micro-batch of 2 x 64 tokens (forward, backward, optimizer step) and an
 evaluation forward (in eval mode, under `torch.no_grad()` as in `Trainer.evaluate`), and samples the process's resident memory (after
 `malloc_trim`, so freed heap pages do not count) and, on a GPU, the allocated device memory every
-`EVERY` steps after the warm-up. Rank 0 writes, for every rank and case, the least-squares growth
-per step of each. A stage-3 forward that kept its autograd graph alive through the gather hooks
+`EVERY` steps after the warm-up. Rank 0 writes, for every rank and case, the growth per step of
+each (the median slope between samples, robust to a few noisy samples). A stage-3 forward that kept its autograd graph alive through the gather hooks
 grew about 310 KiB per step here; a flat run stays within about 12 KiB.
 
 Cases: stages 0-3, stage 3 under activation checkpointing (reentrant and not), stage 3 with its
@@ -32,7 +32,7 @@ import hf_zero
 from .tiny_models import VOCAB, llama_config
 
 WARMUP = 40
-EVERY = 5
+EVERY = 1
 CASES: dict[str, dict] = {
     "stage0": {"zero": {"stage": 0}},
     "stage1": {"zero": {"stage": 1}},
@@ -58,12 +58,14 @@ def resident_bytes() -> int:
 
 
 def growth_per_step(samples: list[tuple[int, int]]) -> float:
-    """Least-squares slope of (step, bytes): bytes gained per step."""
-    n = len(samples)
-    mean_x = sum(x for x, _ in samples) / n
-    mean_y = sum(y for _, y in samples) / n
-    spread = sum((x - mean_x) ** 2 for x, _ in samples)
-    return sum((x - mean_x) * (y - mean_y) for x, y in samples) / spread
+    """Bytes gained per step: the median of the slopes between every two samples (Theil-Sen), so a
+    few samples that the allocator or a busy machine pushed up or down do not tilt it, while a
+    leak, which adds the same bytes every step, shows in full."""
+    slopes = sorted(
+        (y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(samples) for x2, y2 in samples[i + 1 :] if x2 != x1
+    )
+    middle = len(slopes) // 2
+    return slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
 
 
 def _model() -> LlamaForCausalLM:
