@@ -21,6 +21,7 @@ import yaml
 from .deepspeed_config import check_loop_values, zero_fields_from_deepspeed
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REDUCE_DTYPES = ("auto", "fp32")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 GENERATE_GATHER = ("auto", "once", "per_unit")
 OFFLOAD_OVERLAP = ("exact", "delayed")
@@ -67,6 +68,9 @@ class ZeroConfig:
         min_loss_scale: the floor of the dynamic scale; training stops with an error below it.
         reduce_bucket_size: elements per gradient bucket. Buckets are also the unit in which the
             flat parameter buffers are sharded and all-gathered after the step.
+        reduce_dtype: the dtype gradients are summed over ranks in: "auto" (the compute dtype) or
+            "fp32", which sums 16-bit gradients in fp32 (twice the reduction's bytes and gradient
+            buffers, one rounding less; DeepSpeed's `communication_data_type`).
         overlap_comm: stage 2: reduce-scatter each gradient bucket as soon as it is complete, while
             backward is still running. False reduces after each backward pass instead (staging up
             to a full 16-bit gradient meanwhile), which is always exact, also for models that
@@ -107,6 +111,7 @@ class ZeroConfig:
     hysteresis: int = 2
     min_loss_scale: float = 1.0
     reduce_bucket_size: int = 50_000_000
+    reduce_dtype: str = "auto"
     overlap_comm: bool = True
     gradient_clipping: float = 0.0
     gradient_accumulation_steps: int = 1
@@ -129,6 +134,10 @@ class ZeroConfig:
             )
         self.nvme_path = None if self.nvme_path is None else str(self.nvme_path)
         self.offload_overlap = _check_choice("offload_overlap", self.offload_overlap, OFFLOAD_OVERLAP)
+        reduce_dtype = self.reduce_dtype.lower() if isinstance(self.reduce_dtype, str) else self.reduce_dtype
+        self.reduce_dtype = _check_choice(
+            "reduce_dtype", "fp32" if reduce_dtype == "float32" else reduce_dtype, REDUCE_DTYPES
+        )
         self.offload_chunk_size = _check_int("offload_chunk_size", self.offload_chunk_size, minimum=1)
         self.nvme_buffer_count = _check_int("nvme_buffer_count", self.nvme_buffer_count, minimum=2)
         self.loss_scale = _check_float("loss_scale", self.loss_scale, minimum=0.0)

@@ -91,6 +91,8 @@ def zero_fields_from_deepspeed(ds: dict[str, Any]) -> dict[str, Any]:
     for key, value in ds.items():
         if key in _TOP_KEYS:
             _set(out, _TOP_KEYS[key], value)
+        elif key == "communication_data_type" and str(value).lower() in ("fp32", "float32"):
+            out["reduce_dtype"] = "fp32"
         elif key in ("optimizer", "scheduler"):
             kind = value.get("type") if isinstance(value, dict) else None
             ignored[key] = [str(kind) if kind else key]

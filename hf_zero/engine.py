@@ -141,15 +141,20 @@ class ZeroEngine(ShardedState, nn.Module):
             id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)
         }
         layers = [unit.index for unit in self.units if not unit.is_root]
+        fp32 = config.reduce_dtype == "fp32"
         if config.stage == 3 and self.ctx.world_size > 1:
             # Reduced unit by unit as the gatherer's backward walk leaves each (`rules_of_order.py`).
-            self.grad_sync = UnitReduceScatter(self.groups, self.comm, [*reversed(layers), 0])
+            self.grad_sync = UnitReduceScatter(self.groups, self.comm, [*reversed(layers), 0], fp32)
         elif config.stage == 2 and self.ctx.world_size > 1:
             position = {id(p): i for i, (_, p) in enumerate(module.named_parameters())}
             positions = [[position[id(p)] for p in g.params] for g in self.groups]
-            self.grad_sync = BackwardReduceScatter(self.groups, self.comm, config.overlap_comm, positions)
+            self.grad_sync = BackwardReduceScatter(
+                self.groups, self.comm, config.overlap_comm, positions, fp32
+            )
         else:
-            self.grad_sync = StepReduction(self.groups, self.comm, scatter=config.stage >= 1)
+            self.grad_sync = StepReduction(
+                self.groups, self.comm, scatter=config.stage >= 1, reduce_fp32=fp32
+            )
         self._inverse_world = torch.full((), 1.0 / self.ctx.world_size, device=self.ctx.device)
 
         self._hooks = [

@@ -11,8 +11,9 @@ weights shared across layers) and one unit per layer (see `units.py`).
 The formulas follow the engine's own byte accounting (`ZeroEngine.memory_breakdown`, the bytes
 `Collectives` counts into `engine.last_step_comm_bytes`), ignoring the padding of flat buffers to
 64-element boundaries and to a multiple of the world size (see `layout.py`). With P parameters, W
-ranks, b bytes per element in the compute dtype, g the bytes of a gradient element (b; 4 once a
-step accumulates several micro-batches, which switches the gradient buffers to fp32), k optimizer
+ranks, b bytes per element in the compute dtype, r the bytes gradients are reduced in (b; 4 with
+`reduce_dtype="fp32"`), g the bytes of a gradient element (r; 4 once a step accumulates several
+micro-batches, which switches the gradient buffers to fp32), k optimizer
 states (2 for Adam/AdamW), R and U the parameters of the root unit and of the largest layer unit,
 and Z = W at stages 1-3 (1 at stage 0) the number of shards of masters and optimizer state,
 bytes per GPU:
@@ -21,10 +22,10 @@ bytes per GPU:
     masters          4*P/Z        (0 at stage 0 in fp32, where the weights are the masters; 0 offloaded)
     gradients        g*P          (stages 2-3 with W > 1: g*P/W, this rank's reduced shard)
     optimizer state  4*k*P/Z      (0 offloaded)
-    staging          stage 3: b*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
+    staging          stage 3: r*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
                      reduce-scatter at once (the root's fills from the head's gradient to the
                      embeddings', the end of backward; two more may be in flight); stage 2:
-                     b*min(P, 4*bucket(P)), its segment spanning the layers
+                     r*min(P, 4*bucket(P)), its segment spanning the layers
     gathered         stage 3: b*(R + 2*U), the root unit (gathered for the whole forward and
                      backward), the layer running and the next one prefetched
     host (offload)   4*P/Z + 4*k*P/Z + 2*chunk*(g + b), the masters, optimizer state and two
@@ -42,8 +43,8 @@ and A micro-batches per step:
     stage 0   all-reduce of the gradients                2*g*P*f
     stage 1   reduce-scatter of the gradients at the step  g*P*f, then the all-gather of the
               updated weights b*P*f
-    stage 2   a reduce-scatter per backward pass         A*b*P*f, then the all-gather b*P*f
-    stage 3   a reduce-scatter per backward pass         A*b*P*f, and per micro-batch the gathers of
+    stage 2   a reduce-scatter per backward pass         A*r*P*f, then the all-gather b*P*f
+    stage 3   a reduce-scatter per backward pass         A*r*P*f, and per micro-batch the gathers of
               every unit in forward and of every layer unit again in backward: A*b*(2*P - R)*f
               (the root stays gathered from forward to the end of backward; there is no all-gather
               after the step: the updated shards are what the next forward gathers)
@@ -232,6 +233,7 @@ def estimate(
     intra_gbps: float = DEFAULT_INTRA_GBPS,
     inter_gbps: float = DEFAULT_INTER_GBPS,
     reduce_bucket_size: int = ZeroConfig.reduce_bucket_size,
+    reduce_dtype: str = ZeroConfig.reduce_dtype,
     offload_chunk_size: int = ZeroConfig.offload_chunk_size,
     optimizer_states: int = ADAM_STATES,
 ) -> Estimate:
@@ -255,7 +257,9 @@ def estimate(
     world = gpus * nodes
     b = PRECISION_BYTES[precision]
     # A second micro-batch switches the gradient buffers to fp32 (see `grad_sync.py`).
-    g = b if grad_accum == 1 else 4
+    # ZeroConfig.reduce_dtype="fp32": gradients are staged, summed and kept in fp32 (r bytes).
+    r = 4 if reduce_dtype == "fp32" else b
+    g = r if grad_accum == 1 else 4
     P, R, U = shape.parameters, shape.root_parameters, shape.largest_unit
     shards = world if stage >= 1 else 1  # stage 0 keeps whole masters and optimizer state everywhere
     offloaded = offload != "none"
@@ -271,11 +275,11 @@ def estimate(
     if scatters_in_backward and stage == 2:
         # One segment spanning the layers: its buckets follow reduce_bucket_size alone.
         largest_tensor = max(shape.largest_root_tensor, shape.largest_unit_tensor)
-        staging = b * min(P, (1 + STAGED_BUCKETS) * _bucket(P, largest_tensor, reduce_bucket_size))
+        staging = r * min(P, (1 + STAGED_BUCKETS) * _bucket(P, largest_tensor, reduce_bucket_size))
     elif scatters_in_backward:
         root_bucket = _bucket(R, shape.largest_root_tensor, reduce_bucket_size)
         layer_bucket = _bucket(U, shape.largest_unit_tensor, reduce_bucket_size)
-        staging = b * min(P, root_bucket + STAGED_BUCKETS * layer_bucket)
+        staging = r * min(P, root_bucket + STAGED_BUCKETS * layer_bucket)
     gathered = b * min(P, R + GATHERED_LAYERS * U) if stage == 3 else 0
     host = 0
     if offloaded:
@@ -302,9 +306,9 @@ def estimate(
     elif stage == 1:
         reduce, gather = g * P * share, b * P * share
     elif stage == 2:
-        reduce, gather = grad_accum * b * P * share, b * P * share
+        reduce, gather = grad_accum * r * P * share, b * P * share
     else:
-        reduce, gather = grad_accum * b * P * share, grad_accum * b * (2 * P - R) * share
+        reduce, gather = grad_accum * r * P * share, grad_accum * b * (2 * P - R) * share
     total = reduce + gather
     # Gbit/s -> bytes/s.
     intra = total / (intra_gbps * 1e9 / 8) if gpus > 1 else None

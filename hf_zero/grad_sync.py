@@ -41,15 +41,23 @@ from .layout import Run, Span
 class GradientReducer:
     """Bookkeeping shared by both reducers; see the module docstring for the protocol."""
 
-    def __init__(self, groups: Sequence[FlatParamGroup], comm: Collectives) -> None:
+    def __init__(
+        self, groups: Sequence[FlatParamGroup], comm: Collectives, reduce_fp32: bool = False
+    ) -> None:
         self.groups = groups
         self.comm = comm
+        # ZeroConfig.reduce_dtype="fp32": gradients are summed (within a pass and over ranks) in fp32.
+        self.reduce_fp32 = reduce_fp32
         self.grads: list[torch.Tensor] = []
         self.dirty = [False] * len(groups)  # holds values the next step must not see
         self.accumulating = False  # fp32 accumulation across micro-batches; kept once switched on
         self.backwards = 0  # backward passes ended since the last step
         self.pending = False  # gradients arrived since the last end of a backward pass
         self.closed_by: str | None = None  # what reduced this step's gradients early (clipping)
+
+    def reduce_dtype(self, group: FlatParamGroup) -> torch.dtype:
+        """The dtype `group`'s gradients are summed and reduced in."""
+        return torch.float32 if self.reduce_fp32 else group.compute_dtype
 
     def _check_open(self) -> None:
         if self.closed_by is not None:
@@ -81,11 +89,13 @@ class GradientReducer:
 class StepReduction(GradientReducer):
     """Stages 0 and 1 (and a world of one): accumulate whole gradients, reduce once per step."""
 
-    def __init__(self, groups: Sequence[FlatParamGroup], comm: Collectives, scatter: bool) -> None:
-        super().__init__(groups, comm)
+    def __init__(
+        self, groups: Sequence[FlatParamGroup], comm: Collectives, scatter: bool, reduce_fp32: bool = False
+    ) -> None:
+        super().__init__(groups, comm, reduce_fp32)
         self.scatter = scatter and comm.world_size > 1
         self.grads = [
-            torch.zeros(g.layout.numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
+            torch.zeros(g.layout.numel, dtype=self.reduce_dtype(g), device=g.flat.device) for g in groups
         ]
 
     def on_grad(self, group: int, index: int, grad: torch.Tensor) -> None:
@@ -175,12 +185,14 @@ class BackwardReduceScatter(GradientReducer):
         comm: Collectives,
         overlap: bool,
         positions: Sequence[Sequence[int]],
+        reduce_fp32: bool = False,
     ) -> None:
-        super().__init__(groups, comm)
+        super().__init__(groups, comm, reduce_fp32)
         self.overlap = overlap
         self.max_in_flight = 2
         self.grads = [
-            torch.zeros(g.layout.shard_numel, dtype=g.compute_dtype, device=g.flat.device) for g in groups
+            torch.zeros(g.layout.shard_numel, dtype=self.reduce_dtype(g), device=g.flat.device)
+            for g in groups
         ]
         self.buckets = [(g, bucket) for g, group in enumerate(groups) for bucket in group.layout.buckets]
         self.bucket_of: list[list[int]] = [[0] * len(group.params) for group in groups]
@@ -269,7 +281,7 @@ class BackwardReduceScatter(GradientReducer):
                     self._launch(self.order[self.cursor])
 
     def _staging_buffer(self, group: int, size: int) -> torch.Tensor:
-        dtype = self.groups[group].compute_dtype
+        dtype = self.reduce_dtype(self.groups[group])
         self.staged_elements += size
         self.staged_bytes += size * dtype.itemsize
         self.peak_staged_elements = max(self.peak_staged_elements, self.staged_elements)
@@ -403,9 +415,14 @@ class UnitReduceScatter(BackwardReduceScatter):
     """
 
     def __init__(
-        self, groups: Sequence[FlatParamGroup], comm: Collectives, unit_order: Sequence[int]
+        self,
+        groups: Sequence[FlatParamGroup],
+        comm: Collectives,
+        unit_order: Sequence[int],
+        reduce_fp32: bool = False,
     ) -> None:
-        super().__init__(groups, comm, overlap=False, positions=[[0] * len(g.params) for g in groups])
+        positions = [[0] * len(g.params) for g in groups]
+        super().__init__(groups, comm, overlap=False, positions=positions, reduce_fp32=reduce_fp32)
         walk_position = {unit: i for i, unit in enumerate(unit_order)}
         self.order = sorted(
             range(len(self.buckets)), key=lambda k: (walk_position[groups[self.buckets[k][0]].unit], k)

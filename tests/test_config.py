@@ -33,6 +33,7 @@ def test_defaults_are_valid_and_round_trip():
         ("min_loss_scale", 0.0, "a number > 0"),
         ("reduce_bucket_size", 0, "an integer >= 1"),
         ("reduce_bucket_size", 2.5, "an integer >= 1"),
+        ("reduce_dtype", "bf16", "one of 'auto', 'fp32'"),
         ("overlap_comm", "yes", "true or false"),
         ("gradient_clipping", -0.5, "a number >= 0"),
         ("gradient_clipping", float("nan"), "a number >= 0"),
@@ -73,6 +74,7 @@ def test_combinations_that_cannot_work_are_refused():
 def test_precision_aliases_and_numeric_text():
     assert ZeroConfig.from_dict({"precision": "bfloat16"}).precision == "bf16"
     assert ZeroConfig.from_dict({"precision": "FP16"}).precision == "fp16"
+    assert ZeroConfig.from_dict({"reduce_dtype": "float32"}).reduce_dtype == "fp32"
     # YAML reads 5e7 as a string.
     assert ZeroConfig.from_dict({"reduce_bucket_size": "5e7"}).reduce_bucket_size == 50_000_000
     assert ZeroConfig.from_dict({"gradient_clipping": "1.5"}).gradient_clipping == 1.5
@@ -116,6 +118,7 @@ DEEPSPEED = {
     "gradient_accumulation_steps": 4,
     "gradient_clipping": 1.0,
     "zero_allow_untested_optimizer": True,
+    "communication_data_type": "fp32",
     "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
     "fp16": {
         "enabled": True,
@@ -159,6 +162,7 @@ def test_from_deepspeed_maps_zero_precision_scaler_clipping_and_accumulation(tmp
         hysteresis=3,
         min_loss_scale=2.0,
         reduce_bucket_size=200_000_000,
+        reduce_dtype="fp32",
         overlap_comm=False,
         gradient_clipping=1.0,
         gradient_accumulation_steps=4,

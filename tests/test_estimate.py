@@ -68,6 +68,7 @@ def test_estimate_matches_engine(measured, shapes, case):
         batch=BATCH,
         seq=SEQ,
         grad_accum=case.grad_accum,
+        reduce_dtype=case.reduce_dtype,
     )
     memory = result.memory
     ranks = measured[case.name]

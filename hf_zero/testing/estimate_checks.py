@@ -48,6 +48,7 @@ class Case:
     offload_params: str = "none"
     precision: str = "bf16"
     grad_accum: int = 1
+    reduce_dtype: str = "auto"
 
     @property
     def name(self) -> str:
@@ -56,9 +57,8 @@ class Case:
             if self.offload_optimizer != "none"
             else ""
         )
-        return (
-            f"{self.world}ranks-{self.model}-stage{self.stage}-{self.precision}-acc{self.grad_accum}{offload}"
-        )
+        reduce = "-reduce_fp32" if self.reduce_dtype == "fp32" else ""
+        return f"{self.world}ranks-{self.model}-stage{self.stage}-{self.precision}-acc{self.grad_accum}{offload}{reduce}"
 
     @property
     def offload(self) -> str:
@@ -75,6 +75,8 @@ CASES = [
     Case(2, "llama", 0, precision="fp32"),  # the flat fp32 buffer is the master copy
     Case(3, "gpt2", 3),  # tied weights, a three-way split
     Case(3, "llama", 1, precision="fp16", offload_optimizer="cpu"),
+    Case(2, "llama", 2, reduce_dtype="fp32"),  # fp32 gradients, staging and reduce-scatters
+    Case(2, "llama", 3, reduce_dtype="fp32"),
 ]
 
 
@@ -90,6 +92,7 @@ def _train(case: Case, group) -> dict:
         "precision": case.precision,
         "offload_optimizer": case.offload_optimizer,
         "offload_params": case.offload_params,
+        "reduce_dtype": case.reduce_dtype,
     }
     engine = hf_zero.initialize(model, optimizer, config, process_group=group)
     ids = torch.randint(0, 2048, (BATCH, SEQ))
