@@ -2,8 +2,9 @@
 flat over 60 training steps after 40 of warm-up, each with an evaluation forward, at every stage, under
 activation checkpointing and with offload, on 2 gloo ranks (`hf_zero.testing.memory_growth`).
 
-The bound, 32 KiB per step, is above the noise of a flat run (at most about 12 KiB per step here,
-measured after `malloc_trim`) and below the leak stage 3 had on this model (about 310 KiB per step,
+The bound, 32 KiB per step, is above the noise of a flat run (at most about 6 KiB per step here,
+measured after `malloc_trim`, with glibc's mmap threshold fixed so megabyte temporaries do not
+move the heap) and below the leak stage 3 had on this model (about 310 KiB per step,
 100 KiB under reentrant checkpointing: each forward's autograd graph kept alive by the
 multi-gradient hooks on the units' inputs).
 """
