@@ -35,10 +35,6 @@ class Event:
         if self._cuda_event is not None:
             self._cuda_event.synchronize()
 
-    def done(self) -> bool:
-        """Whether the device has reached this point (never waits)."""
-        return self._cuda_event is None or self._cuda_event.query()
-
 
 class DeviceOps:
     """What the engine asks of its device; see the module docstring. Built by `for_device`."""

@@ -29,6 +29,7 @@ from transformers import LlamaForCausalLM
 
 import hf_zero
 
+from .launch import exit_cleanly
 from .tiny_models import VOCAB, llama_config
 
 WARMUP = 40
@@ -136,8 +137,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as file:
             json.dump(every_rank, file)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from torch import nn
 import hf_zero
 from hf_zero.rules_of_order import first_difference
 
+from .launch import exit_cleanly
+
 VOCAB = 64
 WIDTH = 16
 BLOCKS = 6
@@ -135,8 +137,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as file:
             json.dump(results, file)
-    dist.barrier()
-    dist.destroy_process_group()
+    exit_cleanly()
 
 
 if __name__ == "__main__":
