@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,20 +199,24 @@ class Collectives:
         if self.group_ref is not None:
             self.group_ref = _closed
 
-    def _record(self, op: str, tensor: torch.Tensor, factor: float, unit: int | None = None) -> None:
+    def _record(
+        self, op: str, tensors: Sequence[torch.Tensor], factor: float, unit: int | None = None
+    ) -> None:
         share = (self.world_size - 1) / self.world_size
-        self.bytes_sent += round(tensor.numel() * tensor.element_size() * factor * share)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.bytes_sent += round(nbytes * factor * share)
         if self.trace is not None:
-            self.trace.append((op, self.name, tensor.numel() * tensor.element_size(), unit))
+            self.trace.append((op, self.name, nbytes, unit))
         if self._fingerprint is not None:
-            self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
+            for tensor in tensors:
+                self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
             self._calls += 1
 
     def all_reduce(self, tensor: torch.Tensor, async_op: bool = False, op=dist.ReduceOp.SUM):
         """Reduce `tensor` over ranks (a sum unless `op` says otherwise), in place."""
         if self.world_size == 1:
             return _Done()
-        self._record("all_reduce", tensor, 2.0)
+        self._record("all_reduce", [tensor], 2.0)
         return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op) or _Done()
 
     def reduce_scatter(
@@ -220,24 +224,63 @@ class Collectives:
     ):
         """Sum `input` over ranks and leave chunk `rank` of the sum in `output` (which may be that
         chunk of `input` itself); `unit` only labels the trace."""
-        if self.world_size == 1:
-            if output.data_ptr() != input.data_ptr():
-                output.copy_(input)
-            return _Done()
-        self._record("reduce_scatter", input, 1.0, unit)
-        return _reduce_scatter_single(output, input, group=self.group, async_op=async_op) or _Done()
+        (work,) = self.reduce_scatter_many([(output, input)], unit)
+        if not async_op:
+            work.wait()
+        return work
 
     def all_gather(
         self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
     ):
         """Concatenate every rank's `input` into `output` (in place when `input` is this rank's
         chunk); `unit` only labels the trace."""
+        (work,) = self.all_gather_many([(output, input)], unit)
+        if not async_op:
+            work.wait()
+        return work
+
+    def reduce_scatter_many(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], unit: int | None = None
+    ) -> list:
+        """`reduce_scatter(output, input)` for each pair, as one collective per dtype; returns the
+        work handles, not waited (one per collective)."""
+        return self._coalesced("reduce_scatter", _reduce_scatter_single, pairs, unit, inputs=True)
+
+    def all_gather_many(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], unit: int | None = None
+    ) -> list:
+        """`all_gather(output, input)` for each pair, as one collective per dtype; returns the work
+        handles, not waited (one per collective)."""
+        return self._coalesced("all_gather", _all_gather_single, pairs, unit, inputs=False)
+
+    def _coalesced(self, op: str, function, pairs, unit: int | None, inputs: bool) -> list:
+        """Issue `function(output, input)` for `pairs`, coalesced into one collective per dtype, in
+        the order each dtype first appears (the same on every rank: the layouts are). One is what
+        pairs up across ranks, what the trace records, and on NCCL one grouped launch; gloo too runs
+        a coalesced batch as one exchange. Dtypes are never mixed in one batch: gloo's coalesced
+        all-gather garbles a batch of mixed dtypes."""
         if self.world_size == 1:
-            if output.data_ptr() != input.data_ptr():
-                output.copy_(input)
-            return _Done()
-        self._record("all_gather", output, 1.0, unit)
-        return _all_gather_single(output, input, group=self.group, async_op=async_op) or _Done()
+            for output, input in pairs:
+                if output.data_ptr() != input.data_ptr():
+                    output.copy_(input)
+            return [_Done()] if pairs else []
+        by_dtype: dict[torch.dtype, list] = {}
+        for output, input in pairs:
+            by_dtype.setdefault(input.dtype, []).append((output, input))
+        works = []
+        for batch in by_dtype.values():
+            # Bytes and trace follow the full-size side: the input of a reduce-scatter, the output
+            # of an all-gather.
+            self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
+            if len(batch) == 1:
+                works.append(function(*batch[0], group=self.group, async_op=True) or _Done())
+                continue
+            # No `device`: the fast path, which every backend here implements (NCCL and gloo).
+            with dist._coalescing_manager(group=self.group, async_ops=True) as manager:
+                for output, input in batch:
+                    function(output, input, group=self.group)
+            works.append(manager)
+        return works
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Copy the tensor of the group's rank `src` to every rank."""

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import user_paths
+from .arena import carve_ordered, merge_adjacent, segment_order
 from .config import ZeroConfig
 from .device import DeviceOps
 from .distributed import Collectives, DistContext, free_device_memory, second_group, setup_distributed
@@ -240,7 +241,8 @@ class ZeroEngine(ShardedState, nn.Module):
         # sized by the largest one.
         spanning = self.config.stage < 3 and self.config.offload_optimizer != "nvme"
         units = self.units[:1] if spanning else self.units
-        segments = []
+        num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
+        specs = []  # (members, dtype, optimizer group, unit, layout)
         for unit in units:
             for index, pairs in enumerate(named):
                 for dtype in dtypes:
@@ -251,18 +253,62 @@ class ZeroEngine(ShardedState, nn.Module):
                         and (torch.float32 if id(param) in keep_fp32 else self.compute_dtype) == dtype
                     ]
                     if members or (trainable and unit.is_root and not pairs and dtype == self.compute_dtype):
-                        segments.append(
-                            self._segment(members, dtype, index if trainable else None, unit.index, pending)
+                        layout = FlatLayout(
+                            [name for name, _ in members],
+                            [param.shape for _, param in members],
+                            num_shards,
+                            self.config.reduce_bucket_size,
                         )
-        return segments
+                        specs.append((members, dtype, index if trainable else None, unit.index, layout))
+        arenas = self._arenas(specs)
+        return [self._segment(*spec, pending, into) for spec, into in zip(specs, arenas, strict=True)]
+
+    def _arenas(self, specs: list) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Stage 3: where each segment's master shard and 16-bit shard live, as views carved from
+        one allocation per kind and dtype (`arena.py`), the segments of each param group end to end,
+        so the step and the gradient statistics run one launch per param group over all units.
+        Page-locked where offloaded to CPU; NVMe offload maps its own (None: the segment allocates)."""
+        if self.config.stage != 3 or not specs:
+            return [(None, None)] * len(specs)
+        order = [segment_order(group, dtype) for _, dtype, group, _, _ in specs]
+        masters: list[torch.Tensor | None] = [None] * len(specs)
+        trainable = [i for i, spec in enumerate(specs) if spec[2] is not None]
+        if trainable and self.config.offload_optimizer != "nvme":
+            carved = self._carve(
+                [specs[i][4].shard_numel for i in trainable],
+                [torch.float32] * len(trainable),
+                [order[i] for i in trainable],
+                on_host=self.config.offload_optimizer == "cpu",
+            )
+            for i, view in zip(trainable, carved, strict=True):
+                masters[i] = view
+        shards16: list[torch.Tensor | None] = [None] * len(specs)
+        if self.config.offload_params != "nvme":
+            shards16 = self._carve(
+                [spec[4].shard_numel for spec in specs],
+                [spec[1] for spec in specs],
+                order,
+                on_host=self.config.offload_params == "cpu",
+            )
+        return list(zip(masters, shards16, strict=True))
+
+    def _carve(self, sizes: list[int], dtypes: list[torch.dtype], order: list, on_host: bool) -> list:
+        """`carve_ordered` on the device, or in (page-locked) host memory."""
+        if on_host:
+            return carve_ordered(sizes, dtypes, order, torch.device("cpu"), self.device_ops.host_empty)
+        return carve_ordered(sizes, dtypes, order, self.ctx.device)
 
     def _segment(
-        self, members: list, dtype: torch.dtype, group: int | None, unit: int, pending: PendingWeights | None
+        self,
+        members: list,
+        dtype: torch.dtype,
+        group: int | None,
+        unit: int,
+        layout: FlatLayout,
+        pending: PendingWeights | None,
+        into: tuple[torch.Tensor | None, torch.Tensor | None],
     ) -> FlatParamGroup:
-        num_shards = 1 if self.config.stage == 0 else self.ctx.world_size
-        names = [name for name, _ in members]
         params = [param for _, param in members]
-        layout = FlatLayout(names, [p.shape for p in params], num_shards, self.config.reduce_bucket_size)
         read = (
             pending.values_of(params) if pending is not None and any(p in pending for p in params) else None
         )
@@ -278,6 +324,7 @@ class ZeroEngine(ShardedState, nn.Module):
             read=read,
             offload=self.config.offload_optimizer if group is not None else "none",
             offload_params=self.config.offload_params,
+            into=into,
         )
         if self.config.offload_optimizer == "nvme" and group is not None:
             self.swapper.adopt(segment, state_keys(self.optimizer, self.optimizer.param_groups[group]))
@@ -574,8 +621,16 @@ class ZeroEngine(ShardedState, nn.Module):
         all-reduce carrying both numbers. Measured once per step."""
         if self._stats is None:
             self._reduce_grads("clip_grad_norm_")
-            owned = [t for g in range(len(self.groups)) for t in self.grad_sync.owned_grads(g)]
-            stats = grad_stats(owned).to(self.ctx.device)
+            # In arena order, where the segments' gradients sit end to end: one read per dtype.
+            order = sorted(
+                range(len(self.groups)),
+                key=lambda g: (
+                    segment_order(self.groups[g].optimizer_group, self.groups[g].compute_dtype),
+                    g,
+                ),
+            )
+            owned = [t for g in order for t in self.grad_sync.owned_grads(g)]
+            stats = grad_stats([row[0] for row in merge_adjacent([(t,) for t in owned])]).to(self.ctx.device)
             if any(group.layout.num_shards > 1 for group in self.groups):
                 self.comm.all_reduce(stats)
             self._stats = stats
@@ -658,6 +713,7 @@ class ZeroEngine(ShardedState, nn.Module):
                 ),
             )
         host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
+        fused: dict[tuple[int, bool], list] = {}  # (param group, zero the gradient) -> its parts
         for g, group in enumerate(self.groups):
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
@@ -670,9 +726,7 @@ class ZeroEngine(ShardedState, nn.Module):
                     (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
                     for run in group.runs
                 ]
-                self._undo_if_skipped.append(
-                    fused_step(optimizer, param_group, group.master, pieces, scale, zero, found_inf)
-                )
+                fused.setdefault((group.optimizer_group, zero), []).append((g, group.master, pieces))
                 group.master.grad = None
                 self._fused_groups.add(g)
                 if zero:
@@ -686,6 +740,19 @@ class ZeroEngine(ShardedState, nn.Module):
                         self.grad_sync.run_grad(g, run)
                     )
                 group.master.grad = grad if scale is None else grad.mul_(scale)
+        for (index, zero), parts in fused.items():
+            # In arena order (`arena.py`): each param group's segments end to end, one launch.
+            parts.sort(key=lambda part: (segment_order(index, self.groups[part[0]].compute_dtype), part[0]))
+            self._undo_if_skipped.append(
+                fused_step(
+                    optimizer,
+                    optimizer.param_groups[index],
+                    [(master, pieces) for _, master, pieces in parts],
+                    scale,
+                    zero,
+                    found_inf,
+                )
+            )
         if host_path:
             self.device_ops.synchronize()  # every torch-path download has landed: one wait for all
             for group in host_path:
@@ -729,7 +796,7 @@ class ZeroEngine(ShardedState, nn.Module):
             if not skipped:
                 pieces = self.staging.pieces(group, lambda run: self.grad_sync.run_grad(g, run))
                 self._undo_if_skipped.append(
-                    fused_step(optimizer, param_group, group.master, pieces, scale, False)
+                    fused_step(optimizer, param_group, [(group.master, pieces)], scale, False)
                 )
             return False
         if skipped:
@@ -752,7 +819,7 @@ class ZeroEngine(ShardedState, nn.Module):
         # This segment's download has landed (the swapper brings segments in one after another).
         self.device_ops.record().synchronize()
         self._undo_if_skipped.append(
-            fused_step(optimizer, param_group, group.master, group.host_pieces(), scale, False)
+            fused_step(optimizer, param_group, [(group.master, group.host_pieces())], scale, False)
         )
         group.upload_weights()
 
@@ -785,7 +852,7 @@ class ZeroEngine(ShardedState, nn.Module):
 
         def update() -> None:
             for hyperparameters, group in jobs:
-                fused_step(optimizer, hyperparameters, group.master, group.host_pieces(), scale, False)
+                fused_step(optimizer, hyperparameters, [(group.master, group.host_pieces())], scale, False)
 
         self._delayed_update = self._delayed.submit(update)
 
@@ -813,13 +880,11 @@ class ZeroEngine(ShardedState, nn.Module):
             self.finish_delayed_update()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        works = []
         for g, group in enumerate(self.groups):
             if g not in self._fused_groups:
                 group.master.grad = None
                 group.round_master()
-            works.extend(group.publish(self.comm))
-        for work in works:
+        for work in self.comm.all_gather_many([pair for group in self.groups for pair in group.publish()]):
             work.wait()
         self.grad_sync.clear_after_step(self._zeroed_in_kernel)
         # The one host read of the overflow flag, after every kernel and collective was issued

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .arena import nbytes
+
 
 class ShardedState:
     """State methods of `ZeroEngine` (which supplies `groups`, `module`, `optimizer`, `comm`,
@@ -115,7 +117,7 @@ class ShardedState:
             if id(master) in on_disk:
                 continue
             size = sum(
-                value.untyped_storage().nbytes()
+                nbytes(value)
                 for value in state.values()
                 if torch.is_tensor(value)
                 and value.dim() > 0
@@ -177,6 +179,5 @@ class ShardedState:
         """Round every master shard into the compute buffer and all-gather it everywhere."""
         for group in self.groups:
             group.round_master()
-        works = [work for group in self.groups for work in group.publish(self.comm)]
-        for work in works:
+        for work in self.comm.all_gather_many([pair for group in self.groups for pair in group.publish()]):
             work.wait()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .arena import nbytes
 from .device import DeviceOps
 from .distributed import Collectives
 from .layout import FlatLayout, Run
@@ -34,6 +35,9 @@ class FlatParamGroup:
     instead of the parameters' `.data`: a pretrained model's weights still on disk, which each rank
     thus reads only in part (see `pending.py`).
 
+    `into` gives the master shard and the 16-bit shard zeroed views to live in (views carved from
+    one allocation for many segments, see `arena.py`); None: each is allocated here.
+
     With `offload="cpu"` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
     there is a GPU), and so does the optimizer state made from it; the group also keeps two host
     buffers for the step: the shard's gradient in fp32 (`host_grad`) and the updated weights in
@@ -56,6 +60,7 @@ class FlatParamGroup:
         read: Callable[[int, int, int], torch.Tensor] | None = None,
         offload: str = "none",
         offload_params: str = "none",
+        into: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> None:
         self.params = list(params)
         self.ops = ops
@@ -102,9 +107,10 @@ class FlatParamGroup:
         ] * sharded_params
         pin16 = offload_params == "cpu" and ops.pins
         pins = [pin] * with_master + [pin16] * sharded_params
-        shards = layout.shards_of(read, self.rank, dtypes, devices, pins)
-        for shard, pinned in zip(shards, pins, strict=True):
-            if pinned:
+        given = [into[0]] * with_master + [into[1]] * sharded_params
+        shards = layout.shards_of(read, self.rank, dtypes, devices, pins, given)
+        for shard, pinned, out in zip(shards, pins, given, strict=True):
+            if pinned and out is None:  # (an arena given in `into` was counted where it was made)
                 ops.note_pinned(shard)
         master = shards[0] if with_master else None
         self.shard16 = shards[-1] if sharded_params else None
@@ -182,11 +188,10 @@ class FlatParamGroup:
             return self.shard16[run.shard_start : run.shard_start + run.length]
         return self.flat[run.flat_start : run.flat_start + run.length]
 
-    def gather(self, comm: Collectives) -> list:
-        """Stage 3: give `flat` its storage back and all-gather every rank's chunks into it.
-
-        Returns the collectives' work handles; the caller waits on them before the parameters are used.
-        """
+    def gather(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stage 3: give `flat` its storage back; returns the (output, input) pairs of the
+        all-gathers that fill it, which the caller issues (a unit's segments together) and waits
+        on before the parameters are used."""
         self.flat.untyped_storage().resize_(self.layout.numel * self.flat.element_size())
         self.gathered = True
         source = self.shard16
@@ -196,12 +201,7 @@ class FlatParamGroup:
             if self.after_upload is not None:
                 self.after_upload()
         return [
-            comm.all_gather(
-                self.layout.bucket_view(self.flat, bucket),
-                self.layout.shard_chunk(source, bucket),
-                async_op=True,
-                unit=self.unit,
-            )
+            (self.layout.bucket_view(self.flat, bucket), self.layout.shard_chunk(source, bucket))
             for bucket in self.layout.buckets
         ]
 
@@ -244,18 +244,16 @@ class FlatParamGroup:
                 return index
         return None
 
-    def publish(self, comm: Collectives) -> list:
-        """All-gather every rank's updated chunks of `flat`, in place (stage 3 gathers on use instead).
-
-        Returns the collectives' work handles; the caller waits on them.
-        """
+    def publish(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (output, input) pairs of the all-gathers that spread every rank's updated chunks of
+        `flat` in place (none when unsharded, or at stage 3, which gathers on use instead); the
+        caller issues them, every segment's together, and waits."""
         if self.layout.num_shards == 1 or self.sharded_params:
             return []
         return [
-            comm.all_gather(
+            (
                 self.layout.bucket_view(self.flat, bucket),
                 self.flat[bucket.chunk_start(self.rank) : bucket.chunk_start(self.rank) + bucket.chunk],
-                async_op=True,
             )
             for bucket in self.layout.buckets
         ]
@@ -289,15 +287,16 @@ class FlatParamGroup:
         """Bytes of the persistent tensors this group allocated: the 16-bit weights (at stage 3 this
         rank's shard of them; gathered units come and go), the masters, and with offload the host
         buffers (masters counted there instead)."""
-        master = 0 if self.master_is_flat or self.master is None else self.master.untyped_storage().nbytes()
-        weights = (self.shard16 if self.sharded_params else self.flat).untyped_storage().nbytes()
+        master = 0 if self.master_is_flat or self.master is None else nbytes(self.master)
+        # (`flat` at stage 3 has storage only while gathered; the shards may be views of an arena)
+        weights = nbytes(self.shard16) if self.sharded_params else self.flat.untyped_storage().nbytes()
         on_host = 0
         if self.params_offloaded:  # the 16-bit shard is on the host with the rest, or in a swap file
             on_host += weights if self.offload_params == "cpu" else 0
             weights = 0
         if self.offload == "cpu":
             buffers = [t for t in (self.host_grad, self.host_copy) if t is not None]
-            on_host += master + sum(t.untyped_storage().nbytes() for t in buffers)
+            on_host += master + sum(nbytes(t) for t in buffers)
         if self.offloaded:  # (with NVMe the master is in the swap file: see `ZeroEngine.memory_breakdown`)
             master = 0
         return {"weights": weights, "masters": master, "offloaded": on_host}

@@ -177,7 +177,8 @@ class UnitGatherer:
         segments = [s for s in self.segments[unit] if not s.gathered]
         if not segments:
             return
-        works = [work for segment in segments for work in segment.gather(self.comm)]
+        # One all-gather for the whole unit (per dtype), whatever its param groups and buckets.
+        works = self.comm.all_gather_many([pair for segment in segments for pair in segment.gather()], unit)
         self.in_flight.setdefault(unit, []).extend(works)
         self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from .arena import carve_ordered, nbytes, segment_order
 from .distributed import Collectives
 from .flat_group import FlatParamGroup
 from .layout import Run, Span
@@ -68,13 +69,16 @@ class GradientReducer:
 
     def _start_accumulating(self) -> None:
         """A second micro-batch is coming into this step: accumulate in fp32 from now on."""
-        self.grads = [buffer.float() for buffer in self.grads]
+        self.grads = self._in_fp32(self.grads)
         self.accumulating = True
         self.dirty = [True] * len(self.grads)
 
+    def _in_fp32(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [buffer.float() for buffer in buffers]
+
     def persistent_bytes(self) -> int:
         """Bytes of the gradient buffers kept between steps."""
-        return sum(buffer.untyped_storage().nbytes() for buffer in self.grads)
+        return sum(nbytes(buffer) for buffer in self.grads)
 
     def clear_after_step(self, zeroed_by_kernel: set[int]) -> None:
         """Get ready for the next step's gradients (groups in `zeroed_by_kernel` were zeroed already)."""
@@ -116,20 +120,22 @@ class StepReduction(GradientReducer):
         self.end_backward()
         if self.comm.world_size == 1:
             return
-        works = []
-        for group, buffer in zip(self.groups, self.grads, strict=True):
-            if self.scatter:
-                for bucket in group.layout.buckets:
-                    start = bucket.chunk_start(group.rank)
-                    works.append(
-                        self.comm.reduce_scatter(
-                            buffer[start : start + bucket.chunk],
-                            group.layout.bucket_view(buffer, bucket),
-                            async_op=True,
-                        )
+        if self.scatter:
+            # Every bucket of every segment in one collective (per dtype).
+            works = self.comm.reduce_scatter_many(
+                [
+                    (
+                        buffer[
+                            bucket.chunk_start(group.rank) : bucket.chunk_start(group.rank) + bucket.chunk
+                        ],
+                        group.layout.bucket_view(buffer, bucket),
                     )
-            else:
-                works.append(self.comm.all_reduce(buffer, async_op=True))
+                    for group, buffer in zip(self.groups, self.grads, strict=True)
+                    for bucket in group.layout.buckets
+                ]
+            )
+        else:
+            works = [self.comm.all_reduce(buffer, async_op=True) for buffer in self.grads]
         self.dirty = [True] * len(self.grads)
         for work in works:
             work.wait()
@@ -190,10 +196,7 @@ class BackwardReduceScatter(GradientReducer):
         super().__init__(groups, comm, reduce_fp32)
         self.overlap = overlap
         self.max_in_flight = 2
-        self.grads = [
-            torch.zeros(g.layout.shard_numel, dtype=self.reduce_dtype(g), device=g.flat.device)
-            for g in groups
-        ]
+        self.grads = self._carve_grads([self.reduce_dtype(g) for g in groups])
         self.buckets = [(g, bucket) for g, group in enumerate(groups) for bucket in group.layout.buckets]
         self.bucket_of: list[list[int]] = [[0] * len(group.params) for group in groups]
         earliest_use = []
@@ -215,6 +218,22 @@ class BackwardReduceScatter(GradientReducer):
         self.staged_elements = self.staged_bytes = 0
         self.peak_staged_elements = self.peak_staged_bytes = 0
         self._reset_pass()
+
+    def _carve_grads(self, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+        """Zeroed shard-sized gradient buffers, one allocation per dtype, in the masters' order
+        (`arena.py`): the statistics and the optimizer step read each param group in one launch."""
+        return carve_ordered(
+            [g.layout.shard_numel for g in self.groups],
+            dtypes,
+            [segment_order(g.optimizer_group, g.compute_dtype) for g in self.groups],
+            self.groups[0].flat.device if self.groups else torch.device("cpu"),
+        )
+
+    def _in_fp32(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        fp32 = self._carve_grads([torch.float32] * len(buffers))
+        for new, old in zip(fp32, buffers, strict=True):
+            new.copy_(old)
+        return fp32
 
     def order_by_first_use(self, first_use: dict[tuple[int, int], int]) -> None:
         """Before the first backward pass: propose launching buckets in reverse order of their
@@ -278,7 +297,7 @@ class BackwardReduceScatter(GradientReducer):
                 if not self.order_agreed:
                     self._agree_on_order()
                 while self.cursor < len(self.order) and self.states[self.order[self.cursor]].remaining == 0:
-                    self._launch(self.order[self.cursor])
+                    self._launch([self.order[self.cursor]])
 
     def _staging_buffer(self, group: int, size: int) -> torch.Tensor:
         dtype = self.reduce_dtype(self.groups[group])
@@ -288,36 +307,51 @@ class BackwardReduceScatter(GradientReducer):
         self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
         return torch.zeros(size, dtype=dtype, device=self.grads[group].device)
 
-    def _launch(self, k: int) -> None:
-        """Reduce-scatter bucket `k` (the next one in canonical order) into this rank's shard."""
-        state = self.states[k]
-        g, bucket = self.buckets[k]
-        staging = state.staging if state.staging is not None else self._staging_buffer(g, bucket.size)
-        state.staging = None
-        state.launched = True
-        self.cursor += 1
-        self._reduce_scatter(k, staging, add=False)
+    def _launch(self, ks: Sequence[int]) -> None:
+        """Reduce-scatter buckets `ks` (the next ones in canonical order) into this rank's shard,
+        as one collective."""
+        stagings = []
+        for k in ks:
+            state = self.states[k]
+            g, bucket = self.buckets[k]
+            stagings.append(
+                state.staging if state.staging is not None else self._staging_buffer(g, bucket.size)
+            )
+            state.staging = None
+            state.launched = True
+        self.cursor += len(ks)
+        self._reduce_scatter(ks, stagings, add=False)
 
-    def _reduce_scatter(self, k: int, staging: torch.Tensor, add: bool) -> None:
+    def _next_launch(self) -> list[int]:
+        """The buckets the next launch sends: one at a time, as they fill."""
+        return [self.order[self.cursor]]
+
+    def _reduce_scatter(self, ks: Sequence[int], stagings: Sequence[torch.Tensor], add: bool) -> None:
         if self.backwards and not self.accumulating:
             self._start_accumulating()
-        g, bucket = self.buckets[k]
-        target = self.grads[g][bucket.shard_offset : bucket.shard_offset + bucket.chunk]
-        # The first micro-batch of a step lands in the shard; later ones land beside it and add in.
-        out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
-        work = self.comm.reduce_scatter(out, staging, async_op=True, unit=self.groups[g].unit)
-        self.in_flight.append((work, out, target, staging, g))  # staging stays alive until it lands
+        pairs, landings = [], []
+        for k, staging in zip(ks, stagings, strict=True):
+            g, bucket = self.buckets[k]
+            target = self.grads[g][bucket.shard_offset : bucket.shard_offset + bucket.chunk]
+            # The first micro-batch of a step lands in the shard; later ones land beside it and add in.
+            out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
+            pairs.append((out, staging))
+            landings.append((out, target, staging, g))  # staging stays alive until it lands
+        works = self.comm.reduce_scatter_many(pairs, unit=self.groups[self.buckets[ks[0]][0]].unit)
+        self.in_flight.append((works, landings))
         while len(self.in_flight) > self.max_in_flight:
             self._complete(self.in_flight.popleft())
 
     def _complete(self, entry) -> None:
-        work, out, target, staging, group = entry
-        work.wait()
-        if out is not target:
-            target.add_(out)
-            self.dirty[group] = True
-        self.staged_elements -= staging.numel()
-        self.staged_bytes -= staging.numel() * staging.element_size()
+        works, landings = entry
+        for work in works:
+            work.wait()
+        for out, target, staging, group in landings:
+            if out is not target:
+                target.add_(out)
+                self.dirty[group] = True
+            self.staged_elements -= staging.numel()
+            self.staged_bytes -= staging.numel() * staging.element_size()
 
     def end_backward(self, force: bool = False) -> None:
         """Launch every bucket not launched yet, in order, and wait for all of them."""
@@ -326,7 +360,7 @@ class BackwardReduceScatter(GradientReducer):
         if not self.order_agreed:
             self._agree_on_order()
         while self.cursor < len(self.order):
-            self._launch(self.order[self.cursor])
+            self._launch(self._next_launch())
         if not self.calibrated:
             self._calibrate()
         while self.in_flight:
@@ -352,7 +386,7 @@ class BackwardReduceScatter(GradientReducer):
                 late_staging = self.late.pop(k, None)
                 if late_staging is None:
                     late_staging = self._staging_buffer(self.buckets[k][0], self.buckets[k][1].size)
-                self._reduce_scatter(k, late_staging, add=True)
+                self._reduce_scatter([k], [late_staging], add=True)
         filled = sorted(
             (k for k in self.order if self.states[k].last_fired >= 0), key=lambda k: self.states[k].last_fired
         )
@@ -437,7 +471,12 @@ class UnitReduceScatter(BackwardReduceScatter):
         """The backward walk has ended `unit`: launch its buckets (and any before it in the order)."""
         end = self.unit_end.get(unit, self.cursor)
         while self.cursor < end:
-            self._launch(self.order[self.cursor])
+            self._launch(self._next_launch())
+
+    def _next_launch(self) -> list[int]:
+        """The buckets the next launch sends: all of the next unit's, as one collective (per dtype)."""
+        unit = self.groups[self.buckets[self.order[self.cursor]][0]].unit
+        return self.order[self.cursor : self.unit_end[unit]]
 
     def _late_gradient_error(self, group: int, index: int) -> RuntimeError:
         name = self.groups[group].layout.slots[index].name

@@ -149,17 +149,23 @@ class FlatLayout:
         dtypes: Sequence[torch.dtype],
         device: torch.device | Sequence[torch.device],
         pinned: Sequence[bool] = (),
+        into: Sequence[torch.Tensor | None] = (),
     ) -> list[torch.Tensor]:
         """Rank `rank`'s shard in each of `dtypes`, of the values `read(slot, begin, length)` gives
         (elements `begin .. begin + length` of slot `slot`'s flattened parameter). Each span is read
         once, however many dtypes are asked for; padding is zero. `device` is one device for all, or
-        one per dtype; `pinned` says which (host) shards get page-locked memory."""
+        one per dtype; `pinned` says which (host) shards get page-locked memory; `into` gives, per
+        dtype, a zeroed tensor of the shard's size to fill instead of allocating one (None: allocate)."""
         devices = [device] * len(dtypes) if isinstance(device, torch.device) else list(device)
         pins = list(pinned) or [False] * len(dtypes)
+        given = list(into) or [None] * len(dtypes)
         shards = [
-            torch.zeros(self.shard_numel, dtype=dtype, device=where, pin_memory=pin)
-            for dtype, where, pin in zip(dtypes, devices, pins, strict=True)
+            torch.zeros(self.shard_numel, dtype=dtype, device=where, pin_memory=pin) if out is None else out
+            for dtype, where, pin, out in zip(dtypes, devices, pins, given, strict=True)
         ]
+        for shard, dtype in zip(shards, dtypes, strict=True):
+            if shard.numel() != self.shard_numel or shard.dtype != dtype:
+                raise ValueError(f"shards_of: a {dtype} shard of {self.shard_numel} elements was needed")
         for span in self.spans(rank):
             values = read(span.slot, span.param_begin, span.length)
             for shard in shards:

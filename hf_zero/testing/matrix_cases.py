@@ -113,6 +113,9 @@ CASES_BY_WORLD = {
         Case("branches", 2, "fp32", "sgd", bucket_size=1024),
         Case("llama-shared", 2, "fp32", "sgd"),
         Case("branches", 3, "fp32", "sgd", bucket_size=1024, units="Sequential"),
+        # A unit's fp32 norms and bf16 weights are gathered and reduced as one collective per dtype.
+        Case("fp32-norms", 3, "bf16", "adamw_trainer", accumulation=2, clipping=0.05),
+        Case("fp32-norms", 2, "bf16", "adamw"),
     ],
     4: [
         *CORE_CASES,

@@ -17,6 +17,8 @@ global-batch mean.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers import (
@@ -40,7 +42,16 @@ SEQ_LEN = 16
 MASKED_PER_SEQUENCE = 4
 ROUTE_BLOCK = 2  # consecutive samples that take the same branch of the `branches` model
 MODEL_NAMES = ("llama", "gpt2", "bert")
-EXTRA_MODEL_NAMES = ("llama-shared", "llama-ckpt", "llama-deep", "gpt2-lora", "beam", "mixtral", "branches")
+EXTRA_MODEL_NAMES = (
+    "llama-shared",
+    "llama-ckpt",
+    "llama-deep",
+    "fp32-norms",
+    "gpt2-lora",
+    "beam",
+    "mixtral",
+    "branches",
+)
 
 
 def llama_config(layers: int = 2) -> LlamaConfig:
@@ -76,6 +87,43 @@ class BranchNet(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits)
 
 
+class Fp32NormBlock(nn.Module):
+    """A residual block whose norm computes in fp32 whatever the other weights' dtype."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(hidden.to(self.norm.weight.dtype)).to(hidden.dtype)
+        return hidden + torch.tanh(self.proj(normed))
+
+
+class Fp32NormNet(nn.Module):
+    """Blocks whose norms a model keeps in fp32 under bf16 (`_keep_in_fp32_modules_strict`, as
+    `from_pretrained` honours it): every unit holds parameters of two compute dtypes."""
+
+    _keep_in_fp32_modules_strict: ClassVar[list[str]] = ["norm"]
+    _no_split_modules: ClassVar[list[str]] = ["Fp32NormBlock"]
+
+    def __init__(self, width: int = 128, layers: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.blocks = nn.ModuleList(Fp32NormBlock(width) for _ in range(layers))
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> CausalLMOutput:
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = block(hidden)
+        logits = self.head(hidden)
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+        )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
 def build_model(name: str, seed: int = 0) -> nn.Module:
     """A freshly initialised tiny model of architecture `name`, identical for equal seeds."""
     torch.manual_seed(seed)
@@ -87,6 +135,8 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         model.config.use_cache = False
         return model.train()
+    if name == "fp32-norms":
+        return Fp32NormNet()
     if name == "llama-deep":  # enough layers that "a unit or two gathered at once" is a real bound
         return LlamaForCausalLM(llama_config(layers=5))
     if name == "llama-ckpt":
