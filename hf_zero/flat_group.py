@@ -88,8 +88,8 @@ class FlatParamGroup:
         # "cpu": the 16-bit shard in host memory; "nvme": too, until `nvme.py` maps it to a swap file.
         self.offload_params = offload_params
         self._uploaded: torch.Tensor | None = None  # the host shard's device copy while gathered
-        # Called once the shard's values have left it for the device (NVMe: drop its pages).
-        self.after_upload: Callable[[], None] | None = None
+        # NVMe: brings the shard from the file to the device without synchronising (`nvme.py`).
+        self.upload: Callable[[], torch.Tensor] | None = None
 
         if read is None:
             values = [p.data for p in params]
@@ -196,10 +196,11 @@ class FlatParamGroup:
         self.gathered = True
         source = self.shard16
         if self.params_offloaded:
-            # The shard lives on the host: one upload, which the collectives queue behind.
-            source = self._uploaded = source.to(self.flat.device, non_blocking=self.offload_params == "cpu")
-            if self.after_upload is not None:
-                self.after_upload()
+            # The shard lives on the host (page-locked on a GPU) or in a swap file: one asynchronous
+            # upload, which the collectives queue behind.
+            source = self._uploaded = (
+                self.upload() if self.upload is not None else source.to(self.flat.device, non_blocking=True)
+            )
         return [
             (self.layout.bucket_view(self.flat, bucket), self.layout.shard_chunk(source, bucket))
             for bucket in self.layout.buckets

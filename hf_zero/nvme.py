@@ -19,6 +19,7 @@ the largest segment whatever the model's size.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import shutil
@@ -285,6 +286,8 @@ class NvmeSwapper:
         self._buffers: list[torch.Tensor] = []
         self._free: list[torch.Tensor] = []
         self._writing: deque[_Resident] = deque()
+        # offload_params: page-locked buffers the shards go up through, each with its last upload.
+        self._bounces: deque[tuple[torch.Tensor, Event | None]] = deque()
 
     @property
     def direct(self) -> bool:
@@ -314,9 +317,9 @@ class NvmeSwapper:
     def adopt_params(self, group: FlatParamGroup) -> None:
         """`offload_params="nvme"`: move `group`'s 16-bit shard into the file and bind it to its map.
 
-        The shard is read through the page cache when its unit is gathered and its pages dropped
-        again right after the upload (`after_upload`); the step's new weights reach the file when
-        `settle_params` runs after it."""
+        The shard is read through the page cache when its unit is gathered (`upload_params`) and
+        its pages dropped again; the step's new weights reach the file when `settle_params` runs
+        after it."""
         shard = group.shard16
         nbytes = shard.numel() * shard.element_size()
         if nbytes == 0:
@@ -329,8 +332,30 @@ class NvmeSwapper:
         _settle(region.map)
         _bind(shard, view)
         region.view = view
-        group.after_upload = region.drop
+        group.upload = functools.partial(self.upload_params, group)
         self.param_regions[id(group)] = region
+
+    def upload_params(self, group: FlatParamGroup) -> torch.Tensor:
+        """`group`'s 16-bit shard, from the file to a new device tensor, without synchronising the
+        device: a copy from the map (pageable memory) would make the host wait for every queued
+        kernel first, once per unit gathered. The shard is read into a page-locked bounce buffer
+        (its pages then dropped) and copied up asynchronously; two bounce buffers take turns, and
+        reusing one waits only for its own last upload."""
+        region = self.param_regions[id(group)]
+        shard = region.view
+        if not self._bounces:
+            size = max(r.nbytes for r in self.param_regions.values())
+            self._bounces = deque((self.ops.host_empty(size, torch.uint8), None) for _ in range(2))
+        buffer, uploaded = self._bounces.popleft()
+        if uploaded is not None:
+            uploaded.synchronize()
+        staged = buffer[: shard.numel() * shard.element_size()].view(shard.dtype)
+        staged.copy_(shard)
+        region.drop()
+        on_device = torch.empty(shard.shape, dtype=shard.dtype, device=self.ops.device)
+        on_device.copy_(staged, non_blocking=True)
+        self._bounces.append((buffer, self.ops.record()))
+        return on_device
 
     def settle_params(self) -> None:
         """Write the 16-bit shards the step changed to the file and drop their pages."""
@@ -345,9 +370,10 @@ class NvmeSwapper:
 
     @property
     def host_bytes(self) -> int:
-        """The host memory the step's buffers take (allocated at the first step)."""
+        """The host memory the step's buffers take (allocated at the first step), and the bounce
+        buffers of parameter shards (at the first gather)."""
         largest = max((region.buffer_bytes for region in self.regions.values()), default=0)
-        return largest * self.buffer_count
+        return largest * self.buffer_count + sum(buffer.numel() for buffer, _ in self._bounces)
 
     def check_usable(self) -> None:
         if self.error is not None:

@@ -67,6 +67,7 @@ def test_stage_3_issues_one_collective_per_unit_per_phase_and_one_launch_per_par
         ("stage3-offload", 1),  # the gradient factor and flag, read together for the host update
         ("stage3-offload-rmsprop", 2),  # and one wait for every torch-path gradient download
         ("stage2-nvme", 1),
+        ("stage3-nvme-params", 1),
     ],
 )
 def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_syncs):
@@ -78,3 +79,12 @@ def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_sync
         # Offload streams segment by segment: each waits for its own download and upload only.
         assert deep["segments"] > shallow["segments"]
         assert deep["event_waits"] == 2 * deep["segments"]
+    if case == "stage3-nvme-params":
+        # Every gather brings each segment's shard up from the file through a page-locked bounce
+        # buffer, asynchronously: the only extra waits are for the upload that last used the
+        # buffer (two take turns), never a synchronisation of the device.
+        for got in (shallow, deep):
+            # Each layer's two segments gathered in forward and in backward, the root's once.
+            assert got["uploads"] == 2 * got["segments"] - 2
+            # The optimizer's swap-ins (download and upload) and one wait per shard brought up.
+            assert got["event_waits"] == 2 * got["segments"] + got["uploads"]

@@ -8,7 +8,8 @@ Counts are per step, over 3 steps after one warm-up step: `collectives` from the
 launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launch each), and the
 device layer's `host_syncs` and `event_waits` (`ZeroEngine.device_counts`). Cases (`CASES`): the
 stages in fp32, and the host waits of bf16, fp16, CPU offload (AdamW, and RMSprop on torch's own
-path) and NVMe offload. Rank 0 writes `{"CASE-layersL": counts}`.
+path), NVMe offload, and NVMe offload of the parameters too (`uploads`: shards brought up from the
+file). Rank 0 writes `{"CASE-layersL": counts}`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ CASES = {
     "stage3-offload": (3, "bf16", "adamw", {"offload_optimizer": "cpu"}),
     "stage3-offload-rmsprop": (3, "bf16", "rmsprop", {"offload_optimizer": "cpu"}),
     "stage2-nvme": (2, "bf16", "adamw", {"offload_optimizer": "nvme"}),
+    "stage3-nvme-params": (3, "bf16", "adamw", {"offload_optimizer": "nvme", "offload_params": "nvme"}),
 }
 
 
@@ -74,7 +76,7 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
     optimizer_class = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.RMSprop
     optimizer = optimizer_class(groups, lr=1e-3)
     config = {"stage": stage, "precision": precision, "gradient_clipping": 1.0, **extra}
-    if config.get("offload_optimizer") == "nvme":
+    if "nvme" in (config.get("offload_optimizer"), config.get("offload_params")):
         config["nvme_path"] = swap
     engine = hf_zero.initialize(model, optimizer, config)
     samples = make_samples("llama", 2 * world * (STEPS + 1))
@@ -86,6 +88,10 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
         engine.zero_grad()
 
     step(0)
+    uploads = [0]
+    for segment in engine.groups + engine.frozen:
+        if segment.upload is not None:  # offload_params="nvme": count the shards brought up
+            segment.upload = _counting(segment.upload, uploads)
     trace = engine.trace_collectives()
     device_before = engine.device_counts()
     optimizer_calls = _Counted(fused_step, "adam_step")
@@ -106,7 +112,16 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
         "optimizer_calls": optimizer_calls.calls / STEPS,
         "stats_tensors": stats.tensors / STEPS,
         "parameter_tensors": len(decay) + len(no_decay),
+        "uploads": uploads[0] / STEPS,
     }
+
+
+def _counting(function, calls: list[int]):
+    def counted():
+        calls[0] += 1
+        return function()
+
+    return counted
 
 
 def main() -> None:
