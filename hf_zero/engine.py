@@ -271,8 +271,22 @@ class ZeroEngine(ShardedState, nn.Module):
         if self.config.stage != 3 or not specs:
             return [(None, None)] * len(specs)
         order = [segment_order(group, dtype) for _, dtype, group, _, _ in specs]
+        shards16: list[torch.Tensor | None] = [None] * len(specs)
+        if self.config.offload_params != "nvme":
+            shards16 = self._carve(
+                [spec[4].shard_numel for spec in specs],
+                [spec[1] for spec in specs],
+                order,
+                on_host=self.config.offload_params == "cpu",
+            )
         masters: list[torch.Tensor | None] = [None] * len(specs)
-        trainable = [i for i, spec in enumerate(specs) if spec[2] is not None]
+        # An fp32 segment's shard is its master when both live on the device (FSDP2's sharded
+        # parameter is, too): the update writes it in place and no second copy is kept.
+        shared = self.config.offload_optimizer == "none" and self.config.offload_params == "none"
+        for i, spec in enumerate(specs):
+            if spec[2] is not None and shared and spec[1] == torch.float32:
+                masters[i] = shards16[i]
+        trainable = [i for i, spec in enumerate(specs) if spec[2] is not None and masters[i] is None]
         if trainable and self.config.offload_optimizer != "nvme":
             carved = self._carve(
                 [specs[i][4].shard_numel for i in trainable],
@@ -282,14 +296,6 @@ class ZeroEngine(ShardedState, nn.Module):
             )
             for i, view in zip(trainable, carved, strict=True):
                 masters[i] = view
-        shards16: list[torch.Tensor | None] = [None] * len(specs)
-        if self.config.offload_params != "nvme":
-            shards16 = self._carve(
-                [spec[4].shard_numel for spec in specs],
-                [spec[1] for spec in specs],
-                order,
-                on_host=self.config.offload_params == "cpu",
-            )
         return list(zip(masters, shards16, strict=True))
 
     def _carve(self, sizes: list[int], dtypes: list[torch.dtype], order: list, on_host: bool) -> list:

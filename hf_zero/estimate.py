@@ -19,7 +19,8 @@ and Z = W at stages 1-3 (1 at stage 0) the number of shards of masters and optim
 bytes per GPU:
 
     weights          b*P          (stage 3: b*P/W, this rank's shard; 0 with parameter offload)
-    masters          4*P/Z        (0 at stage 0 in fp32, where the weights are the masters; 0 offloaded)
+    masters          4*P/Z        (0 in fp32 at stages 0 and 3, where the weights or their shard are the
+                                   masters; 0 offloaded)
     gradients        g*P          (stages 2-3 with W > 1: g*P/W, this rank's reduced shard)
     optimizer state  4*k*P/Z      (0 offloaded)
     staging          stage 3: r*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
@@ -267,8 +268,9 @@ def estimate(
     scatters_in_backward = stage >= 2 and world > 1
 
     weights = 0 if offload == "optimizer+params" else (b * P // world if stage == 3 else b * P)
-    fp32_flat_masters = stage == 0 and precision == "fp32"  # the compute buffer is the master copy
-    masters = 0 if offloaded or fp32_flat_masters else 4 * P // shards
+    # fp32: at stage 0 the compute buffer is the master copy, at stage 3 this rank's shard is.
+    fp32_weights_are_masters = precision == "fp32" and stage in (0, 3)
+    masters = 0 if offloaded or fp32_weights_are_masters else 4 * P // shards
     gradients = g * P // world if scatters_in_backward else g * P
     optimizer_state = 0 if offloaded else 4 * optimizer_states * P // shards
     staging = 0

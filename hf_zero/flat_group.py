@@ -36,7 +36,8 @@ class FlatParamGroup:
     thus reads only in part (see `pending.py`).
 
     `into` gives the master shard and the 16-bit shard zeroed views to live in (views carved from
-    one allocation for many segments, see `arena.py`); None: each is allocated here.
+    one allocation for many segments, see `arena.py`); None: each is allocated here. The same
+    tensor for both (fp32 at stage 3, nothing offloaded) makes the shard its own master.
 
     With `offload="cpu"` (`offload_optimizer="cpu"`) the master lives in host memory (page-locked where
     there is a GPU), and so does the optimizer state made from it; the group also keeps two host
@@ -82,6 +83,8 @@ class FlatParamGroup:
         self.master_is_flat = (
             unsharded and compute_dtype == torch.float32 and not sharded_params and not self.offloaded
         )
+        # fp32 at stage 3: the engine may give the same tensor as master and shard (`into`).
+        self.master_is_shard = self.trainable and into[0] is not None and into[0] is into[1]
         host, pin = torch.device("cpu"), self.offload == "cpu" and ops.pins
         if offload_params != "none" and not sharded_params:
             raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
@@ -182,7 +185,7 @@ class FlatParamGroup:
     def flat_run(self, run: Run) -> torch.Tensor | None:
         """Where the updated weights of `run` go in the compute dtype (None: the master is the flat
         buffer): this rank's chunk of `flat`, or of `shard16` at stage 3."""
-        if self.master_is_flat:
+        if self.master_is_flat or self.master_is_shard:
             return None
         if self.sharded_params:
             return self.shard16[run.shard_start : run.shard_start + run.length]
@@ -224,6 +227,8 @@ class FlatParamGroup:
         with the matching ones of `value`."""
         source = value.detach().reshape(-1)
         targets = [t for t in (None if self.master_is_flat else self.master, self.shard16) if t is not None]
+        if self.master_is_shard:
+            targets = targets[:1]
         with torch.no_grad():
             for target in targets:
                 for span in self.spans_by_slot[index]:
@@ -288,7 +293,9 @@ class FlatParamGroup:
         """Bytes of the persistent tensors this group allocated: the 16-bit weights (at stage 3 this
         rank's shard of them; gathered units come and go), the masters, and with offload the host
         buffers (masters counted there instead)."""
-        master = 0 if self.master_is_flat or self.master is None else nbytes(self.master)
+        master = (
+            0 if self.master_is_flat or self.master_is_shard or self.master is None else nbytes(self.master)
+        )
         # (`flat` at stage 3 has storage only while gathered; the shards may be views of an arena)
         weights = nbytes(self.shard16) if self.sharded_params else self.flat.untyped_storage().nbytes()
         on_host = 0

@@ -190,7 +190,8 @@ def expected_memory(case: Case, world: int, got: dict) -> dict[str, int]:
         memory["weights"] += shard * size
     for numel, shard, size, _, _ in got["segments"]:
         memory["weights"] += (shard if case.stage == 3 else numel) * size
-        memory["masters"] += 0 if (case.stage == 0 and size == 4) else shard * 4
+        # fp32: at stage 0 the weights are the masters, at stage 3 each rank's shard is.
+        memory["masters"] += 0 if (case.stage in (0, 3) and size == 4) else shard * 4
         memory["gradients"] += (shard if sharded_grads else numel) * (4 if accumulating else size)
         memory["optimizer_state"] += STATE_TENSORS[case.optimizer] * shard * 4
     return memory
