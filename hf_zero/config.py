@@ -25,6 +25,10 @@ REDUCE_DTYPES = ("auto", "fp32")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 GENERATE_GATHER = ("auto", "once", "per_unit")
 OFFLOAD_OVERLAP = ("exact", "delayed")
+# The default stage-3 prefetch budget holds at least this much: units smaller than half of it are
+# bound by each collective's latency rather than its bandwidth, so several go in one all-gather
+# (DeepSpeed's stage3_prefetch_bucket_size plays this part, 5e7 elements by default).
+MIN_PREFETCH_BYTES = 64 * 2**20
 _PRECISION_ALIASES = {
     "float32": "fp32",
     "no": "fp32",
@@ -86,8 +90,10 @@ class ZeroConfig:
             and, at stage 3, gathered together); None takes the model's `_no_split_modules`, or its
             top-level children when it names none.
         prefetch_bytes: stage 3: how many bytes of units may be gathered ahead of the one running
-            (their all-gathers overlap its compute, in forward and in backward). None gathers one
-            unit ahead, whatever its size; 0 turns prefetching off.
+            (their all-gathers overlap its compute, in forward and in backward), refilled once half
+            of it is free, in one all-gather. None: one unit ahead whatever its size, and at least
+            64 MiB (`MIN_PREFETCH_BYTES`), so small units travel several to a collective; 0 turns
+            prefetching off.
         generate_gather: stage 3, `model.generate()`: "auto" gathers the whole model once per call
             when its 16-bit weights fit in half the free device memory, else unit by unit for every
             token; "once" and "per_unit" force either.

@@ -27,8 +27,9 @@ bytes per GPU:
                      reduce-scatter at once (the root's fills from the head's gradient to the
                      embeddings', the end of backward; two more may be in flight); stage 2:
                      r*min(P, 4*bucket(P)), its segment spanning the layers
-    gathered         stage 3: b*(R + 2*U), the root unit (gathered for the whole forward and
-                     backward), the layer running and the next one prefetched
+    gathered         stage 3: b*(R + U + n*U), the root unit (gathered for the whole forward and
+                     backward), the layer running and n = max(1, 64 MiB // (b*U)) prefetched (the
+                     default budget: one unit, and at least 64 MiB), at most b*P
     host (offload)   4*P/Z + 4*k*P/Z + 2*chunk*(g + b), the masters, optimizer state and two
                      staging buffer pairs of chunk = min(offload_chunk_size, largest segment's shard)
                      elements (below stage 3 the segment is P); with parameter offload also the
@@ -75,7 +76,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ZeroConfig
+from .config import MIN_PREFETCH_BYTES, ZeroConfig
 
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # "optimizer": optimizer state and fp32 masters in host memory (offload_optimizer="cpu");
@@ -86,9 +87,9 @@ OFFLOAD_LABELS = {"none": "none", "optimizer": "opt->cpu", "optimizer+params": "
 DEFAULT_INTRA_GBPS = 2400.0
 DEFAULT_INTER_GBPS = 100.0
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, shaped like the master shard
-# The layer units a stage-3 rank may hold gathered at once with the default prefetch (one unit ahead):
-# the layer running and the one prefetched (in backward a layer is released before the next starts).
-GATHERED_LAYERS = 2
+# The default prefetch budget holds one layer unit ahead, and at least MIN_PREFETCH_BYTES: a stage-3
+# rank may hold the layer running and that much ahead (in backward a layer is released before the
+# next starts).
 # Gradient buckets that may be staged at once besides the root's: `BackwardReduceScatter` keeps at most
 # two reduce-scatters in flight while the next bucket fills.
 STAGED_BUCKETS = 3
@@ -282,7 +283,8 @@ def estimate(
         root_bucket = _bucket(R, shape.largest_root_tensor, reduce_bucket_size)
         layer_bucket = _bucket(U, shape.largest_unit_tensor, reduce_bucket_size)
         staging = r * min(P, root_bucket + STAGED_BUCKETS * layer_bucket)
-    gathered = b * min(P, R + GATHERED_LAYERS * U) if stage == 3 else 0
+    ahead = U * max(1, MIN_PREFETCH_BYTES // (b * U)) if U else 0
+    gathered = b * min(P, R + U + ahead) if stage == 3 else 0
     host = 0
     if offloaded:
         # Below stage 3 one segment spans the layers (one param group here).

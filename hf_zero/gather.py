@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .config import MIN_PREFETCH_BYTES
 from .distributed import Collectives
 from .flat_group import FlatParamGroup
 from .units import Unit
@@ -145,9 +146,10 @@ class UnitGatherer:
             sum(s.layout.numel * s.flat.element_size() for s in unit_segments)
             for unit_segments in self.segments
         ]
-        # None: one unit ahead, whatever its size (the largest layer unit's bytes).
+        # None: one unit ahead, whatever its size (the largest layer unit's bytes), and at least
+        # MIN_PREFETCH_BYTES, so that small units travel several to a collective.
         self.prefetch_bytes = (
-            max((b for u, b in enumerate(self.unit_bytes) if u != 0), default=0)
+            max(max((b for u, b in enumerate(self.unit_bytes) if u != 0), default=0), MIN_PREFETCH_BYTES)
             if prefetch_bytes is None
             else prefetch_bytes
         )
@@ -174,13 +176,20 @@ class UnitGatherer:
 
     def issue(self, unit: int) -> None:
         """Start gathering unit `unit` (a no-op for segments already gathered or under way)."""
-        segments = [s for s in self.segments[unit] if not s.gathered]
-        if not segments:
+        self.issue_together([unit])
+
+    def issue_together(self, units: Sequence[int]) -> None:
+        """Start gathering `units` in one all-gather (per dtype), whatever their param groups and
+        buckets (segments already gathered or under way are left out)."""
+        todo = [(unit, [s for s in self.segments[unit] if not s.gathered]) for unit in units]
+        todo = [(unit, segments) for unit, segments in todo if segments]
+        if not todo:
             return
-        # One all-gather for the whole unit (per dtype), whatever its param groups and buckets.
-        works = self.comm.all_gather_many([pair for segment in segments for pair in segment.gather()], unit)
-        self.in_flight.setdefault(unit, []).extend(works)
-        self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
+        pairs = [pair for _, segments in todo for segment in segments for pair in segment.gather()]
+        works = self.comm.all_gather_many(pairs, todo[0][0])
+        for unit, segments in todo:
+            self.in_flight.setdefault(unit, []).extend(works)  # (waiting twice on a handle is free)
+            self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
 
     def gather(self, unit: int) -> None:
@@ -253,16 +262,22 @@ class UnitGatherer:
             self.release(unit)
 
     def _prefetch(self, walk: _Walk) -> None:
-        """Issue the gathers of the walk's next units, within the prefetch budget."""
+        """Issue the gathers of the walk's next units, within the prefetch budget. The budget is
+        refilled once half of it is free, in one collective: units smaller than half the budget
+        travel several at a time (a budget of one unit keeps one unit ahead, as before)."""
         ahead = sum(self.unit_bytes[u] for u in walk.ahead())
+        if 2 * ahead > self.prefetch_bytes:
+            return
+        batch = []
         while walk.issued < len(walk.order):
             upcoming = walk.order[walk.issued]
             if ahead + self.unit_bytes[upcoming] > self.prefetch_bytes:
-                return
-            self.issue(upcoming)
+                break
+            batch.append(upcoming)
             ahead += self.unit_bytes[upcoming]
             walk.issued += 1
-            self.prefetched_units += 1
+        self.prefetched_units += len(batch)
+        self.issue_together(batch)
 
     # ---- hooks ----------------------------------------------------------------------------------
 

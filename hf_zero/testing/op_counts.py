@@ -36,6 +36,7 @@ CASES = {
     "stage1": (1, "fp32", "adamw", {}),
     "stage2": (2, "fp32", "adamw", {}),
     "stage3": (3, "fp32", "adamw", {}),
+    "stage3-no-prefetch": (3, "fp32", "adamw", {"prefetch_bytes": 0}),
     "stage2-bf16": (2, "bf16", "adamw", {}),
     "stage3-bf16": (3, "bf16", "adamw", {}),
     "stage2-fp16": (2, "fp16", "adamw", {}),
