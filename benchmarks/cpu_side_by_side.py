@@ -34,6 +34,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import hf_zero
+from hf_zero.testing.launch import local_launch_command
 
 VOCAB = 4096
 # DDP's default bucket_cap_mb (25 MiB) in fp32 elements: hf_zero's buckets get the same size.
@@ -172,15 +173,7 @@ def main() -> None:
     )  # fmt: skip
     options = parser.parse_args()
     if "LOCAL_RANK" not in os.environ:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            *sys.argv,
-        ]
+        command = local_launch_command(2, sys.argv)
         raise SystemExit(subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

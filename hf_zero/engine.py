@@ -141,6 +141,12 @@ class ZeroEngine(ShardedState, nn.Module):
         self.slot_of = {
             id(p): (g, i) for g, group in enumerate(self.groups) for i, p in enumerate(group.params)
         }
+        # Segment indices in the order their shards sit in the arenas (`arena.py`): walked in this
+        # order, each param group's gradients, masters and moments are end to end.
+        self.arena_order = sorted(
+            range(len(self.groups)),
+            key=lambda g: (segment_order(self.groups[g].optimizer_group, self.groups[g].compute_dtype), g),
+        )
         layers = [unit.index for unit in self.units if not unit.is_root]
         fp32 = config.reduce_dtype == "fp32"
         if config.stage == 3 and self.ctx.world_size > 1:
@@ -628,14 +634,7 @@ class ZeroEngine(ShardedState, nn.Module):
         if self._stats is None:
             self._reduce_grads("clip_grad_norm_")
             # In arena order, where the segments' gradients sit end to end: one read per dtype.
-            order = sorted(
-                range(len(self.groups)),
-                key=lambda g: (
-                    segment_order(self.groups[g].optimizer_group, self.groups[g].compute_dtype),
-                    g,
-                ),
-            )
-            owned = [t for g in order for t in self.grad_sync.owned_grads(g)]
+            owned = [t for g in self.arena_order for t in self.grad_sync.owned_grads(g)]
             stats = grad_stats([row[0] for row in merge_adjacent([(t,) for t in owned])]).to(self.ctx.device)
             if any(group.layout.num_shards > 1 for group in self.groups):
                 self.comm.all_reduce(stats)
@@ -720,7 +719,9 @@ class ZeroEngine(ShardedState, nn.Module):
             )
         host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
         fused: dict[tuple[int, bool], list] = {}  # (param group, zero the gradient) -> its parts
-        for g, group in enumerate(self.groups):
+        # In arena order: each param group's segments end to end, stepped in one launch.
+        for g in self.arena_order:
+            group = self.groups[g]
             param_group = optimizer.param_groups[group.optimizer_group]
             if group.offloaded:
                 on_host = group.offload == "cpu" and self._delayed is None
@@ -732,7 +733,7 @@ class ZeroEngine(ShardedState, nn.Module):
                     (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
                     for run in group.runs
                 ]
-                fused.setdefault((group.optimizer_group, zero), []).append((g, group.master, pieces))
+                fused.setdefault((group.optimizer_group, zero), []).append((group.master, pieces))
                 group.master.grad = None
                 self._fused_groups.add(g)
                 if zero:
@@ -747,17 +748,8 @@ class ZeroEngine(ShardedState, nn.Module):
                     )
                 group.master.grad = grad if scale is None else grad.mul_(scale)
         for (index, zero), parts in fused.items():
-            # In arena order (`arena.py`): each param group's segments end to end, one launch.
-            parts.sort(key=lambda part: (segment_order(index, self.groups[part[0]].compute_dtype), part[0]))
             self._undo_if_skipped.append(
-                fused_step(
-                    optimizer,
-                    optimizer.param_groups[index],
-                    [(master, pieces) for _, master, pieces in parts],
-                    scale,
-                    zero,
-                    found_inf,
-                )
+                fused_step(optimizer, optimizer.param_groups[index], parts, scale, zero, found_inf)
             )
         if host_path:
             self.device_ops.synchronize()  # every torch-path download has landed: one wait for all

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_zero.testing.launch import local_launch_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "accelerate_train.py"
 STEPS = 6
@@ -68,15 +70,7 @@ def test_the_example_trains_as_unsharded_training_under_both_launchers(tmp_path,
         config = ROOT / "examples" / "accelerate_config.yaml"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *script]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            *script,
-        ]
+        command = local_launch_command(2, script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -9,25 +9,22 @@ import sys
 import torch.distributed as dist
 
 
+def local_launch_command(nproc: int, args: list[str]) -> list[str]:
+    """The command that runs `args` (a script and its arguments, or `-m module ...`) on `nproc`
+    processes of this machine under torchrun."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc_per_node", str(nproc), *args,
+    ]  # fmt: skip
+
+
 def torchrun(module: str, nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m module args...` on `nproc` local ranks; raise with the output if it fails."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        module,
-        *args,
-    ]
+    command = local_launch_command(nproc, ["-m", module, *args])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(
