@@ -73,8 +73,26 @@ class GradientReducer:
         self.accumulating = True
         self.dirty = [True] * len(self.grads)
 
+    def _buffer_numel(self, group: FlatParamGroup) -> int:
+        """Elements of `group`'s gradient buffer."""
+        raise NotImplementedError
+
+    def _carve_grads(self, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+        """Zeroed gradient buffers, one allocation per dtype, in the masters' order (`arena.py`):
+        where they are whole shards (stages 2-3, or a world of one), the statistics and the
+        optimizer step read each param group in one launch."""
+        return carve_ordered(
+            [self._buffer_numel(g) for g in self.groups],
+            dtypes,
+            [segment_order(g.optimizer_group, g.compute_dtype) for g in self.groups],
+            self.groups[0].flat.device if self.groups else torch.device("cpu"),
+        )
+
     def _in_fp32(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [buffer.float() for buffer in buffers]
+        fp32 = self._carve_grads([torch.float32] * len(buffers))
+        for new, old in zip(fp32, buffers, strict=True):
+            new.copy_(old)
+        return fp32
 
     def persistent_bytes(self) -> int:
         """Bytes of the gradient buffers kept between steps."""
@@ -98,9 +116,10 @@ class StepReduction(GradientReducer):
     ) -> None:
         super().__init__(groups, comm, reduce_fp32)
         self.scatter = scatter and comm.world_size > 1
-        self.grads = [
-            torch.zeros(g.layout.numel, dtype=self.reduce_dtype(g), device=g.flat.device) for g in groups
-        ]
+        self.grads = self._carve_grads([self.reduce_dtype(g) for g in groups])
+
+    def _buffer_numel(self, group: FlatParamGroup) -> int:
+        return group.layout.numel  # the whole gradient
 
     def on_grad(self, group: int, index: int, grad: torch.Tensor) -> None:
         self._check_open()
@@ -219,21 +238,8 @@ class BackwardReduceScatter(GradientReducer):
         self.peak_staged_elements = self.peak_staged_bytes = 0
         self._reset_pass()
 
-    def _carve_grads(self, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
-        """Zeroed shard-sized gradient buffers, one allocation per dtype, in the masters' order
-        (`arena.py`): the statistics and the optimizer step read each param group in one launch."""
-        return carve_ordered(
-            [g.layout.shard_numel for g in self.groups],
-            dtypes,
-            [segment_order(g.optimizer_group, g.compute_dtype) for g in self.groups],
-            self.groups[0].flat.device if self.groups else torch.device("cpu"),
-        )
-
-    def _in_fp32(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        fp32 = self._carve_grads([torch.float32] * len(buffers))
-        for new, old in zip(fp32, buffers, strict=True):
-            new.copy_(old)
-        return fp32
+    def _buffer_numel(self, group: FlatParamGroup) -> int:
+        return group.layout.shard_numel  # this rank's reduced shard
 
     def order_by_first_use(self, first_use: dict[tuple[int, int], int]) -> None:
         """Before the first backward pass: propose launching buckets in reverse order of their

@@ -63,3 +63,43 @@ def test_carved_tensors_hold_the_allocation_only_through_its_storage():
     elsewhere = torch.zeros(1 << 16)
     views[0].set_(elsewhere.untyped_storage(), 0, (1 << 16,), (1,))
     assert views[0].data_ptr() == elsewhere.data_ptr()
+
+
+def test_a_stage_3_step_after_an_optimizer_state_load_still_launches_once_per_param_group(monkeypatch):
+    """State loaded from elsewhere gives every segment separate moment tensors; the next step packs
+    them into one allocation again, so each param group is still stepped in one kernel call (also
+    in a world of one, whose gradients sit end to end too)."""
+    import hf_zero
+    from hf_zero import fused_step
+    from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
+
+    model = build_model("llama")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    engine = hf_zero.initialize(model, optimizer, {"stage": 3})
+    samples = make_samples("llama", 4)
+    calls = []
+    original = fused_step.adam_step
+    monkeypatch.setattr(fused_step, "adam_step", lambda *args: calls.append(1) or original(*args))
+
+    def step(index: int) -> None:
+        engine.backward(engine(**slice_samples(samples, index, 2)).loss)
+        engine.step()
+        engine.zero_grad()
+
+    step(0)
+    assert len(engine.groups) > 2 and len(calls) == 2
+    # State from elsewhere (a checkpoint's files): a separate tensor per segment and key.
+    saved = optimizer.state_dict()
+    saved["state"] = {
+        index: {key: value.clone() for key, value in state.items()} for index, state in saved["state"].items()
+    }
+    optimizer.load_state_dict(saved)
+    calls.clear()
+    step(2)
+    assert len(calls) == 2
+    for index in range(2):  # each param group's moments in one allocation again
+        moments = [optimizer.state[g.master]["exp_avg"] for g in engine.groups if g.optimizer_group == index]
+        assert len(moments) > 1 and len({m.untyped_storage().data_ptr() for m in moments}) == 1
+    engine.close()
