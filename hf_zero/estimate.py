@@ -5,8 +5,9 @@
 
 The model is read from a config.json, a model folder or a Hub id already in the local Hugging Face
 cache (no download, no weights) and built on the meta device, so its parameters are counted as the
-engine lays them out: tied weights once, split into the root unit (embeddings, head, final norm,
-weights shared across layers) and one unit per layer (see `units.py`).
+engine lays them out: tied weights once, split into the root unit (head, final norm, tied
+embeddings, weights shared across layers), the untied input embedding and one unit per layer (see
+`units.py`).
 
 The formulas follow the engine's own byte accounting (`ZeroEngine.memory_breakdown`, the bytes
 `Collectives` counts into `engine.last_step_comm_bytes`), ignoring the padding of flat buffers to
@@ -47,9 +48,10 @@ and A micro-batches per step:
               updated weights b*P*f
     stage 2   a reduce-scatter per backward pass         A*r*P*f, then the all-gather b*P*f
     stage 3   a reduce-scatter per backward pass         A*r*P*f, and per micro-batch the gathers of
-              every unit in forward and of every layer unit again in backward: A*b*(2*P - R)*f
-              (the root stays gathered from forward to the end of backward; there is no all-gather
-              after the step: the updated shards are what the next forward gathers)
+              every unit in forward and of every layer unit again in backward: A*b*(2*P - R - E)*f
+              (the root stays gathered from forward to the end of backward, and the untied input
+              embedding's E parameters are not needed in backward; there is no all-gather after the
+              step: the updated shards are what the next forward gathers)
 
 Time: a ring spanning several nodes crosses each node's network once per ring, so a node's network
 interfaces together carry what one GPU sends (bytes/inter-node bandwidth per node), while each GPU's
@@ -115,11 +117,21 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     name: str = "model"
+    input_embedding: int = 0  # parameters of the untied input embedding's unit (gathered in forward only)
 
     @property
     def largest_unit(self) -> int:
-        """Parameters of the largest layer unit (0 for a model cut into no units)."""
+        """Parameters of the largest unit but the root (0 for a model cut into no units)."""
         return max(self.unit_parameters, default=0)
+
+    @property
+    def largest_layer(self) -> int:
+        """Parameters of the largest unit gathered ahead of its use: every unit but the root and
+        the input embedding (which is the first of the forward and not gathered in backward)."""
+        layers = list(self.unit_parameters)
+        if self.input_embedding:
+            layers.remove(self.input_embedding)
+        return max(layers, default=0)
 
     @property
     def largest_segment(self) -> int:
@@ -281,9 +293,15 @@ def estimate(
         staging = r * min(P, (1 + STAGED_BUCKETS) * _bucket(P, largest_tensor, reduce_bucket_size))
     elif scatters_in_backward:
         root_bucket = _bucket(R, shape.largest_root_tensor, reduce_bucket_size)
-        layer_bucket = _bucket(U, shape.largest_unit_tensor, reduce_bucket_size)
-        staging = r * min(P, root_bucket + STAGED_BUCKETS * layer_bucket)
-    ahead = U * max(1, MIN_PREFETCH_BYTES // (b * U)) if U else 0
+        layer_bucket = _bucket(shape.largest_layer, shape.largest_unit_tensor, reduce_bucket_size)
+        # The input embedding's gradient is reduced when the backward pass ends, with the root's,
+        # while the last layers' reductions may still be under way.
+        embedding_bucket = _bucket(shape.input_embedding, shape.input_embedding, reduce_bucket_size)
+        staging = r * min(P, root_bucket + embedding_bucket + STAGED_BUCKETS * layer_bucket)
+    # The root, the unit running and the prefetch budget (the largest unit gathered ahead, at least
+    # MIN_PREFETCH_BYTES): the input embedding runs first, with the layers gathered ahead of it.
+    L = shape.largest_layer
+    ahead = L * max(1, MIN_PREFETCH_BYTES // (b * L)) if L else 0
     gathered = b * min(P, R + U + ahead) if stage == 3 else 0
     host = 0
     if offloaded:
@@ -312,7 +330,8 @@ def estimate(
     elif stage == 2:
         reduce, gather = grad_accum * r * P * share, b * P * share
     else:
-        reduce, gather = grad_accum * r * P * share, grad_accum * b * (2 * P - R) * share
+        E = shape.input_embedding
+        reduce, gather = grad_accum * r * P * share, grad_accum * b * (2 * P - R - E) * share
     total = reduce + gather
     # Gbit/s -> bytes/s.
     intra = total / (intra_gbps * 1e9 / 8) if gpus > 1 else None
@@ -445,6 +464,8 @@ def _meta_model(config: Any) -> Any:
 def model_shape(config: Any) -> ModelShape:
     """Count `config`'s model as the engine lays it out: built on the meta device, unique tensors
     (tied weights once), split into units with the engine's own `find_units`."""
+    from torch import nn
+
     from .units import find_units
 
     model = _meta_model(config)
@@ -476,6 +497,9 @@ def model_shape(config: Any) -> ModelShape:
         intermediate_size=attribute("intermediate_size", "n_inner", "ffn_dim", "d_ff", default=4 * hidden),
         vocab_size=attribute("vocab_size"),
         name=type(model).__name__,
+        input_embedding=sum(
+            p.numel() for unit in units[1:] if isinstance(unit.module, nn.Embedding) for p in unit.params
+        ),
     )
 
 
@@ -672,8 +696,8 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     weights_name, weights_size = _unit_for(shape.parameters * b)
     lines = [
         f"{shape.name}: {shape.parameters:,} parameters ({shape.parameters * b / weights_size:.2f} {weights_name} in "
-        f"{options.precision}); root unit {shape.root_parameters:,} (embeddings, head, final norm), "
-        f"{units} layer unit(s) of up to {shape.largest_unit:,}",
+        f"{options.precision}); root unit {shape.root_parameters:,} (head, final norm, tied weights), "
+        f"{units} unit(s) of up to {shape.largest_unit:,} (layers, untied input embedding)",
         f"{options.nodes} node(s) x {options.gpus} GPU(s) = {world} rank(s); {options.precision}; AdamW; "
         f"micro-batch {options.batch} x {options.seq} tokens per GPU, {options.grad_accum} per step"
         + ("; activation checkpointing" if options.checkpointing else ""),

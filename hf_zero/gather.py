@@ -9,8 +9,8 @@ post-backward); the unit is released at the next unit's backward, or at the end 
 of this holds a reference to the autograd graph. (torch's `register_multi_grad_hook`, used before,
 keeps the tensors' graph nodes in a closure stored on those very nodes: a cycle through C++ that
 Python's collector cannot see, so every forward's graph stayed alive, with its saved activations
-where no backward freed them.) The root unit (embeddings, final norm, head, and weights tied
-across units) stays gathered from the start of the model's forward to the end of the backward
+where no backward freed them.) The root unit (final norm, head, tied embeddings, and weights
+tied across units) stays gathered from the start of the model's forward to the end of the backward
 pass, or of the forward when there is no gradient.
 
 Collectives pair up across ranks by call order, and ranks whose data skip a unit (a branch, a
@@ -146,19 +146,26 @@ class UnitGatherer:
             sum(s.layout.numel * s.flat.element_size() for s in unit_segments)
             for unit_segments in self.segments
         ]
-        # None: one unit ahead, whatever its size (the largest layer unit's bytes), and at least
-        # MIN_PREFETCH_BYTES, so that small units travel several to a collective.
-        self.prefetch_bytes = (
-            max(max((b for u, b in enumerate(self.unit_bytes) if u != 0), default=0), MIN_PREFETCH_BYTES)
-            if prefetch_bytes is None
-            else prefetch_bytes
-        )
         self.in_flight: dict[int, list] = {}  # unit -> work handles of its gathers, not waited yet
         self.prefetched_units = 0
         self.warned_order = False
         layers = [unit.index for unit in units if not unit.is_root]
         self.forward_walk = _Walk(layers)
-        self.backward_walk = _Walk(list(reversed(layers)))
+        # An embedding's backward needs no weights (its gradient is the output's gradient added up
+        # by index): the backward walk passes it by, and its gradients are reduced when the pass
+        # ends. Every other unit is gathered again for its backward.
+        self.backward_walk = _Walk(
+            [u for u in reversed(layers) if not isinstance(self.units[u].module, nn.Embedding)]
+        )
+        # None: one unit ahead, whatever its size (the largest unit a walk gathers ahead: not the
+        # first of a pass, such as the input embedding), and at least MIN_PREFETCH_BYTES, so that
+        # small units travel several to a collective.
+        ahead = set(self.forward_walk.order[1:]) | set(self.backward_walk.order[1:])
+        self.prefetch_bytes = (
+            max(max((self.unit_bytes[u] for u in ahead), default=0), MIN_PREFETCH_BYTES)
+            if prefetch_bytes is None
+            else prefetch_bytes
+        )
         self.open_backward = False  # a forward with gradients ran; its backward pass has not ended
         self.pinned: set[int] = set()  # units kept gathered by `gathered_parameters`
         # Backward uses of each unit under way. A unit's use ends (its inputs' gradients are ready)
@@ -354,9 +361,11 @@ class UnitGatherer:
         return hook
 
     def _acquire(self, unit: int) -> None:
-        """A backward use of `unit` begins: gather it, the walk ending the units before it."""
+        """A backward use of `unit` begins: gather it, the walk ending the units before it (a unit
+        the backward walk passes by needs nothing gathered)."""
         self.holds[unit] += 1
-        self._gather_in_order(self.backward_walk, unit, backward=True)
+        if unit in self.backward_walk.position:
+            self._gather_in_order(self.backward_walk, unit, backward=True)
 
     def _drop(self, unit: int) -> None:
         """A backward use of `unit` is done (its inputs have their gradients): release it if no use

@@ -3,11 +3,14 @@
 A unit is an instance of one of the model's layer classes (`_no_split_modules`, which every
 Hugging Face model names, e.g. `LlamaDecoderLayer`), or of the classes the config names; a model
 that names none is cut into its top-level children (the members of a ModuleList or ModuleDict
-child, which runs no forward of its own). A unit's forward must run for its parameters to be used:
-hooks on it gather them. Parameters outside every unit (embeddings,
-final norm, head), and parameters that more than one unit uses (weights tied across units), form
-the root unit. Units keep registration order (`named_modules()`), which is the same on every rank
-whatever the data does: the canonical order collectives follow.
+child, which runs no forward of its own). With the model's own layer classes, its input embedding
+(`get_input_embeddings()`, an `nn.Embedding`) is a unit too, unless tied to the head: it runs
+first in forward and is not needed again until the end of backward, so it need not stay gathered
+at the memory peak between. A unit's forward must run for its parameters to be used: hooks on it
+gather them. Parameters outside every unit (final norm, head, tied embeddings), and parameters
+that more than one unit uses (weights tied across units), form the root unit. Units keep
+registration order (`named_modules()`), which is the same on every rank whatever the data does:
+the canonical order collectives follow.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ def find_units(model: nn.Module, requested: Sequence[str] | None = None) -> list
     names = unit_class_names(model, requested)
     chosen: list[tuple[str, nn.Module]] = []
     if names:
+        embedding = None if requested else _input_embedding(model)
         # named_modules() yields a module used in several places (a shared layer) once.
         for name, module in model.named_modules():
-            if name and type(module).__name__ in names and not _inside(name, chosen):
+            if name and (type(module).__name__ in names or module is embedding) and not _inside(name, chosen):
                 chosen.append((name, module))
         if requested and not chosen:
             raise ValueError(
@@ -88,6 +92,17 @@ def find_units(model: nn.Module, requested: Sequence[str] | None = None) -> list
     for position, unit in enumerate(kept):
         unit.index = position
     return kept
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's input embedding module (Hugging Face's `get_input_embeddings()`), if it is a
+    plain `nn.Embedding` (a tied one gives its weight to the root unit below, leaving its unit empty)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        module = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return module if isinstance(module, nn.Embedding) else None
 
 
 def _called_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:

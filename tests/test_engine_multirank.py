@@ -164,10 +164,11 @@ def test_bytes_sent_per_step_match_data_parallel(sharded, world, case):
 
 
 def _gather_bytes(case: Case, share: float, got: dict) -> int:
-    """Stage 3 gathers every unit in each forward and again in each backward; the root unit once
-    per micro-batch (it stays gathered through the backward pass). A unit used three times in one
-    forward (the shared layer) is gathered at every use there, and once in backward, where it stays
-    gathered from its last use's backward to its first's."""
+    """Stage 3 gathers every unit in each forward and again in each backward, but the input
+    embedding only in forward (its backward needs no weights); the root unit once per micro-batch
+    (it stays gathered through the backward pass). A unit used three times in one forward (the
+    shared layer) is gathered at every use there, and once in backward, where it stays gathered from
+    its last use's backward to its first's."""
     forwards = case.accumulation + (case.scenario == "discard") + (case.scenario == "eval_between")
     backwards = case.accumulation + (case.scenario == "discard")
     uses = 3 if case.model == "llama-shared" else 1
@@ -177,8 +178,11 @@ def _gather_bytes(case: Case, share: float, got: dict) -> int:
     ]
     segments += [(numel, size, unit) for numel, _, size, unit in got["frozen_segments"]]
     root = sum(round(share * numel * size) for numel, size, unit in segments if unit == 0)
-    layers = sum(round(share * numel * size) for numel, size, unit in segments if unit != 0)
-    return forwards * (root + uses * layers) + backwards * layers
+    layers = sum(
+        round(share * numel * size) for numel, size, unit in segments if unit in got["backward_units"]
+    )
+    embedding = sum(round(share * numel * size) for numel, size, unit in segments if unit != 0) - layers
+    return forwards * (root + embedding + uses * layers) + backwards * layers
 
 
 def expected_memory(case: Case, world: int, got: dict) -> dict[str, int]:
@@ -248,6 +252,9 @@ def test_stage3_prefetches_each_next_unit_within_the_budget(sharded, world, case
     """Every pass gathers its first unit on demand and each later one ahead of its use (the
     budget holds at least one unit), or none ahead when prefetching is off."""
     got = sharded(world)[0][case.name]
-    layers = len(set(got["segment_units"]) - {0})
-    passes = 2 * case.accumulation * case.steps  # forward and backward of every micro-batch
-    assert got["prefetched_units"] == (passes * (layers - 1) if got["prefetch_bytes"] else 0)
+    forward = len(set(got["segment_units"]) - {0})  # the layers and the input embedding
+    backward = len(got["backward_units"])  # the layers
+    assert backward == forward - 1
+    passes = case.accumulation * case.steps  # forward and backward of every micro-batch
+    expected = passes * ((forward - 1) + (backward - 1))
+    assert got["prefetched_units"] == (expected if got["prefetch_bytes"] else 0)

@@ -96,10 +96,16 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device, sta
     assert engine.optimizer is optimizer
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
     # One flat fp32 master shard per param group, spanning the units below stage 3; at stage 3 one
-    # per (unit, param group): the root unit and the two decoder layers.
-    assert [u.name for u in engine.units] == ["<root>", "model.layers.0", "model.layers.1"]
-    masters = 1 if stage < 3 else 3
-    assert [len(g["params"]) for g in optimizer.param_groups] == [masters, masters]
+    # per (unit, param group): the root unit (head; final norm), the input embedding (a matrix: no
+    # norm in it) and the two decoder layers.
+    assert [u.name for u in engine.units] == [
+        "<root>",
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+    ]
+    masters = [1, 1] if stage < 3 else [4, 3]
+    assert [len(g["params"]) for g in optimizer.param_groups] == masters
     assert all(g["params"][0].dtype == torch.float32 for g in optimizer.param_groups)
     samples = _samples("llama", 2, device)
     engine.backward(engine(**samples).loss)
@@ -107,7 +113,7 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device, sta
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 2.5e-4]
     state = optimizer.state_dict()["state"]
-    assert sorted(state) == list(range(2 * masters)) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sorted(state) == list(range(sum(masters))) and set(state[0]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_bf16_parameters_are_views_into_flat_buffers_with_fp32_masters(device):

@@ -153,9 +153,19 @@ def test_frozen_fp32_weights_are_saved_in_fp32():
     ("stage", "segments"),
     [
         # The router sits in an fp32 segment of its own: beside the one spanning the units below
-        # stage 3, in its unit (the sparse layer, unit 2) at stage 3.
+        # stage 3, in its unit at stage 3 (the sparse layer, unit 3, after the root, the input
+        # embedding and the dense layer).
         (1, [(0, torch.bfloat16), (0, torch.float32)]),
-        (3, [(0, torch.bfloat16), (1, torch.bfloat16), (2, torch.bfloat16), (2, torch.float32)]),
+        (
+            3,
+            [
+                (0, torch.bfloat16),
+                (1, torch.bfloat16),
+                (2, torch.bfloat16),
+                (3, torch.bfloat16),
+                (3, torch.float32),
+            ],
+        ),
     ],
 )
 def test_modules_the_model_keeps_in_fp32_compute_and_train_in_fp32(stage, segments):

@@ -48,17 +48,19 @@ def test_stage_3_issues_one_collective_per_unit_and_phase_at_most_and_one_launch
     counts, case
 ):
     for layers, got in zip(LAYERS, _depths(counts, case), strict=True):
-        assert got["segments"] == 2 * (layers + 1)  # (the root and each layer) x two param groups
+        # The root (head and final norm: both param groups), the input embedding (decay) and
+        # each layer (both param groups).
+        assert got["segments"] == 2 + 1 + 2 * layers
         # Each unit's segments (both param groups) travel together, and every unit is reduced once
         # when its backward ends; plus the statistics' all-reduce.
-        reductions = layers + 1
+        reductions = layers + 2
         if case == "stage3-no-prefetch":
-            # Gathered on demand: every layer in forward and again in backward, the root once (it
-            # stays gathered for the step).
-            assert got["collectives"] == 2 * layers + 1 + reductions + 1
+            # Gathered on demand: every layer in forward and again in backward; the root (it stays
+            # gathered for the step) and the embedding (its backward needs no weights) once.
+            assert got["collectives"] == 2 * layers + 2 + reductions + 1
         else:
-            # These layers are far below the default prefetch budget (64 MiB): a pass gathers its
-            # first layer on demand and all the others ahead in one all-gather; the root once.
+            # These units are far below the default prefetch budget (64 MiB): a pass gathers its
+            # first unit on demand and all the others ahead in one all-gather; the root once.
             assert got["collectives"] == (1 + 2) + 2 + reductions + 1
         # Masters, moments, gradients and 16-bit shards are carved from one buffer per kind, each
         # param group's segments end to end: one kernel call per param group, one statistics read.
@@ -93,7 +95,8 @@ def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_sync
         # buffer, asynchronously: the only extra waits are for the upload that last used the
         # buffer (two take turns), never a synchronisation of the device.
         for got in (shallow, deep):
-            # Each layer's two segments gathered in forward and in backward, the root's once.
-            assert got["uploads"] == 2 * got["segments"] - 2
+            # Each layer's two segments gathered in forward and in backward, the root's two and
+            # the embedding's one once.
+            assert got["uploads"] == 2 * got["segments"] - 3
             # The optimizer's swap-ins (download and upload) and one wait per shard brought up.
             assert got["event_waits"] == 2 * got["segments"] + got["uploads"]

@@ -16,11 +16,19 @@ def _names(units):
 
 
 def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
-    assert _names(find_units(build_model("llama"))) == [
-        (ROOT, 3),
+    # Llama's untied input embedding is a unit of its own, first; the head and final norm are the root.
+    llama = build_model("llama")
+    units = find_units(llama)
+    assert _names(units) == [
+        (ROOT, 2),
+        ("model.embed_tokens", 1),
         ("model.layers.0", 9),
         ("model.layers.1", 9),
     ]
+    assert units[1].params[0] is llama.model.embed_tokens.weight
+    assert {id(p) for p in units[0].params} == {id(llama.lm_head.weight), id(llama.model.norm.weight)}
+    # Naming the layer classes keeps exactly those (the embedding goes back to the root).
+    assert _names(find_units(llama, ["LlamaDecoderLayer"]))[0] == (ROOT, 3)
     # GPT-2 ties lm_head to wte: one parameter, in the root unit.
     assert _names(find_units(build_model("gpt2"))) == [
         (ROOT, 4),
@@ -32,7 +40,9 @@ def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
     units = find_units(bert)
     assert any(p is bert.bert.embeddings.word_embeddings.weight for p in units[0].params)
     # A layer reused three times is one unit.
-    assert _names(find_units(build_model("llama-shared"))) == [(ROOT, 3), ("model.layers.0", 9)]
+    assert _names(find_units(build_model("llama-shared"))) == [
+        (ROOT, 2), ("model.embed_tokens", 1), ("model.layers.0", 9)
+    ]  # fmt: skip
 
 
 def test_units_without_layer_classes_are_the_top_level_children_or_what_the_config_names():

@@ -236,6 +236,8 @@ def run_sharded(case: Case, group=None) -> dict:
             for g in engine.groups
         ],
         "segment_units": [g.unit for g in engine.groups],
+        # Units gathered again in backward (an input embedding's backward needs no weights).
+        "backward_units": engine.gatherer.backward_walk.order if engine.gatherer else [],
         "frozen_segments": [
             (g.layout.numel, g.layout.shard_numel, g.compute_dtype.itemsize, g.unit) for g in engine.frozen
         ],
