@@ -23,7 +23,7 @@ import time
 import torch
 
 from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference
-from hf_zero.nvme import SwapFile, aligned_buffer
+from hf_zero.offload.nvme import SwapFile, aligned_buffer
 
 FLOOR_BYTES_PER_ELEMENT = 28
 

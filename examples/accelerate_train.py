@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_zero import ZeroAccelerator
-from hf_zero.data import causal_lm_dataset, markov_corpus
+from hf_zero.cli.data import causal_lm_dataset, markov_corpus
 
 VOCAB, LENGTH = 256, 32
 

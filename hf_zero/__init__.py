@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ZeroConfig
-from .engine import ZeroEngine, engine_of, full_grad, initialize
-from .gather import gathered_parameters
-
-__version__ = "0.1.0"
+from .config.zero_config import ZeroConfig
+from .engine.calls import full_grad, gathered_parameters
+from .engine.zero_engine import ZeroEngine, engine_of, initialize
+from .version import __version__ as __version__
 
 __all__ = [
     "ZeroAccelerator",
@@ -32,7 +31,7 @@ __all__ = [
 _LAZY = {
     "ZeroTrainer": ".integrations.trainer",
     "ZeroAccelerator": ".integrations.accelerator",
-    "from_pretrained": ".loading",
+    "from_pretrained": ".hub.loading",
 }
 
 

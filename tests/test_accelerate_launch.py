@@ -30,7 +30,7 @@ def _unsharded() -> tuple[list[float], float, dict[str, torch.Tensor]]:
         import accelerate_train as example
     finally:
         sys.path.pop(0)
-    from hf_zero.data import markov_corpus
+    from hf_zero.cli.data import markov_corpus
 
     torch.manual_seed(0)
     model = example.build_model()

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 import hf_zero
 from hf_zero import ZeroAccelerator
 from hf_zero.checkpoint.format import MANIFEST, TRAINER_SUBFOLDER, rank_file_name
+from hf_zero.hub.saving import write_atomically
 from hf_zero.integrations import accelerator as accelerator_module
 from hf_zero.integrations.placement import decide_placement
-from hf_zero.saving import write_atomically
 from hf_zero.testing.accelerate_run import SAVE_AFTER
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model

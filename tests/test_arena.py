@@ -1,11 +1,11 @@
-"""`hf_zero/arena.py`: views carved from one allocation, merged back where they sit end to end, and
+"""`hf_zero/core/arena.py`: views carved from one allocation, merged back where they sit end to end, and
 freed once nothing uses the allocation any more."""
 
 from __future__ import annotations
 
 import torch
 
-from hf_zero.arena import carve, carve_ordered, merge_adjacent, nbytes, segment_order
+from hf_zero.core.arena import carve, carve_ordered, merge_adjacent, nbytes, segment_order
 
 
 def test_carved_views_sit_end_to_end_in_one_zeroed_allocation():
@@ -70,7 +70,7 @@ def test_a_stage_3_step_after_an_optimizer_state_load_still_launches_once_per_pa
     them into one allocation again, so each param group is still stepped in one kernel call (also
     in a world of one, whose gradients sit end to end too)."""
     import hf_zero
-    from hf_zero import fused_step
+    from hf_zero.engine import fused_step
     from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
     model = build_model("llama")

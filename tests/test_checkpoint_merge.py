@@ -101,7 +101,7 @@ def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path, ca
 _MEASURE = textwrap.dedent(
     """
     import json, sys
-    from hf_zero.checkpoint.merge import merge_checkpoint
+    from hf_zero.cli.merge import merge_checkpoint
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -149,7 +149,7 @@ def test_merge_streams_holding_about_one_output_file(tmp_path):
 
 @pytest.mark.parametrize("bad", ["fp8", None])
 def test_merge_api_refuses_an_unknown_dtype(tmp_path, bad):
-    from hf_zero.checkpoint.merge import merge_checkpoint
+    from hf_zero.cli.merge import merge_checkpoint
 
     _trained_checkpoint(tmp_path / "checkpoint")
     if bad is None:

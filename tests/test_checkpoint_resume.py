@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_zero.checkpoint.merge import merge_checkpoint
+from hf_zero.cli.merge import merge_checkpoint
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples
 

@@ -253,7 +253,7 @@ def test_from_deepspeed_precision_and_auto_values():
 
 
 def test_yaml_reads_no_as_text_and_exponents_as_numbers():
-    from hf_zero.config import load_yaml
+    from hf_zero.config.zero_config import load_yaml
 
     assert load_yaml("a: no\nb: on\nc: true\nd: FALSE\ne: 1e-3\nf: 5e7\ng: 2") == {
         "a": "no", "b": "on", "c": True, "d": False, "e": 1e-3, "f": 5e7, "g": 2,

@@ -291,7 +291,7 @@ def test_full_state_dict_keep_false_returns_nothing(device):
 def test_load_full_state_dict_sets_masters_exactly(tmp_path, stage, device):
     source = build_model("gpt2")
     source.save_pretrained(tmp_path)  # ties: writes transformer.wte.weight once
-    from hf_zero.weights import load_pretrained_weights
+    from hf_zero.hub.weights import load_pretrained_weights
 
     weights = load_pretrained_weights(tmp_path)
     model, optimizer = _gpt2_and_adamw(device)
@@ -318,7 +318,7 @@ def test_load_full_state_dict_sets_masters_exactly(tmp_path, stage, device):
 
 
 def test_load_pretrained_weights_needs_a_pretrained_folder(tmp_path):
-    from hf_zero.weights import load_pretrained_weights
+    from hf_zero.hub.weights import load_pretrained_weights
 
     with pytest.raises(FileNotFoundError, match="expected a folder written by save_pretrained"):
         load_pretrained_weights(tmp_path)

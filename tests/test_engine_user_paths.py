@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_zero
-from hf_zero.distributed import choose_device
+from hf_zero.core.distributed import choose_device
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
 

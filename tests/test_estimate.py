@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_zero.estimate import (
+from hf_zero.cli.estimate import (
     ModelShape,
     activation_bytes,
     estimate,

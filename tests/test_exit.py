@@ -1,5 +1,5 @@
 """Runs end cleanly: what an engine holds ends with it, and launched ranks exit 0 through the
-interpreter's ordinary teardown (see `hf_zero.teardown`).
+interpreter's ordinary teardown (see `hf_zero.engine.teardown`).
 
 The launches cost a fresh interpreter per rank; `HF_ZERO_EXIT_LAUNCHES` sets how many per mode
 (default 2: every mode and every ending once). `python -m hf_zero.testing.exit_runs` runs the
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hf_zero
-from hf_zero import teardown
+from hf_zero.engine import teardown
 from hf_zero.testing.exit_runs import ENDINGS, MODES
 
 LAUNCHES = int(os.environ.get("HF_ZERO_EXIT_LAUNCHES", "2"))

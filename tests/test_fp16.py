@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import hf_zero
-from hf_zero.config import ZeroConfig
-from hf_zero.loss_scaler import LossScaler
+from hf_zero.config.zero_config import ZeroConfig
+from hf_zero.engine.loss_scaler import LossScaler
 from hf_zero.testing.cases import Case
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples

@@ -23,11 +23,11 @@ from transformers import (
 )
 
 import hf_zero
+from hf_zero.hub.weights import load_pretrained_weights
 from hf_zero.testing.cases import build_optimizer
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.loading_checks import FOLDERS
 from hf_zero.testing.tiny_models import build_model, make_samples
-from hf_zero.weights import load_pretrained_weights
 
 STAGE3 = {"stage": 3, "reduce_bucket_size": 6000}
 WORLDS = [2, 4]

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_zero.device import DeviceOps
-from hf_zero.host_staging import HostStaging
+from hf_zero.core.device import DeviceOps
+from hf_zero.core.layout import Run
 from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference, adam_step_torch_cpu
-from hf_zero.layout import Run
+from hf_zero.offload.host_staging import HostStaging
 
 
 def _inputs(n: int, seed: int, grad_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:

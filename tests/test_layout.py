@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_zero.layout import ALIGN, FlatLayout
+from hf_zero.core.layout import ALIGN, FlatLayout
 
 SHAPES = [torch.Size(s) for s in [(7, 5), (3,), (130,), (40, 40), (1,), (9, 11, 2), (600,)]]
 NAMES = [f"p{i}" for i in range(len(SHAPES))]

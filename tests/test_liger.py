@@ -17,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from hf_zero import ZeroTrainer
-from hf_zero.recipes import Recipe, run_recipe, training_arguments
+from hf_zero.cli.recipes import Recipe, run_recipe, training_arguments
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model
 from hf_zero.testing.trainer_run import LogRecorder, TensorDataset, causal_lm_samples

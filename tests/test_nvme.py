@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hf_zero
-from hf_zero.nvme import SwapFailedError
+from hf_zero.offload.nvme import SwapFailedError
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 
 BATCH = slice_samples(make_samples("gpt2", 4), 0, 4)
@@ -73,7 +73,9 @@ def test_buffered_io_where_the_filesystem_refuses_o_direct(tmp_path, monkeypatch
 
 def test_a_disk_too_small_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hf_zero.nvme.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    monkeypatch.setattr(
+        "hf_zero.offload.nvme.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000)
+    )
     with pytest.raises(
         OSError, match=r"NVMe offload needs .* but its disk has only 0\.00 GB \(5000 bytes\) free"
     ):

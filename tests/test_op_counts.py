@@ -3,7 +3,7 @@ two param groups, clipping): below stage 3 the segments span the layers, so a 22
 as many collectives, optimizer-kernel calls and gradient-statistics reads per step as a 4-layer
 one; stage 3 issues at most one collective per unit and phase, whatever its param groups (small
 units gathered several at a time); and the host waits for the device a fixed number of times per
-step, through the device layer (`hf_zero/device.py`), whatever the depth."""
+step, through the device layer (`hf_zero/core/device.py`), whatever the depth."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_zero.layout import FlatLayout
-from hf_zero.optim import shard_param_state
+from hf_zero.core.layout import FlatLayout
+from hf_zero.engine.optim import shard_param_state
 
 
 def _layout(params, num_shards=2):

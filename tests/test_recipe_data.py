@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from hf_zero.model_card import MARKER, render_card, write_card
-from hf_zero.recipe_data import _pack, _sft_example, logits_for_metrics, metrics_for, prepare_data
-from hf_zero.text_corpus import documents, instructions, world, write_corpus
-from hf_zero.tokenizer_training import train_tokenizer
+from hf_zero.cli.recipe_data import _pack, _sft_example, logits_for_metrics, metrics_for, prepare_data
+from hf_zero.cli.text_corpus import documents, instructions, world, write_corpus
+from hf_zero.cli.tokenizer_training import train_tokenizer
+from hf_zero.hub.model_card import MARKER, render_card, write_card
 
 
 def test_generated_corpus_is_english_about_one_fixed_world(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_zero.cli import main
-from hf_zero.recipes import Recipe
+from hf_zero.cli.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
@@ -249,8 +249,8 @@ def test_bert_recipe_reports_masked_accuracy(tmp_path):
 def test_llama_sft_recipe_fine_tunes_a_pretrained_folder(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_zero.text_corpus import instructions
-    from hf_zero.tokenizer_training import train_tokenizer
+    from hf_zero.cli.text_corpus import instructions
+    from hf_zero.cli.tokenizer_training import train_tokenizer
 
     pairs = instructions(400)
     tokenizer = train_tokenizer((f"{p['prompt']}\n{p['response']}" for p in pairs), "bpe", 600)
@@ -283,9 +283,9 @@ def test_llama_sft_recipe_fine_tunes_a_pretrained_folder(tmp_path):
 
 
 def test_a_config_built_without_a_tokenizer_has_no_special_ids_outside_its_vocabulary():
-    from hf_zero.recipes import model_config
-    from hf_zero.text_corpus import documents
-    from hf_zero.tokenizer_training import train_tokenizer
+    from hf_zero.cli.recipes import model_config
+    from hf_zero.cli.text_corpus import documents
+    from hf_zero.cli.tokenizer_training import train_tokenizer
 
     # Token-id data with a small vocabulary: GPT-2's default 50256 names no token of 256.
     config = model_config({"architecture": "gpt2", "config": {"vocab_size": 256, "n_layer": 1}})
@@ -302,7 +302,7 @@ def test_a_config_built_without_a_tokenizer_has_no_special_ids_outside_its_vocab
 
 
 def test_curves_do_not_magnify_tiny_changes(tmp_path):
-    from hf_zero.run_report import plot_curves, y_limits
+    from hf_zero.cli.run_report import plot_curves, y_limits
 
     # Two evaluations 0.003 apart: the axis spans a tenth of the value, centred on them.
     low, high = y_limits([0.561, 0.564])
@@ -324,7 +324,7 @@ def test_curves_do_not_magnify_tiny_changes(tmp_path):
 def test_the_start_line_states_the_global_batch_and_its_factors():
     from types import SimpleNamespace
 
-    from hf_zero.recipes import describe_run, model_config
+    from hf_zero.cli.recipes import describe_run, model_config
 
     recipe = Recipe.load(RECIPE, ["zero.offload_optimizer=cpu"])
     config = model_config(recipe.model)

@@ -1,4 +1,4 @@
-"""The rules of order (`hf_zero/rules_of_order.py`): every rank issues the same collectives in the
+"""The rules of order (`hf_zero/engine/rules_of_order.py`): every rank issues the same collectives in the
 same interleaving across communicators, on models whose ranks take different paths (a branch in
 the last layer only one rank takes, experts that get no tokens on one rank, units one rank skips),
 at stages 2 and 3, with `overlap_comm` on and off and, at stage 3, prefetching on and off
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from hf_zero.rules_of_order import first_difference
+from hf_zero.engine.rules_of_order import first_difference
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.order_checks import CASES
 

@@ -1,5 +1,5 @@
 """`hf-zero env` warns for a package outside the versions CI tested, and that table
-(`hf_zero.tested_versions.TESTED`) agrees with pyproject.toml and the files CI installs from."""
+(`hf_zero.cli.tested_versions.TESTED`) agrees with pyproject.toml and the files CI installs from."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hf_zero.cli import main
-from hf_zero.tested_versions import TESTED
+from hf_zero.cli.tested_versions import TESTED
 
 ROOT = Path(__file__).resolve().parents[1]
 

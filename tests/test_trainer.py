@@ -21,7 +21,7 @@ import hf_zero
 from hf_zero import ZeroTrainer
 from hf_zero.checkpoint import read_manifest
 from hf_zero.checkpoint.reader import SpanReader
-from hf_zero.optim_state import load_unsharded_optimizer_state
+from hf_zero.engine.optim_state import load_unsharded_optimizer_state
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model, make_samples, slice_samples
 from hf_zero.testing.trainer_run import LogRecorder, TensorDataset, causal_lm_samples

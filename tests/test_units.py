@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import hf_zero
+from hf_zero.core.units import ROOT, find_units
 from hf_zero.testing.tiny_models import build_model
-from hf_zero.units import ROOT, find_units
 
 
 def _names(units):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..loss_scaler import LossScaler
 from .format import (
     TRAINER_SUBFOLDER,
     CheckpointError,
@@ -31,12 +30,12 @@ from .records import names_by_tensor
 from .rng import restore_rng
 
 if TYPE_CHECKING:
-    from ..engine import ZeroEngine
-    from ..flat_group import FlatParamGroup
+    from ..core.engine_view import EngineView
+    from ..core.flat_group import FlatParamGroup
 
 
 def load_checkpoint(
-    engine: ZeroEngine, directory: str | os.PathLike, restore_rng_state: bool = True, verify: bool = True
+    engine: EngineView, directory: str | os.PathLike, restore_rng_state: bool = True, verify: bool = True
 ) -> dict[str, Any]:
     """Restore the training state `save_checkpoint` wrote into `directory`; returns its manifest.
 
@@ -56,7 +55,8 @@ def load_checkpoint(
     scaler_state = manifest.get("loss_scaler") if engine.loss_scaler is not None else None
     if scaler_state is not None:
         try:
-            LossScaler(engine.config).load_state_dict(scaler_state)
+            # (a fresh scaler of the engine's kind checks the record, leaving the engine's alone)
+            type(engine.loss_scaler)(engine.config).load_state_dict(scaler_state)
         except (TypeError, ValueError) as error:
             raise CheckpointError(
                 f"{folder}: the manifest's loss_scaler record is damaged: {error}"
@@ -69,7 +69,7 @@ def load_checkpoint(
             for tensor, record in _whole_tensors(engine, records):
                 tensor.data.copy_(reader.read_whole(record))
             _load_optimizer_state(engine, reader, records, manifest["optimizer"]["param_groups"])
-            engine._publish_masters()
+            engine.publish_masters()
     finally:
         reader.close()
     engine.loaded_bytes = reader.bytes_read
@@ -103,7 +103,7 @@ def _reshard_note(folder: Path, manifest: dict[str, Any], world_size: int, stage
     )
 
 
-def _verify_checksums(engine: ZeroEngine, folder: Path, manifest: dict[str, Any]) -> None:
+def _verify_checksums(engine: EngineView, folder: Path, manifest: dict[str, Any]) -> None:
     """Each rank hashes every world-size-th file; the first mismatch found is raised everywhere."""
     names = sorted(manifest["files"])
     mine = names[engine.rank :: engine.world_size]
@@ -113,7 +113,7 @@ def _verify_checksums(engine: ZeroEngine, folder: Path, manifest: dict[str, Any]
         raise CheckpointError(problems[0])
 
 
-def _match_records(engine: ZeroEngine, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def _match_records(engine: EngineView, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """id(tensor) -> its record, for every tensor of the model the checkpoint holds, after checking
     that the checkpoint was made for this model and this optimizer."""
     saved: dict[str, dict[str, Any]] = {}
@@ -162,7 +162,7 @@ def _match_records(engine: ZeroEngine, manifest: dict[str, Any]) -> dict[int, di
     return matched
 
 
-def _check_optimizer(engine: ZeroEngine, saved: dict[str, Any]) -> None:
+def _check_optimizer(engine: EngineView, saved: dict[str, Any]) -> None:
     optimizer = engine.optimizer
     name = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
     if saved["class"] != name:
@@ -195,7 +195,7 @@ def _load_segment_values(reader: SpanReader, segment: FlatParamGroup, records: S
         segment.shard16.copy_(shard)
 
 
-def _whole_tensors(engine: ZeroEngine, records: dict[int, dict[str, Any]]) -> list[tuple[torch.Tensor, dict]]:
+def _whole_tensors(engine: EngineView, records: dict[int, dict[str, Any]]) -> list[tuple[torch.Tensor, dict]]:
     """The tensors the engine keeps whole on every rank (buffers; below stage 3 frozen weights)."""
     in_segments = {id(p) for segment in engine.groups + engine.frozen for p in segment.params}
     return [
@@ -206,7 +206,7 @@ def _whole_tensors(engine: ZeroEngine, records: dict[int, dict[str, Any]]) -> li
 
 
 def _load_optimizer_state(
-    engine: ZeroEngine, reader: SpanReader, records: dict[int, dict[str, Any]], saved_groups: list[dict]
+    engine: EngineView, reader: SpanReader, records: dict[int, dict[str, Any]], saved_groups: list[dict]
 ) -> None:
     """Cut each master shard's optimizer state out of the saved spans and hand it to the optimizer,
     with the saved hyper-parameters, through `load_state_dict` (which casts and places it)."""

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..pending import RangeReader
-from ..weights import TensorEntry, read_header
+from ..hub.pending import RangeReader
+from ..hub.weights import TensorEntry, read_header
 from .format import CheckpointError, dtype_of, rank_file_name, state_key
 
 

@@ -11,8 +11,8 @@ from torch import nn
 from .format import dtype_name, state_key
 
 if TYPE_CHECKING:
-    from ..engine import ZeroEngine
-    from ..flat_group import FlatParamGroup
+    from ..core.engine_view import EngineView
+    from ..core.flat_group import FlatParamGroup
 
 
 def names_by_tensor(module: nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
@@ -24,7 +24,7 @@ def names_by_tensor(module: nn.Module) -> dict[int, tuple[torch.Tensor, list[str
     return found
 
 
-def element_state(engine: ZeroEngine, segment: FlatParamGroup) -> tuple[dict[str, torch.Tensor], dict]:
+def element_state(engine: EngineView, segment: FlatParamGroup) -> tuple[dict[str, torch.Tensor], dict]:
     """A trained segment's optimizer state, split into per-element tensors (shaped like its master
     shard) and scalars (such as `step`, the same for every element)."""
     per_element, scalars = {}, {}
@@ -56,7 +56,7 @@ def encode_value(value: Any, what: str) -> Any:
     )
 
 
-def describe(engine: ZeroEngine, include_frozen: bool) -> tuple[list[dict[str, Any]], list[tuple]]:
+def describe(engine: EngineView, include_frozen: bool) -> tuple[list[dict[str, Any]], list[tuple]]:
     """The manifest's tensor records, and what this rank writes: `(record, source, key)` triples,
     `source` a 1-D tensor of the elements of the record's span on this rank (`key`: "" for the
     values, else the optimizer state's name).
@@ -106,7 +106,7 @@ def describe(engine: ZeroEngine, include_frozen: bool) -> tuple[list[dict[str, A
             is_param = isinstance(tensor, nn.Parameter)
             if is_param and not include_frozen:
                 continue
-            dtype = engine._frozen_dtypes.get(id(tensor), tensor.dtype)
+            dtype = engine.frozen_dtypes.get(id(tensor), tensor.dtype)
             record["kind"] = "frozen" if is_param else "buffer"
             record["dtype"] = record["stored_dtype"] = dtype_name(dtype)
             owner = min(range(world), key=lambda r: (written[r], r))

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 
-from .. import __version__
-from ..params import is_peft_model
+from ..core.params import is_peft_model
+from ..version import __version__
 from .format import FORMAT, FORMAT_VERSION, MANIFEST, fsync_path, is_checkpoint, rank_file_name, sha256_of
 from .records import describe, encode_value, rank_tensors
 from .rng import capture_rng
 
 if TYPE_CHECKING:
-    from ..engine import ZeroEngine
+    from ..core.engine_view import EngineView
 
 
-def save_checkpoint(engine: ZeroEngine, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
+def save_checkpoint(engine: EngineView, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
     """Write the engine's training state into the folder `directory` (see `format.py`).
 
     Every rank must call it. With `include_frozen=False` frozen weights are left out (an adapter's
@@ -75,7 +75,7 @@ def _run(action) -> tuple[bool, Any]:
         return False, f"{type(error).__name__}: {error}"
 
 
-def _agree(engine: ZeroEngine, action, what: str) -> Any:
+def _agree(engine: EngineView, action, what: str) -> Any:
     """Rank 0 runs `action`; every rank gets its result, or raises its error."""
     ok, value = engine.comm.broadcast_object(_run(action) if engine.rank == 0 else None)
     if not ok:
@@ -95,7 +95,7 @@ def _make_temporary(target: Path) -> Path:
     return temporary
 
 
-def _write_rank_file(engine: ZeroEngine, folder: Path, mine: list) -> dict[str, Any]:
+def _write_rank_file(engine: EngineView, folder: Path, mine: list) -> dict[str, Any]:
     """Write this rank's tensors (if it has any) and flush them; what rank 0 records of the file."""
     info: dict[str, Any] = {"rng": capture_rng(engine.device), "file": None}
     if mine:
@@ -107,7 +107,7 @@ def _write_rank_file(engine: ZeroEngine, folder: Path, mine: list) -> dict[str, 
     return info
 
 
-def _manifest(engine: ZeroEngine, records: list[dict[str, Any]], include_frozen: bool) -> dict[str, Any]:
+def _manifest(engine: EngineView, records: list[dict[str, Any]], include_frozen: bool) -> dict[str, Any]:
     optimizer = engine.optimizer
     groups = [
         {

@@ -35,11 +35,11 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DynamoBackend, compile_regions
 
 from ..checkpoint.format import TRAINER_SUBFOLDER
-from ..config import ZeroConfig
-from ..engine import ZeroEngine, check_available, engine_of
-from ..params import is_peft_model
-from ..pending import PendingWeights
-from ..saving import save_full_weights, write_atomically
+from ..config.zero_config import ZeroConfig
+from ..core.params import is_peft_model
+from ..engine.zero_engine import ZeroEngine, check_available, engine_of
+from ..hub.pending import PendingWeights
+from ..hub.saving import save_full_weights, write_atomically
 from .placement import decide_placement
 
 _ACCELERATE_TO_ZERO_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}

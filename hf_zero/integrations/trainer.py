@@ -31,15 +31,15 @@ from transformers import PretrainedConfig, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
-from ..config import ZeroConfig
-from ..deepspeed_config import training_args_mismatches
-from ..engine import ZeroEngine, check_available, engine_of
-from ..model_card import facts_from_trainer, write_card
-from ..optim_state import load_unsharded_optimizer_state
-from ..params import is_peft_model
-from ..pending import PendingWeights
-from ..saving import save_full_weights
-from ..weights import load_pretrained_weights
+from ..config.deepspeed import training_args_mismatches
+from ..config.zero_config import ZeroConfig
+from ..core.params import is_peft_model
+from ..engine.optim_state import load_unsharded_optimizer_state
+from ..engine.zero_engine import ZeroEngine, check_available, engine_of
+from ..hub.model_card import facts_from_trainer, write_card
+from ..hub.pending import PendingWeights
+from ..hub.saving import save_full_weights
+from ..hub.weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
 
 
@@ -143,7 +143,7 @@ class ZeroTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights, gathered and
-        written one unit at a time (see `hf_zero.saving`).
+        written one unit at a time (see `hf_zero.hub.saving`).
 
         For a PEFT model the folder is PEFT's adapter folder (`PeftModel.from_pretrained` loads
         it) holding the fp32 masters of the trainable weights; the frozen base is neither gathered

@@ -32,7 +32,7 @@ from accelerate.utils import ProjectConfiguration, has_compiled_regions, is_comp
 from torch._dynamo.utils import counters
 from transformers import TrainingArguments
 
-from ..data import causal_lm_dataset, markov_corpus
+from ..cli.data import causal_lm_dataset, markov_corpus
 from ..integrations.accelerator import ZeroAccelerator
 from ..integrations.trainer import ZeroTrainer
 from .cases import BUCKET_SIZE, build_optimizer

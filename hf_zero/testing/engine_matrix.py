@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
-import hf_zero.distributed as hf_dist
+import hf_zero.core.distributed as hf_dist
 
 from .cases import Case, build_optimizer, cases_from_json, values_to_load
 from .launch import exit_cleanly

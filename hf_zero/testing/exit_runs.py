@@ -3,7 +3,7 @@ ordinary interpreter teardown, the way a user's script ends (nothing calls `os._
 
 A finished run could die at exit with SIGABRT ("terminate called without an active exception"):
 a gloo worker thread was still letting go of a finished collective's tensors when the interpreter
-began finalising (see `hf_zero.teardown`). It took a few launches in twenty, so this module
+began finalising (see `hf_zero.engine.teardown`). It took a few launches in twenty, so this module
 launches many, each rank a fresh interpreter (two plain processes, no launcher, no transformers):
 
     python -m hf_zero.testing.exit_runs [--launches 20] [--modes branches,offload,nvme,delayed] [--calm]

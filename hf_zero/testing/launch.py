@@ -37,7 +37,7 @@ def torchrun(module: str, nproc: int, args: list[str], timeout: float = 600) -> 
 def exit_cleanly() -> None:
     """End a launched rank as a user's script should: wait for the other ranks, leave the process
     group, and exit through the interpreter's ordinary teardown (no `os._exit`: the tests see the
-    exit a user sees; what hf_zero's engines hold ends before teardown, see `hf_zero.teardown`)."""
+    exit a user sees; what hf_zero's engines hold ends before teardown, see `hf_zero.engine.teardown`)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, BertForMaskedLM, BertForSequenceClassification
 
 import hf_zero
-from hf_zero.weights import load_pretrained_weights
+from hf_zero.hub.weights import load_pretrained_weights
 
 from .cases import BUCKET_SIZE, build_optimizer
 from .launch import exit_cleanly

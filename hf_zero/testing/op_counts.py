@@ -23,8 +23,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import hf_zero
-from hf_zero import engine as engine_module
-from hf_zero import fused_step
+from hf_zero.engine import fused_step
+from hf_zero.engine import step as step_module
 
 from .launch import exit_cleanly
 from .tiny_models import llama_config, make_samples, slice_samples
@@ -96,7 +96,7 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
     trace = engine.trace_collectives()
     device_before = engine.device_counts()
     optimizer_calls = _Counted(fused_step, "adam_step")
-    stats = _Counted(engine_module, "grad_stats", tensors_of=lambda grads: list(grads))
+    stats = _Counted(step_module, "grad_stats", tensors_of=lambda grads: list(grads))
     try:
         for index in range(1, STEPS + 1):
             step(index)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hf_zero
-from hf_zero.rules_of_order import first_difference
+from hf_zero.engine.rules_of_order import first_difference
 
 from .launch import exit_cleanly
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
 import hf_zero
-from hf_zero.saving import save_full_weights
+from hf_zero.hub.saving import save_full_weights
 
 from .launch import exit_cleanly
 from .tiny_models import build_model, make_samples

@@ -9,7 +9,7 @@ experts). Plus `branches`, a small
 network that sends each micro-batch through one of two equally sized branches chosen by the data,
 so ranks use different parameters.
 
-The data are sequences from a sparse Markov chain (`hf_zero.data.markov_corpus`), so the loss
+The data are sequences from a sparse Markov chain (`hf_zero.cli.data.markov_corpus`), so the loss
 really falls. Dropout is off so sharded and unsharded runs compute the same function; every
 sequence has the same number of labelled tokens so per-micro-batch mean losses average to the
 global-batch mean.
@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..data import markov_corpus
+from ..cli.data import markov_corpus
 
 VOCAB = 256
 SEQ_LEN = 16

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from ..data import markov_corpus
+from ..cli.data import markov_corpus
+from ..hub.loading import from_pretrained
 from ..integrations.trainer import ZeroTrainer
-from ..loading import from_pretrained
 from .launch import exit_cleanly
 from .tiny_models import SEQ_LEN, VOCAB, build_model
 

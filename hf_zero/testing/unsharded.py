@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..params import keep_in_fp32_parameter_ids
+from ..core.params import keep_in_fp32_parameter_ids
 from .cases import Case, build_optimizer, values_to_load
 from .engine_matrix import FULL_GRAD_PARAMS
 from .tiny_models import build_model, make_samples, slice_samples

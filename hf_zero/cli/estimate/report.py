@@ -1,0 +1,133 @@
+"""The tables `hf-zero estimate` prints: memory per GPU and host for each stage and offload choice,
+and the communication per step."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .formulas import OFFLOAD_LABELS, PRECISION_BYTES, Estimate, ModelShape
+
+
+def _unit_for(largest: float) -> tuple[str, float]:
+    for name, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= size:
+            return name, size
+    return "B", 1
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value * 1e6:.1f} us"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns aligned: the first two to the left, numbers to the right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: argparse.Namespace) -> str:
+    """The tables `hf-zero estimate` prints."""
+    first = estimates[0]
+    world = first.world_size
+    b = PRECISION_BYTES[options.precision]
+    units = len(shape.unit_parameters)
+    weights_name, weights_size = _unit_for(shape.parameters * b)
+    lines = [
+        f"{shape.name}: {shape.parameters:,} parameters ({shape.parameters * b / weights_size:.2f} {weights_name} in "
+        f"{options.precision}); root unit {shape.root_parameters:,} (head, final norm, tied weights), "
+        f"{units} unit(s) of up to {shape.largest_unit:,} (layers, untied input embedding)",
+        f"{options.nodes} node(s) x {options.gpus} GPU(s) = {world} rank(s); {options.precision}; AdamW; "
+        f"micro-batch {options.batch} x {options.seq} tokens per GPU, {options.grad_accum} per step"
+        + ("; activation checkpointing" if options.checkpointing else ""),
+        "",
+    ]
+    name, size = _unit_for(max(max(e.memory.device_total, e.host_per_node) for e in estimates))
+
+    def show(value: int) -> str:
+        return f"{value / size:.2f}"
+
+    lines.append(
+        f"Memory per GPU in {name} (fits: GPU total within --gpu-memory = {options.gpu_memory / size:.2f} "
+        f"{name}; host = offloaded state in CPU memory)"
+    )
+    header = [
+        "stage", "offload", "weights", "masters", "grads", "optim", "activ", "transient",
+        "GPU total", "fits", "host/GPU", "host/node",
+    ]  # fmt: skip
+    rows = []
+    for e in estimates:
+        m = e.memory
+        rows.append(
+            [
+                str(e.stage),
+                OFFLOAD_LABELS[e.offload],
+                show(m.weights),
+                show(m.masters),
+                show(m.gradients),
+                show(m.optimizer_state),
+                show(m.activations),
+                show(m.transient),
+                show(m.device_total),
+                e.fit(options.gpu_memory),
+                show(m.host),
+                show(e.host_per_node),
+            ]
+        )
+    lines += _table(header, rows)
+    lines.append(
+        "transient: gradient buckets staged for their reduce-scatter (stages 2-3), units gathered (stage 3)"
+    )
+    lines.append("")
+
+    per_stage = {e.stage: e.comm for e in estimates}  # offload moves no collective
+    comm_name, comm_size = _unit_for(max(c.total_bytes for c in per_stage.values()))
+    inter = f", inter-node {options.inter_gbps:g} Gb/s per node" if options.nodes > 1 else ""
+    lines.append(
+        f"Communication per GPU per optimizer step in {comm_name} (intra-node {options.intra_gbps:g} Gb/s "
+        f"per GPU{inter})"
+    )
+    header = ["stage", "collectives", "reduce", "gather", "total", "intra-node", "inter-node", "time"]
+    collectives = {
+        0: "all-reduce grads",
+        1: "reduce-scatter + all-gather",
+        2: "reduce-scatter in backward + all-gather",
+        3: "reduce-scatter + gathers fwd/bwd",
+    }
+    rows = [
+        [
+            str(stage),
+            collectives[stage],
+            f"{c.reduce_bytes / comm_size:.2f}",
+            f"{c.gather_bytes / comm_size:.2f}",
+            f"{c.total_bytes / comm_size:.2f}",
+            _seconds(c.intra_seconds),
+            _seconds(c.inter_seconds),
+            _seconds(c.seconds),
+        ]
+        for stage, c in per_stage.items()
+    ]
+    lines += _table(header, rows)
+    if world == 1:
+        lines.append("(one rank: nothing is communicated; add --gpus or --nodes)")
+    elif options.nodes > 1:
+        slower = options.inter_gbps < options.intra_gbps or options.gpus == 1
+        lines.append(
+            "the inter-node network bounds the step's communication"
+            if slower
+            else "the intra-node links bound the step's communication"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,331 @@
+"""Process-group set-up and the collectives the engine uses, with a count of bytes sent.
+
+A single process without an initialised process group is world size 1: every collective is then
+a local copy (or nothing), so the same engine code runs under `python`, `torchrun` and
+`accelerate launch`. An existing process group (or a sub-group, for hf_zero beside tensor or
+pipeline parallelism) can be handed in; the engine then shards over that group only.
+
+hf_zero refers to process groups weakly: torch's registry owns them, so `destroy_process_group()`
+frees a group (and joins its gloo worker threads) at once, even while an engine is still alive;
+an engine whose group was destroyed refuses to run collectives. See `hf_zero.engine.teardown` for why
+the groups must end before the interpreter does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes free on `device`: what the CUDA driver reports, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_group(ref: Callable[[], dist.ProcessGroup | None] | None) -> dist.ProcessGroup | None:
+    """The process group `ref` (a weak reference) refers to (None for a world of one), or a clear
+    error once it was destroyed (or its engine closed)."""
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise RuntimeError(
+            "this hf_zero engine was closed (engine.close(), or the interpreter exiting) or its process group "
+            "destroyed (torch.distributed.destroy_process_group), so it can run no more collectives; save "
+            "before that, or initialise the process group and the engine again"
+        )
+    return group
+
+
+def _closed() -> None:
+    """Stands in for the weak reference of a closed engine's group: dead."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its rank and world size in the group the engine shards over, and
+    the device it computes on. The group is held weakly (see the module docstring)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    group_ref: weakref.ref | None
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None in a world of one); raises once it was destroyed."""
+        return live_group(self.group_ref)
+
+
+def choose_device(
+    cuda_available: bool,
+    device_count: int,
+    local_rank: int | None,
+    model_device: torch.device | None,
+) -> torch.device:
+    """The device this rank computes on.
+
+    A model already on the CPU stays there. Under a launcher (`local_rank` known) each rank takes
+    GPU `LOCAL_RANK`, whatever device the model happens to be on (a script that moved every rank's
+    model to `cuda:0` would otherwise put all ranks on one GPU). Without a launcher the model's own
+    GPU is kept, or GPU 0.
+    """
+    if not cuda_available or (model_device is not None and model_device.type == "cpu"):
+        return torch.device("cpu")
+    if local_rank is not None:
+        return torch.device("cuda", local_rank % device_count)
+    if model_device is not None and model_device.type == "cuda" and model_device.index is not None:
+        return model_device
+    return torch.device("cuda", 0)
+
+
+def setup_distributed(
+    model_device: torch.device | None = None, process_group: dist.ProcessGroup | None = None
+) -> DistContext:
+    """Join (or start, under torchrun) the default process group and pick this rank's device.
+
+    NCCL is used when CUDA is available and gloo otherwise. Without a launcher (no WORLD_SIZE
+    in the environment) this process is a world of one and no process group is created. With
+    `process_group`, the engine's ranks are that group's.
+    """
+    use_cuda = torch.cuda.is_available() and (model_device is None or model_device.type != "cpu")
+    launched_rank = os.environ.get("LOCAL_RANK")
+    local_rank = int(launched_rank) if launched_rank is not None else None
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        group = process_group
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    else:
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+        else:
+            rank, world_size, group = 0, 1, None
+    device = choose_device(use_cuda, torch.cuda.device_count() if use_cuda else 0, local_rank, model_device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank or 0,
+        device=device,
+        group_ref=weakref.ref(group) if group is not None else None,
+    )
+
+
+def second_group(ctx: DistContext) -> DistContext:
+    """The same ranks in a process group of their own, for collectives whose order must not mix
+    with those of the first group (only the group's ranks take part in creating it)."""
+    if ctx.world_size == 1:
+        return ctx
+    ranks = dist.get_process_group_ranks(ctx.group)
+    if len(ranks) == dist.get_world_size():
+        # Every rank is here: a group made by all of them is named by a counter they all advance
+        # alike. A locally synchronised group's name hashes in how many groups the rank belongs
+        # to, which differs between ranks after sub-groups not all of them joined: they would
+        # pick different names and wait for each other for ever.
+        group = dist.new_group(ranks=ranks)
+    else:
+        group = dist.new_group(ranks=ranks, use_local_synchronization=True)
+    return DistContext(
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        local_rank=ctx.local_rank,
+        device=ctx.device,
+        group_ref=weakref.ref(group),
+    )
+
+
+class _Done:
+    """Stands in for a finished collective's work handle."""
+
+    def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class Collectives:
+    """The collectives of one process group, counting the bytes this rank sends.
+
+    The count follows the ring algorithms NCCL and gloo use for large messages: a reduce-scatter
+    or all-gather over n elements sends (W-1)/W of them, an all-reduce twice that. So one
+    all-reduce of the gradients costs what a reduce-scatter plus an all-gather of them costs,
+    which is the claim ZeRO stages 1 and 2 rest on.
+
+    With `fingerprint=True` every call is also folded into a running digest of (operation,
+    element count, dtype); `check_fingerprint()` compares it across ranks, so collectives that
+    paired up out of order are reported instead of silently mixing gradients.
+
+    `trace`, when a list is set there (several communicators may share one), receives a
+    `(operation, communicator name, bytes, unit)` tuple per collective, in the order this rank
+    issued them: what the rules of order (`rules_of_order.py`) are checked against.
+    """
+
+    def __init__(self, ctx: DistContext, fingerprint: bool = False, name: str = "main") -> None:
+        self.world_size = ctx.world_size
+        self.group_ref = ctx.group_ref
+        self.name = name
+        self.trace: list[tuple[str, str, int, int | None]] | None = None
+        self.bytes_sent = 0
+        self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
+        self._calls = 0
+        # Broadcasts name their source by global rank; rank 0 of a sub-group need not be global rank 0.
+        self._source = dist.get_global_rank(ctx.group, 0) if ctx.world_size > 1 else 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (None in a world of one); raises once it was destroyed."""
+        return live_group(self.group_ref)
+
+    def close(self) -> None:
+        """Refuse every collective from now on (the engine was closed)."""
+        if self.group_ref is not None:
+            self.group_ref = _closed
+
+    def _record(
+        self, op: str, tensors: Sequence[torch.Tensor], factor: float, unit: int | None = None
+    ) -> None:
+        share = (self.world_size - 1) / self.world_size
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.bytes_sent += round(nbytes * factor * share)
+        if self.trace is not None:
+            self.trace.append((op, self.name, nbytes, unit))
+        if self._fingerprint is not None:
+            for tensor in tensors:
+                self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
+            self._calls += 1
+
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False, op=dist.ReduceOp.SUM):
+        """Reduce `tensor` over ranks (a sum unless `op` says otherwise), in place."""
+        if self.world_size == 1:
+            return _Done()
+        self._record("all_reduce", [tensor], 2.0)
+        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op) or _Done()
+
+    def reduce_scatter(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
+    ):
+        """Sum `input` over ranks and leave chunk `rank` of the sum in `output` (which may be that
+        chunk of `input` itself); `unit` only labels the trace."""
+        (work,) = self.reduce_scatter_many([(output, input)], unit)
+        if not async_op:
+            work.wait()
+        return work
+
+    def all_gather(
+        self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
+    ):
+        """Concatenate every rank's `input` into `output` (in place when `input` is this rank's
+        chunk); `unit` only labels the trace."""
+        (work,) = self.all_gather_many([(output, input)], unit)
+        if not async_op:
+            work.wait()
+        return work
+
+    def reduce_scatter_many(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], unit: int | None = None
+    ) -> list:
+        """`reduce_scatter(output, input)` for each pair, as one collective per dtype; returns the
+        work handles, not waited (one per collective)."""
+        return self._coalesced("reduce_scatter", _reduce_scatter_single, pairs, unit, inputs=True)
+
+    def all_gather_many(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], unit: int | None = None
+    ) -> list:
+        """`all_gather(output, input)` for each pair, as one collective per dtype; returns the work
+        handles, not waited (one per collective)."""
+        return self._coalesced("all_gather", _all_gather_single, pairs, unit, inputs=False)
+
+    def _coalesced(self, op: str, function, pairs, unit: int | None, inputs: bool) -> list:
+        """Issue `function(output, input)` for `pairs`, coalesced into one collective per dtype, in
+        the order each dtype first appears (the same on every rank: the layouts are). One is what
+        pairs up across ranks, what the trace records, and on NCCL one grouped launch; gloo too runs
+        a coalesced batch as one exchange. Dtypes are never mixed in one batch: gloo's coalesced
+        all-gather garbles a batch of mixed dtypes."""
+        if self.world_size == 1:
+            for output, input in pairs:
+                if output.data_ptr() != input.data_ptr():
+                    output.copy_(input)
+            return [_Done()] if pairs else []
+        by_dtype: dict[torch.dtype, list] = {}
+        for output, input in pairs:
+            by_dtype.setdefault(input.dtype, []).append((output, input))
+        works = []
+        for batch in by_dtype.values():
+            # Bytes and trace follow the full-size side: the input of a reduce-scatter, the output
+            # of an all-gather.
+            self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
+            if len(batch) == 1:
+                works.append(function(*batch[0], group=self.group, async_op=True) or _Done())
+                continue
+            # No `device`: the fast path, which every backend here implements (NCCL and gloo).
+            with dist._coalescing_manager(group=self.group, async_ops=True) as manager:
+                for output, input in batch:
+                    function(output, input, group=self.group)
+            works.append(manager)
+        return works
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Copy the tensor of the group's rank `src` to every rank."""
+        if self.world_size == 1:
+            return
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        if self.trace is not None:
+            self.trace.append(("broadcast", self.name, tensor.numel() * tensor.element_size(), None))
+        source = self._source if src == 0 else dist.get_global_rank(self.group, src)
+        dist.broadcast(tensor, src=source, group=self.group)
+
+    def broadcast_object(self, value: object) -> object:
+        """The group's rank 0's `value` (any picklable object), on every rank."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=self._source, group=self.group)
+        return holder[0]
+
+    def all_gather_object(self, value: object) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, value, group=self.group)
+        return everyone
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group gets here."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def check_fingerprint(self) -> None:
+        """Raise if the ranks issued different collectives since the last check (debug mode only)."""
+        if self._fingerprint is None or self.world_size == 1:
+            return
+        mine = (self._fingerprint.hexdigest(), self._calls)
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        self._fingerprint = hashlib.blake2b(digest_size=8)
+        self._calls = 0
+        if any(other != everyone[0] for other in everyone):
+            calls = [other[1] for other in everyone]
+            raise RuntimeError(
+                "hf_zero debug_collectives: the ranks issued different sequences of collectives in this "
+                f"step (collectives per rank: {calls}); their reductions paired up wrongly. This is a bug "
+                "in hf_zero or ranks running different models/configs: please report it with your config"
+            )
