@@ -67,7 +67,9 @@ def test_sharded_training_matches_unsharded(sharded, world, case):
         if case.precision == "fp32":
             loss_rtol, norm_rtol, weight_tol = 1e-6, 1e-6, (1e-5 if case.optimizer in EXACT else 2e-4)
         else:
-            loss_rtol, norm_rtol, weight_tol = 2e-2, 2e-3, 0.1
+            # bf16 rounds differently when ranks sum in another order: measured 0.003-0.034 over
+            # these cases (2026-12-06, the largest for fp32 norms beside bf16 weights).
+            loss_rtol, norm_rtol, weight_tol = 2e-2, 2e-3, 0.05
         torch.testing.assert_close(
             torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=loss_rtol, atol=0
         )
@@ -88,8 +90,7 @@ def test_every_rank_computes_with_the_same_master_weights(sharded, world, case):
         assert len({r["weights_checksum"] for r in per_rank if r["subgroup"] == subgroup}) == 1
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize(("world", "model"), [*((2, m) for m in MODEL_NAMES), (4, "llama")])
 def test_optimizer_state_per_rank_is_one_nth(sharded, world, model):
     results = sharded(world)
     for precision, optimizer in (("fp32", "adamw"), ("fp32", "sgd")):

@@ -11,11 +11,12 @@ from torch import nn
 from .arena import nbytes
 from .device import DeviceOps
 from .distributed import Collectives
+from .host_placement import HostPlacement
 from .layout import FlatLayout, Run
 from .params import assign
 
 
-class FlatParamGroup:
+class FlatParamGroup(HostPlacement):
     """A segment: the parameters of one unit (see `units.py`) in one optimizer param group that
     compute in one dtype, re-homed into a flat buffer (parameters of modules the model keeps in
     fp32 get segments of their own).
@@ -132,52 +133,6 @@ class FlatParamGroup:
         for span in layout.spans(self.rank):
             self.spans_by_slot[span.slot].append(span)
         self.host_grad = self.host_copy = None
-
-    @property
-    def offloaded(self) -> bool:
-        """Whether the master (and the optimizer state made from it) lives off the device."""
-        return self.offload != "none"
-
-    @property
-    def params_offloaded(self) -> bool:
-        """Whether this rank's 16-bit shard (stage 3) lives off the device."""
-        return self.offload_params != "none"
-
-    def ensure_host_buffers(self) -> None:
-        """CPU offload, where the step needs the whole shard on the host at once (the delayed
-        update, optimizers on torch's own path): allocate `host_grad` and `host_copy` once."""
-        if self.host_grad is None:
-            numel = self.layout.shard_numel
-            self.host_grad = self.ops.host_zeros(numel, torch.float32)
-            self.host_copy = self.ops.host_zeros(numel, self.compute_dtype)
-
-    def download_grads(self, run_grad: Callable[[Run], torch.Tensor]) -> None:
-        """Offload: copy this rank's reduced gradient (`run_grad(run)`, on the device) into
-        `host_grad`, without waiting; the caller synchronises before reading it."""
-        for run in self.runs:
-            self.host_grad[run.shard_start : run.shard_start + run.length].copy_(
-                run_grad(run), non_blocking=True
-            )
-
-    def host_pieces(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """Offload: the fused step's pieces over the host buffers: gradient in, 16-bit copy out."""
-        return [
-            (
-                run.shard_start,
-                run.length,
-                self.host_grad[run.shard_start : run.shard_start + run.length],
-                self.host_copy[run.shard_start : run.shard_start + run.length],
-            )
-            for run in self.runs
-        ]
-
-    def upload_weights(self) -> None:
-        """Offload: copy the updated weights from `host_copy` into this rank's chunks on the device,
-        without waiting (the next step's download waits for the stream first)."""
-        for run in self.runs:
-            self.flat_run(run).copy_(
-                self.host_copy[run.shard_start : run.shard_start + run.length], non_blocking=True
-            )
 
     def master_run(self, run: Run) -> torch.Tensor:
         return self.master.data[run.shard_start : run.shard_start + run.length]
