@@ -89,22 +89,29 @@ else
     step step-tail 120 step_tail.jsonl python benchmarks/adam_step_bench.py "$ELEMENTS" --dtype fp16
 fi
 
+# The trainer table's setups (trainer_bench.py's arguments after the model and before the steps,
+# then its options) and the phases profiled.
+SETUPS=("plain" "zero1" "zero2" "zero3" "zero2 --precision fp16" "zero2 --offload cpu"
+    "zero2 --offload cpu --delayed" "zero3 --offload cpu --offload-params")
 for model in "${MODELS[@]}"; do
-    step "trainer $model plain" 120 trainer.jsonl python benchmarks/trainer_bench.py "$model" plain "$STEPS"
-    for stage in 1 2 3; do
-        step "trainer $model zero$stage" 120 trainer.jsonl python benchmarks/trainer_bench.py "$model" "zero$stage" "$STEPS"
+    if [[ $DRY_RUN == 1 ]]; then
+        # One process for all setups: torch and transformers are imported once (seconds per run here).
+        runs=()
+        for setup in "${SETUPS[@]}"; do
+            read -r -a words <<<"$setup"
+            runs+=(${runs:+--then} "$model" "${words[0]}" "$STEPS" "${words[@]:1}")
+        done
+        step "trainer $model (${#SETUPS[@]} setups, one process)" 300 trainer.jsonl \
+            python benchmarks/one_process.py benchmarks/trainer_bench.py "${runs[@]}"
+        step "profile $model zero2, zero3" 240 profile.jsonl python benchmarks/one_process.py \
+            benchmarks/step_profile.py "$model" --stage 2 --then "$model" --stage 3
+        continue
+    fi
+    for setup in "${SETUPS[@]}"; do
+        read -r -a words <<<"$setup"
+        step "trainer $model $setup" 150 trainer.jsonl \
+            python benchmarks/trainer_bench.py "$model" "${words[0]}" "$STEPS" "${words[@]:1}"
     done
-    step "trainer $model zero2 fp16" 120 trainer.jsonl \
-        python benchmarks/trainer_bench.py "$model" zero2 "$STEPS" --precision fp16
-    step "trainer $model zero2 offload" 150 trainer.jsonl \
-        python benchmarks/trainer_bench.py "$model" zero2 "$STEPS" --offload cpu
-    step "trainer $model zero2 offload delayed" 150 trainer.jsonl \
-        python benchmarks/trainer_bench.py "$model" zero2 "$STEPS" --offload cpu --delayed
-    step "trainer $model zero3 offload params" 150 trainer.jsonl \
-        python benchmarks/trainer_bench.py "$model" zero3 "$STEPS" --offload cpu --offload-params
-done
-
-for model in "${MODELS[@]}"; do
     for stage in 2 3; do
         step "profile $model zero$stage" 120 profile.jsonl python benchmarks/step_profile.py "$model" --stage "$stage"
     done

@@ -1,4 +1,5 @@
-"""The benchmark script still runs (a CPU smoke run on a tiny model; timings are not checked)."""
+"""Smoke tests: each benchmark script still runs to the end on a tiny model on the CPU; its timings
+and numbers are not checked (`benchmarks/gpu_proof.sh` measures them on a GPU)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _run(script: str, *args: str) -> list[str]:
     return result.stdout.strip().splitlines()
 
 
-def test_trainer_bench_runs_on_cpu():
+def test_smoke_trainer_bench_runs_on_cpu():
     # One smoke run through the most options at once: stage 3, fp16, CPU offload of the optimizer
     # and the parameters, the delayed update.
     options = ["--precision", "fp16", "--offload", "cpu", "--offload-params", "--delayed"]
@@ -34,7 +35,7 @@ def test_trainer_bench_runs_on_cpu():
     }  # fmt: skip
 
 
-def test_offload_host_bench_runs_on_cpu(tmp_path):
+def test_smoke_offload_host_bench_runs_on_cpu(tmp_path):
     output = _run(
         "offload_host_bench.py", "--elements", "100000", "--nvme-path", str(tmp_path), "--gigabytes", "0.05"
     )
@@ -45,7 +46,7 @@ def test_offload_host_bench_runs_on_cpu(tmp_path):
     assert swaps["SwapFile write"]["GB/s"] > 0 and swaps["SwapFile read"]["GB/s"] > 0
 
 
-def test_anchor_bench_runs_the_plain_trainer_on_cpu():
+def test_smoke_anchor_bench_runs_the_plain_trainer_on_cpu():
     # Only the plain mode: the anchor script's other modes (DeepSpeed, FSDP2) need a GPU.
     report = json.loads(_run("anchor_bench.py", "tiny", "plain", "5")[-1])
     assert report["mode"] == "plain" and report["steps"] == 5 and report["step_ms"] > 0
