@@ -1,6 +1,6 @@
 """The `hf-zero` command.
 
-hf-zero train RECIPE.yaml [--nproc N] [section.key=value ...]
+hf-zero train RECIPE.yaml [--nproc N] [--max-restarts K] [section.key=value ...]
 hf-zero estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
 hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 hf-zero merge --verify CKPT_DIR
@@ -19,8 +19,9 @@ import sys
 USAGE = """usage: hf-zero [--version] COMMAND ...
 
 commands:
-  train RECIPE.yaml [--nproc N] [section.key=value ...]
-        train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU)
+  train RECIPE.yaml [--nproc N] [--max-restarts K] [section.key=value ...]
+        train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU); with K, a
+        failed process restarts them all, resuming from the newest complete checkpoint
   estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
         memory per GPU and host for each ZeRO stage and offload choice, and the communication
         per step (a config.json, a model folder or a cached Hub id; no weights are read)
@@ -43,6 +44,13 @@ def _train_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes to launch (default: one per GPU, or 1 without GPUs)",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart every process up to K times when one fails (torchrun's restarts); a restarted run "
+        "resumes from the newest complete checkpoint in its output folder (training.save_strategy must save)",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides such as training.max_steps=50")
     return parser
 
@@ -55,6 +63,8 @@ def train(argv: list[str]) -> int:
         parser.error("RECIPE is required: the recipe YAML file to train, e.g. recipes/gpt2-clm-pretrain.yaml")
     if options.nproc is not None and options.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {options.nproc}")
+    if options.max_restarts < 0:
+        parser.error(f"--max-restarts must be 0 or more, got {options.max_restarts}")
     from .recipes import Recipe, check_run, run_recipe
 
     try:
@@ -71,10 +81,11 @@ def train(argv: list[str]) -> int:
         except (ValueError, ImportError, RuntimeError, OSError) as error:
             print(f"hf-zero train: {error}", file=sys.stderr)
             return 2
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if (nproc > 1 or options.max_restarts) and "WORLD_SIZE" not in os.environ:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(nproc), "-m", "hf_zero.cli", "train", options.recipe, *options.overrides,
+            "--nproc_per_node", str(nproc), "--max-restarts", str(options.max_restarts),
+            "-m", "hf_zero.cli", "train", options.recipe, *options.overrides,
         ]  # fmt: skip
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -142,7 +142,12 @@ class PreparedData:
 
 
 def prepare_data(
-    model: dict[str, Any], data: dict[str, Any], output_dir: str, is_main: bool, progress: bool = True
+    model: dict[str, Any],
+    data: dict[str, Any],
+    output_dir: str,
+    is_main: bool,
+    progress: bool = True,
+    resuming_from: str | None = None,
 ) -> PreparedData:
     """Read (or generate) the data, get the tokenizer, tokenize for the task.
 
@@ -150,7 +155,9 @@ def prepare_data(
     the main process writes the generated files and trains and saves the tokenizer into
     `<output_dir>/tokenizer`; the others read what it wrote, so every rank has the same vocabulary.
     `progress=False` turns off the progress bars of `datasets` and `tokenizers` (for output that is
-    not a terminal); the main process is the only one that shows them in any case.
+    not a terminal); the main process is the only one that shows them in any case. A run resuming
+    from a checkpoint (`resuming_from`) takes the tokenizer saved in it rather than training one
+    again: the checkpoint's weights were trained on that vocabulary.
     """
     import datasets
 
@@ -162,7 +169,7 @@ def prepare_data(
     if fields["source"] == "markov":
         return _markov(fields, model)
     raw = _load_raw(fields, task, output_dir)
-    tokenizer = _tokenizer(model, task, raw["train"], fields, output_dir, is_main, progress)
+    tokenizer = _tokenizer(model, task, raw["train"], fields, output_dir, is_main, progress, resuming_from)
     tokenized = {split: _tokenize(rows, task, tokenizer, fields) for split, rows in raw.items()}
     empty = [split for split, rows in tokenized.items() if len(rows) == 0]
     if empty:
@@ -270,11 +277,24 @@ def _load_raw(fields: dict[str, Any], task: str, output_dir: str) -> dict[str, A
 
 
 def _tokenizer(
-    model: dict[str, Any], task: str, train_rows, fields, output_dir: str, is_main: bool, progress: bool
+    model: dict[str, Any],
+    task: str,
+    train_rows,
+    fields,
+    output_dir: str,
+    is_main: bool,
+    progress: bool,
+    resuming_from: str | None = None,
 ):
     from transformers import AutoTokenizer
 
     spec = tokenizer_spec(model)
+    if (
+        spec == "train"
+        and resuming_from is not None
+        and (Path(resuming_from) / "tokenizer_config.json").is_file()
+    ):
+        spec = resuming_from  # the vocabulary the checkpoint was trained with (the Trainer saved it there)
     if spec != "train":
         tokenizer = AutoTokenizer.from_pretrained(spec)
     else:

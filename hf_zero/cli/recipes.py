@@ -444,13 +444,21 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
     from transformers import TrainingArguments
 
     from ..hub.model_card import facts_from_trainer, write_card
+    from ..integrations.resume import AUTO, newest_complete_checkpoint, restarted
     from ..integrations.trainer import ZeroTrainer
     from .run_report import install_step_logging, plot_curves
 
     args = TrainingArguments(**training_arguments(recipe, model_type_of(recipe)))
     main = args.process_index == 0
+    resume = args.resume_from_checkpoint
+    if resume == AUTO or restarted():
+        # A restarted worker (hf-zero train --max-restarts) continues from where the run got to.
+        resume = newest_complete_checkpoint(args.output_dir) or (None if resume == AUTO else resume)
     with args.main_process_first(local=False, desc="data and tokenizer"):
-        data = prepare_data(recipe.model, recipe.data, args.output_dir, main, progress=not args.disable_tqdm)
+        resuming_from = resume if isinstance(resume, str) else None
+        data = prepare_data(
+            recipe.model, recipe.data, args.output_dir, main, not args.disable_tqdm, resuming_from
+        )
     model = build_model(recipe, data.tokenizer)
     if main:  # said once the model exists: its size counts the vocabulary the tokenizer reached
         print(f"hf-zero train: {describe_run(recipe, model.config, args)}", flush=True)
@@ -467,8 +475,9 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         zero_config=recipe.zero,
     )
     logging = install_step_logging(trainer)
-    # As in the Trainer's example scripts: a checkpoint folder, or true for the output folder's last.
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # As in the Trainer's example scripts: a checkpoint folder, or true for the output folder's last
+    # (hf_zero's "auto": its newest complete one, or none).
+    result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics, eval_step = {}, None
     if evaluating:
         last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)

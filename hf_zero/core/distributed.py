@@ -14,6 +14,7 @@ the groups must end before the interpreter does.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import weakref
 from collections.abc import Callable, Sequence
@@ -25,6 +26,40 @@ import torch.distributed as dist
 # torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _restart_safe_env_rendezvous() -> None:
+    """Let a worker that torchrun restarted (`--max-restarts`) join its process group.
+
+    Under torchrun the workers' `env://` rendezvous uses the launcher's store, which outlives a
+    restart with the keys of the attempt before in it: a restarted worker then reads its peers'
+    old addresses and `init_process_group` fails (gloo: "connectFullMesh failed ... Connection
+    refused"). This wraps torch's `env://` handler (on import of hf_zero, before the Trainer's
+    arguments start the process group) so that a restarted attempt's keys get a prefix of their
+    own. The first attempt, and processes not started by torchrun, are left as torch has them.
+    """
+    # (`torch.distributed.rendezvous` the attribute is the function; the module holds the handlers)
+    rendezvous_module = importlib.import_module("torch.distributed.rendezvous")
+    handlers = getattr(rendezvous_module, "_rendezvous_handlers", None)
+    original = handlers.get("env") if isinstance(handlers, dict) else None
+    if original is None or getattr(original, "hf_zero_restart_prefix", False):
+        return
+
+    def env_rendezvous(url: str, **kwargs):
+        iterator = original(url, **kwargs)
+        store, rank, world_size = next(iterator)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if attempt > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+            store = dist.PrefixStore(f"hf_zero/restart_{attempt}", store)
+        yield store, rank, world_size
+        yield from iterator  # a second rendezvous: torch's handler refuses it
+
+    env_rendezvous.hf_zero_restart_prefix = True
+    handlers["env"] = env_rendezvous
+
+
+if dist.is_available():
+    _restart_safe_env_rendezvous()
 
 
 def free_device_memory(device: torch.device) -> int:

@@ -14,6 +14,9 @@ below would otherwise silently do nothing or be undone at the next step:
 - at stage 3, `model.generate(...)` gathers the whole model once for the call when it fits (see
   `ZeroConfig.generate_gather`), else keeps every rank's forward passes in step (`synced_gpus`),
   since each one gathers units with the other ranks.
+
+These are every call hf_zero reroutes but one: torch's `env://` rendezvous, wrapped on import
+for workers that torchrun restarts (`core/distributed.py`, `_restart_safe_env_rendezvous`).
 """
 
 from __future__ import annotations

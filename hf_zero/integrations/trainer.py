@@ -14,7 +14,9 @@ per-rank safetensors and a manifest, written atomically. It resumes on any numbe
 and at any stage, serves `load_best_model_at_end`, and `hf-zero merge` turns it into a
 `from_pretrained` folder. With `save_only_model=True` a checkpoint holds the full weights instead.
 A checkpoint of the plain Trainer resumes too: its weights load through the engine and its
-`optimizer.pt` is cut into per-rank shards.
+`optimizer.pt` is cut into per-rank shards. `train(resume_from_checkpoint="auto")` resumes from the
+newest complete checkpoint in the output folder, or starts afresh when there is none: the switch
+for a script that a launcher restarts after a failure (`torchrun --max-restarts`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..hub.pending import PendingWeights
 from ..hub.saving import save_full_weights
 from ..hub.weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
+from .resume import AUTO, describe_checkpoint, newest_complete_checkpoint
 
 
 class ZeroTrainer(Trainer):
@@ -131,6 +134,16 @@ class ZeroTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # ---- saving ------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, and `resume_from_checkpoint="auto"`: resume from the newest complete
+        checkpoint in `args.output_dir` (one whose save was interrupted is passed over), or start
+        afresh when there is none. The main process says which, in one line."""
+        if resume_from_checkpoint == AUTO:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str) and self.args.process_index == 0:
+            print(f"hf_zero: resumed from {describe_checkpoint(resume_from_checkpoint)}", flush=True)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # While a checkpoint is written, its weights go into the hf_zero checkpoint (see

@@ -1,0 +1,113 @@
+"""Elastic restarts: `hf-zero train --max-restarts` survives killed workers and resumes by itself.
+
+One run of the GPT-2 recipe on 2 gloo processes, 40 steps with a checkpoint every 10, meets two
+SIGKILLs (`elastic_faults/sitecustomize.py` injects them): rank 0 right after checkpoint-20 is
+written, and after the restart rank 1 in the middle of checkpoint-30's save. torchrun restarts
+both processes each time; each restart resumes from checkpoint-20 (checkpoint-30 was never
+finished), finishes every step and exits 0. Its final weights equal, bit for bit, those of an
+uninterrupted run that resumed from the same checkpoint-20.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_zero.cli.merge import merge_checkpoint
+from hf_zero.integrations.resume import describe_checkpoint, is_complete, newest_complete_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
+STEPS = 40
+OVERRIDES = [
+    f"training.max_steps={STEPS}",
+    "training.save_strategy=steps",
+    "training.save_steps=10",
+    "training.eval_strategy=no",
+    "training.logging_steps=10",
+    "training.per_device_train_batch_size=4",
+    "training.warmup_steps=5",
+    "data.num_train=800",
+    "data.num_eval=16",
+]
+
+
+def _train(output_dir: Path, *extra: str, kills: str = "", restarts: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_ZERO_TEST_KILLS=kills, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parent / "elastic_faults"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    command = [
+        sys.executable, "-m", "hf_zero.cli", "train", str(RECIPE), "--nproc", "2",
+        "--max-restarts", str(restarts), f"training.output_dir={output_dir}", *OVERRIDES, *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("elastic")
+    killed = _train(root / "killed", kills="0:0:after-save:20,1:1:mid-save:30", restarts=2)
+    assert killed.returncode == 0, killed.stderr[-5000:]
+    # The uninterrupted run: the same checkpoint-20, resumed once, no kills.
+    reference = root / "reference"
+    reference.mkdir()
+    shutil.copytree(root / "killed" / "checkpoint-20", reference / "checkpoint-20")
+    resumed = _train(reference, f"training.resume_from_checkpoint={reference / 'checkpoint-20'}")
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    return {"killed": (root / "killed", killed), "reference": (reference, resumed)}
+
+
+def test_each_restart_resumes_from_the_newest_complete_checkpoint_and_says_so(runs):
+    folder, result = runs["killed"]
+    line = "hf_zero: resumed from checkpoint-20, saved by 2 processes at stage 2"
+    # After the kill behind checkpoint-20, and after the kill in checkpoint-30's save.
+    assert result.stdout.count(line) == 2, result.stdout[-3000:]
+    assert result.stderr.count("failed (exitcode: -9)") == 2  # torchrun saw both kills
+    # The last attempt saved checkpoint-30 again, whole.
+    assert all(is_complete(folder / f"checkpoint-{step}") for step in (10, 20, 30, 40))
+
+
+def test_every_step_is_done_and_the_weights_equal_an_uninterrupted_resume(runs, tmp_path):
+    folder, _ = runs["killed"]
+    reference, _ = runs["reference"]
+    state = json.loads((folder / "checkpoint-40" / "trainer_state.json").read_text())
+    assert state["global_step"] == STEPS
+    assert newest_complete_checkpoint(folder) == str(folder / "checkpoint-40")
+    got, want = load_file(folder / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    merge_checkpoint(folder / "checkpoint-20" / "hf_zero_checkpoint", tmp_path / "step20")
+    start = load_file(tmp_path / "step20" / "model.safetensors")
+    assert any(not torch.equal(start[name], want[name]) for name in start)  # steps 21-40 trained
+
+
+def test_a_checkpoint_whose_save_was_cut_short_is_passed_over(tmp_path):
+    def checkpoint(step: int, state: str | None, engine: bool = True) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / "hf_zero_checkpoint").mkdir(parents=True)
+        if engine:
+            manifest = {"world_size": 3, "stage": 1}
+            (folder / "hf_zero_checkpoint" / "manifest.json").write_text(json.dumps(manifest))
+        (folder / "scheduler.pt").write_bytes(b"")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+        return folder
+
+    assert newest_complete_checkpoint(tmp_path / "missing") is None
+    assert newest_complete_checkpoint(tmp_path) is None
+    checkpoint(5, json.dumps({"global_step": 5}))
+    checkpoint(30, json.dumps({"global_step": 30}), engine=False)  # the engine's save never finished
+    checkpoint(20, '{"global_step": 2')  # killed while writing the trainer state
+    checkpoint(25, None)  # killed before the trainer state
+    checkpoint(15, json.dumps({"global_step": 10}))  # another run's state
+    assert newest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert describe_checkpoint(tmp_path / "checkpoint-5") == "checkpoint-5, saved by 3 processes at stage 1"
