@@ -97,6 +97,10 @@ class ZeroConfig:
         generate_gather: stage 3, `model.generate()`: "auto" gathers the whole model once per call
             when its 16-bit weights fit in half the free device memory, else unit by unit for every
             token; "once" and "per_unit" force either.
+        collective_timeout: seconds a rank may wait in one of hf_zero's collectives before it
+            reports what it waits in, what every rank last issued, and exits (a hang when ranks
+            disagree: one calls `generate` or `save_model` and the others do not, a rank died);
+            0 waits forever. Default 600, as NCCL's own timeout.
         deepspeed_loop_values: the concrete training-loop values of a DeepSpeed config
             (`{"optimizer.params.lr": 3e-4, ...}`; `from_deepspeed` fills it). hf_zero does not
             build the optimizer, so nothing applies them: `ZeroTrainer` refuses to train when its
@@ -126,6 +130,7 @@ class ZeroConfig:
     unit_classes: list[str] | None = None
     prefetch_bytes: int | None = None
     generate_gather: str = "auto"
+    collective_timeout: float = 600.0
     deepspeed_loop_values: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,6 +168,7 @@ class ZeroConfig:
         if self.prefetch_bytes is not None:
             self.prefetch_bytes = _check_int("prefetch_bytes", self.prefetch_bytes, minimum=0)
         self.generate_gather = _check_choice("generate_gather", self.generate_gather, GENERATE_GATHER)
+        self.collective_timeout = _check_float("collective_timeout", self.collective_timeout, minimum=0.0)
         self.deepspeed_loop_values = check_loop_values(self.deepspeed_loop_values)
         self._check_combinations()
 

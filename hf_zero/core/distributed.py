@@ -13,6 +13,7 @@ the groups must end before the interpreter does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .watchdog import CollectiveWatch
 
 # torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -196,6 +199,20 @@ class _Done:
         return True
 
 
+class _Watched:
+    """A collective's work handle whose `wait` the rank's `CollectiveWatch` sees."""
+
+    def __init__(self, work, watch: CollectiveWatch, record: dict) -> None:
+        self.work, self.watch, self.record = work, watch, record
+
+    def wait(self) -> bool:
+        with self.watch.wait(self.record):
+            return self.work.wait()
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+
 class Collectives:
     """The collectives of one process group, counting the bytes this rank sends.
 
@@ -211,6 +228,10 @@ class Collectives:
     `trace`, when a list is set there (several communicators may share one), receives a
     `(operation, communicator name, bytes, unit)` tuple per collective, in the order this rank
     issued them: what the rules of order (`rules_of_order.py`) are checked against.
+
+    `watch`, when set (the engine's `CollectiveWatch`, shared by its communicators), sees every
+    collective issued and every wait for one, and ends a wait that outlasts its timeout with a
+    report (`watchdog.py`).
     """
 
     def __init__(self, ctx: DistContext, fingerprint: bool = False, name: str = "main") -> None:
@@ -218,6 +239,7 @@ class Collectives:
         self.group_ref = ctx.group_ref
         self.name = name
         self.trace: list[tuple[str, str, int, int | None]] | None = None
+        self.watch: CollectiveWatch | None = None
         self.bytes_sent = 0
         self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
         self._calls = 0
@@ -236,7 +258,8 @@ class Collectives:
 
     def _record(
         self, op: str, tensors: Sequence[torch.Tensor], factor: float, unit: int | None = None
-    ) -> None:
+    ) -> dict | None:
+        """Count, trace and fingerprint one collective; its watch record (None without a watch)."""
         share = (self.world_size - 1) / self.world_size
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.bytes_sent += round(nbytes * factor * share)
@@ -246,13 +269,28 @@ class Collectives:
             for tensor in tensors:
                 self._fingerprint.update(f"{op}:{tensor.numel()}:{tensor.dtype};".encode())
             self._calls += 1
+        return self._issue(op, unit)
+
+    def _issue(self, op: str, unit: int | None = None) -> dict | None:
+        return self.watch.issue(op, self.name, unit) if self.watch is not None else None
+
+    def _waiting(self, record: dict | None):
+        """A block during which this rank waits in the collective `record`."""
+        return self.watch.wait(record) if record is not None else contextlib.nullcontext()
+
+    def _watched(self, work, record: dict | None):
+        return _Watched(work, self.watch, record) if record is not None else work
 
     def all_reduce(self, tensor: torch.Tensor, async_op: bool = False, op=dist.ReduceOp.SUM):
         """Reduce `tensor` over ranks (a sum unless `op` says otherwise), in place."""
         if self.world_size == 1:
             return _Done()
-        self._record("all_reduce", [tensor], 2.0)
-        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op) or _Done()
+        record = self._record("all_reduce", [tensor], 2.0)
+        if async_op:
+            return self._watched(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), record)
+        with self._waiting(record):
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return _Done()
 
     def reduce_scatter(
         self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False, unit: int | None = None
@@ -306,15 +344,15 @@ class Collectives:
         for batch in by_dtype.values():
             # Bytes and trace follow the full-size side: the input of a reduce-scatter, the output
             # of an all-gather.
-            self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
+            record = self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
             if len(batch) == 1:
-                works.append(function(*batch[0], group=self.group, async_op=True) or _Done())
+                works.append(self._watched(function(*batch[0], group=self.group, async_op=True), record))
                 continue
             # No `device`: the fast path, which every backend here implements (NCCL and gloo).
             with dist._coalescing_manager(group=self.group, async_ops=True) as manager:
                 for output, input in batch:
                     function(output, input, group=self.group)
-            works.append(manager)
+            works.append(self._watched(manager, record))
         return works
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
@@ -325,14 +363,16 @@ class Collectives:
         if self.trace is not None:
             self.trace.append(("broadcast", self.name, tensor.numel() * tensor.element_size(), None))
         source = self._source if src == 0 else dist.get_global_rank(self.group, src)
-        dist.broadcast(tensor, src=source, group=self.group)
+        with self._waiting(self._issue("broadcast")):
+            dist.broadcast(tensor, src=source, group=self.group)
 
     def broadcast_object(self, value: object) -> object:
         """The group's rank 0's `value` (any picklable object), on every rank."""
         if self.world_size == 1:
             return value
         holder = [value]
-        dist.broadcast_object_list(holder, src=self._source, group=self.group)
+        with self._waiting(self._issue("broadcast_object")):
+            dist.broadcast_object_list(holder, src=self._source, group=self.group)
         return holder[0]
 
     def all_gather_object(self, value: object) -> list:
@@ -340,13 +380,15 @@ class Collectives:
         if self.world_size == 1:
             return [value]
         everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, value, group=self.group)
+        with self._waiting(self._issue("all_gather_object")):
+            dist.all_gather_object(everyone, value, group=self.group)
         return everyone
 
     def barrier(self) -> None:
         """Wait until every rank of the group gets here."""
         if self.world_size > 1:
-            dist.barrier(group=self.group)
+            with self._waiting(self._issue("barrier")):
+                dist.barrier(group=self.group)
 
     def check_fingerprint(self) -> None:
         """Raise if the ranks issued different collectives since the last check (debug mode only)."""
@@ -354,7 +396,8 @@ class Collectives:
             return
         mine = (self._fingerprint.hexdigest(), self._calls)
         everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
+        with self._waiting(self._issue("check_fingerprint")):
+            dist.all_gather_object(everyone, mine, group=self.group)
         self._fingerprint = hashlib.blake2b(digest_size=8)
         self._calls = 0
         if any(other != everyone[0] for other in everyone):

@@ -17,6 +17,7 @@ from ..config.zero_config import ZeroConfig
 from .distributed import Collectives, DistContext
 from .flat_group import FlatParamGroup
 from .units import Unit
+from .watchdog import CollectiveWatch
 
 
 class EngineView(Protocol):
@@ -36,6 +37,7 @@ class EngineView(Protocol):
     gatherer: Any  # stage 3's unit gatherer, else None
     grad_sync: Any  # the gradient reducer
     clear_optimizer_grads: Any  # the optimizer's own zero_grad, before hf_zero routed it
+    watch: CollectiveWatch  # what the engine is doing, for the hang report
     global_steps: int
     loaded_bytes: int
 

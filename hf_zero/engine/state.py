@@ -4,6 +4,7 @@ loading them back, one rank's edits written back everywhere (`gathered_parameter
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +15,25 @@ import torch
 from ..core.arena import nbytes
 
 
+def _engine_call(name: str):
+    """Label the method's collectives with the engine call `name` in a hang report."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def labelled(self, *args: Any, **kwargs: Any):
+            with self.watch.engine_call(name):
+                return method(self, *args, **kwargs)
+
+        return labelled
+
+    return decorate
+
+
 class ShardedState:
     """State methods of `ZeroEngine` (which supplies `groups`, `module`, `optimizer`, `comm`,
     `device_ops`, `ctx`, `config`, `grad_sync`, `compute_dtype` and `frozen_dtypes`)."""
 
+    @_engine_call("full_state_dict")
     def full_state_dict(self, keep: bool = True, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         """The complete, unsharded state dict on every rank, as CPU tensors.
 
@@ -66,6 +82,7 @@ class ShardedState:
         in the dtype it is saved in."""
         return tensor.detach().to("cpu", self.frozen_dtypes.get(id(tensor), tensor.dtype), copy=True)
 
+    @_engine_call("save_checkpoint")
     def save_checkpoint(self, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
         """Write this engine's training state as a sharded safetensors checkpoint folder: each rank's
         fp32 masters and optimizer state, frozen weights and buffers, and a JSON manifest (see
@@ -78,6 +95,7 @@ class ShardedState:
         self.finish_delayed_update()
         return save_checkpoint(self, directory, include_frozen)
 
+    @_engine_call("load_checkpoint")
     def load_checkpoint(
         self, directory: str | os.PathLike, restore_rng: bool = True, verify: bool = True
     ) -> dict[str, Any]:
@@ -129,6 +147,7 @@ class ShardedState:
         breakdown["pinned"] = self.device_ops.pinned_bytes
         return breakdown
 
+    @_engine_call("load_full_state_dict")
     def load_full_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load complete, unsharded weights (such as a `save_pretrained` folder's) on every rank.
 
@@ -182,6 +201,7 @@ class ShardedState:
         for work in self.comm.all_gather_many([pair for group in self.groups for pair in group.publish()]):
             work.wait()
 
+    @_engine_call("write_back")
     def write_back(self, params: list[torch.Tensor], source: int, before: list[torch.Tensor] | None) -> None:
         """After `gathered_parameters(..., modifier_rank=source)`: every rank takes rank `source`'s
         values of the parameters it changed (`before` holds their values at the start, on that rank)

@@ -151,6 +151,7 @@ class OptimizerStep:
         Under fp16 the overflow flag stays on the device for the fused kernels (which then change
         nothing); only groups on torch's path make the host read it here, to withhold their
         gradients from a skipped step."""
+        self.watch.begin("step")
         self._check_parameters_in_place()
         self._reduce_grads("the optimizer step")
         if self.config.gradient_clipping > 0 and not self.step_state.clipped:
@@ -367,5 +368,6 @@ class OptimizerStep:
             self.gather_comm.bytes_sent = 0
         if self.swapper is not None:
             self.swapper.settle_params()  # offload_params="nvme": the new weights go to the file
+        self.watch.end("step")
         if self.loss_scaler is not None:
             self.loss_scaler.update(skipped)  # last: it raises when the scale cannot go lower

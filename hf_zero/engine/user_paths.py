@@ -42,6 +42,7 @@ def install(engine: EngineView) -> list:
     _route_clip_functions()
     handles = _load_state_dict_hooks(engine)
     handles.append(engine.module.register_forward_pre_hook(_end_backward_on_forward(reference)))
+    handles.append(engine.module.register_forward_hook(_end_forward_label(reference)))
     if engine.config.stage == 3:
         _route_generate(engine)
     return handles
@@ -82,27 +83,46 @@ def _route_generate(engine: EngineView) -> None:
             engine = reference()
             if engine is None:
                 return _original(*args, **kwargs)
-            if engine.generate_gathers_once():
-                with gathered_parameters(engine.module.parameters()):
-                    return _original(*args, **kwargs)
-            if engine.ctx.world_size > 1 and engine.ctx.group is torch.distributed.group.WORLD:
-                # (transformers' own all-reduce runs on the world group; under a sub-group the
-                # caller must keep the ranks' generation lengths equal.)
-                kwargs.setdefault("synced_gpus", True)
-            return _original(*args, **kwargs)
+            with engine.watch.engine_call("generate"):
+                return _generate(engine, _original, args, kwargs)
 
         generate = functools.wraps(original)(generate)
         generate._hf_zero_route = True
         module.generate = generate
 
 
+def _generate(engine: EngineView, original, args: tuple, kwargs: dict) -> Any:
+    """`generate` at stage 3: the whole model gathered once, or every rank's passes kept in step."""
+    if engine.generate_gathers_once():
+        with gathered_parameters(engine.module.parameters()):
+            return original(*args, **kwargs)
+    if engine.ctx.world_size > 1 and engine.ctx.group is torch.distributed.group.WORLD:
+        # (transformers' own all-reduce runs on the world group; under a sub-group the caller must
+        # keep the ranks' generation lengths equal.)
+        kwargs.setdefault("synced_gpus", True)
+    return original(*args, **kwargs)
+
+
 def _end_backward_on_forward(reference: weakref.ref):
     @torch.compiler.disable
     def hook(module: nn.Module, args: Any) -> None:
         engine = reference()
+        if engine is None:
+            return
+        engine.watch.begin("forward")
         # A forward run inside backward (activation checkpointing recomputes) is not a boundary.
-        if engine is not None and engine.grad_sync.pending and torch._C._current_graph_task_id() == -1:
+        if engine.grad_sync.pending and torch._C._current_graph_task_id() == -1:
             engine.end_backward()
+
+    return hook
+
+
+def _end_forward_label(reference: weakref.ref):
+    @torch.compiler.disable
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        engine = reference()
+        if engine is not None:
+            engine.watch.end("forward")
 
     return hook
 

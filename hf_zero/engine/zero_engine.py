@@ -37,6 +37,7 @@ from ..core.params import (
     trainable_parameters_by_group,
 )
 from ..core.units import find_units
+from ..core.watchdog import CollectiveWatch
 from ..offload.host_staging import HostStaging
 from ..offload.nvme import NvmeSwapper, existing_folder
 from . import registry, user_paths
@@ -91,6 +92,10 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         # Every page-locked buffer, event and host wait goes through this (`device.py`).
         self.device_ops = DeviceOps.for_device(self.ctx.device)
         self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
+        # Sees every collective and wait; ends a wait past config.collective_timeout (`watchdog.py`).
+        self.watch = self.comm.watch = CollectiveWatch(
+            config.collective_timeout, self.ctx.rank, self.ctx.world_size
+        )
 
         self.source_param_names = names_in_groups(module, optimizer)
         named = trainable_parameters_by_group(module, optimizer)
@@ -181,6 +186,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
             self.gather_comm = Collectives(
                 second_group(self.ctx), fingerprint=config.debug_collectives, name="gather"
             )
+            self.gather_comm.watch = self.watch
             end_unit = self.grad_sync.end_unit if isinstance(self.grad_sync, UnitReduceScatter) else None
             self.gatherer = UnitGatherer(
                 self.units,
@@ -272,12 +278,13 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
             # unsharded magnitude (exact for powers of two) and the sum over ranks is the mean.
             loss = loss.float() * (self.loss_scaler.scale / self.ctx.world_size)
         self._in_backward = True
-        try:
-            loss.backward(**kwargs)
-        finally:
-            self._in_backward = False
-        # Every rank ends the pass here, whatever its gradients reached: stage 2 sends every bucket.
-        self.end_backward(force=True)
+        with self.watch.engine_call("backward"):
+            try:
+                loss.backward(**kwargs)
+            finally:
+                self._in_backward = False
+            # Every rank ends the pass here, whatever its gradients reached: stage 2 sends every bucket.
+            self.end_backward(force=True)
 
     def end_backward(self, force: bool = False) -> None:
         """Finish the backward pass that ran last: send what is left to reduce and (stage 3)
@@ -303,6 +310,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         engine runs no collective afterwards. Garbage collection and the interpreter's exit release
         the threads and file too; the gather group then ends with the default process group."""
         own_group = self.gather_comm.group_ref if self.gatherer is not None else None
+        self.watch.close()
         self._release()
         leave_group(own_group)
 

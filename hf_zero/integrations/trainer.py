@@ -28,7 +28,6 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import PretrainedConfig, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 
@@ -169,12 +168,13 @@ class ZeroTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         had_card = os.path.exists(os.path.join(output_dir, "README.md"))
-        if is_peft_model(self.model):
-            self._save(output_dir, state_dict=self._adapter_state_dict(engine))
-        else:
-            self._save_full_weights(
-                engine, output_dir, weights=not getattr(self, "_writing_checkpoint", False)
-            )
+        with engine.watch.engine_call("save_model"):
+            if is_peft_model(self.model):
+                self._save(output_dir, state_dict=self._adapter_state_dict(engine))
+            else:
+                self._save_full_weights(
+                    engine, output_dir, weights=not getattr(self, "_writing_checkpoint", False)
+                )
         if self.args.should_save and not _internal_call:
             # The Trainer's own card is written only when pushing to the Hub; this one is always there.
             # A card this save wrote (PEFT writes a placeholder one) gives way to the filled one.
@@ -264,8 +264,7 @@ class ZeroTrainer(Trainer):
         )
         if self.args.should_save:
             _atomic_torch_save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-        if engine.world_size > 1:
-            dist.barrier(group=engine.ctx.group)
+        engine.comm.barrier()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Resume the model and optimizer from the hf_zero checkpoint (saved on any number of

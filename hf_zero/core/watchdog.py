@@ -1,0 +1,237 @@
+"""Hangs turned into errors: a rank that waits too long in one of hf_zero's collectives says what
+it waits in and what every rank last did, and exits.
+
+Collectives pair up across ranks by call order, so ranks that disagree (one calls `generate`,
+`save_model`, `full_state_dict` or a step the others do not; a rank's data skips a unit's
+collective; a rank died) leave the others waiting forever, silently on NCCL. Each engine keeps a
+`CollectiveWatch`: the engine call under way (`forward`, `backward`, `step`, `generate`, ...), the
+collectives it issued (operation, communicator, sequence number, unit) and the one it is waiting
+in. One daemon thread per process looks at every watch: it publishes each rank's record into the
+launcher's store about once a second, and when a wait has lasted `ZeroConfig.collective_timeout`
+seconds it gives the other ranks a moment to notice their own waits, prints one report with every
+rank's last record (a rank that stopped publishing is named as gone) and ends the process with exit
+status `HANG_EXIT_STATUS`, so that the launcher stops the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch.distributed as dist
+
+HANG_EXIT_STATUS = 75
+_KEY = "hf_zero/watch/{rank}"
+
+
+class CollectiveWatch:
+    """What one engine on this rank is doing, as the hang report tells it."""
+
+    def __init__(self, timeout: float, rank: int, world_size: int, label: str = "hf_zero") -> None:
+        self.timeout = timeout
+        self.rank = rank
+        self.world_size = world_size
+        self.label = label
+        self.call = "idle"  # the engine call under way
+        self.issued = 0  # collectives issued so far, all communicators together
+        self.last: dict[str, Any] | None = None  # the last one issued
+        self.waiting: dict[str, Any] | None = None  # the one being waited in, with its start
+        self.reported = False
+        if timeout > 0 and world_size > 1:
+            _monitor().add(self)
+
+    def begin(self, name: str) -> None:
+        """The engine call `name` starts (inside another call, the outer one keeps the label)."""
+        if self.call == "idle":
+            self.call = name
+
+    def end(self, name: str) -> None:
+        """The engine call `name` is over."""
+        if self.call == name:
+            self.call = "idle"
+
+    @contextlib.contextmanager
+    def engine_call(self, name: str) -> Iterator[None]:
+        """Label what runs inside as the engine call `name` (`begin` and `end` around it)."""
+        outer = self.call
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.call = outer
+
+    def issue(self, op: str, communicator: str, unit: int | None) -> dict[str, Any]:
+        """Record a collective this rank issued; returns its record."""
+        self.issued += 1
+        self.last = {
+            "op": op,
+            "communicator": communicator,
+            "seq": self.issued,
+            "unit": unit,
+            "call": self.call,
+        }
+        return self.last
+
+    @contextlib.contextmanager
+    def wait(self, record: dict[str, Any]) -> Iterator[None]:
+        """Mark this rank as waiting in the collective `record` while the block runs. A backend
+        error there (a peer's connection closed: it died) is raised again naming the collective."""
+        if self.waiting is not None:  # a wait inside a wait (a handle waited in a blocking call)
+            yield
+            return
+        self.waiting = {**record, "since": time.monotonic()}
+        try:
+            yield
+        except RuntimeError as error:
+            message = (
+                f"{self.label}: rank {self.rank}'s {describe(record)} failed (another rank may have died "
+                f"or left this collective): {error}"
+            )
+            try:
+                named = type(error)(message)
+            except Exception:  # an error type that cannot be built from a message: keep it as it is
+                raise error from None
+            raise named from error
+        finally:
+            self.waiting = None
+
+    def close(self) -> None:
+        """Stop watching (the engine was closed)."""
+        self.waiting = None
+        if _MONITOR is not None:
+            _MONITOR.watches.discard(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's record for the others: its call, its last collective, its wait."""
+        waiting = self.waiting
+        return {
+            "rank": self.rank,
+            "call": self.call,
+            "last": self.last,
+            "waiting": None if waiting is None else {**waiting, "for": time.monotonic() - waiting["since"]},
+            "time": time.time(),
+        }
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """`all_gather #12 on 'gather' (unit 3), in generate`."""
+    if record is None:
+        return "nothing yet"
+    unit = f" (unit {record['unit']})" if record.get("unit") is not None else ""
+    return f"{record['op']} #{record['seq']} on '{record['communicator']}'{unit}, in {record['call']}"
+
+
+class _Monitor:
+    """The one thread per process that publishes the watches and ends a hung process."""
+
+    def __init__(self) -> None:
+        self.watches: weakref.WeakSet[CollectiveWatch] = weakref.WeakSet()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, watch: CollectiveWatch) -> None:
+        with self.lock:
+            self.watches.add(watch)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="hf_zero-collective-watch", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        published = 0.0
+        while True:
+            watches = list(self.watches)
+            if not watches:
+                time.sleep(1.0)
+                continue
+            tick = min(1.0, max(0.05, min(w.timeout for w in watches) / 10))
+            time.sleep(tick)
+            now = time.monotonic()
+            if now - published >= min(1.0, tick * 5):
+                published = now
+                for watch in watches:
+                    _publish(watch)
+            for watch in watches:
+                waiting = watch.waiting
+                if waiting is not None and now - waiting["since"] >= watch.timeout and not watch.reported:
+                    watch.reported = True
+                    _report_and_exit(watch)
+
+
+_MONITOR: _Monitor | None = None
+
+
+def _monitor() -> _Monitor:
+    global _MONITOR
+    if _MONITOR is None:
+        _MONITOR = _Monitor()
+    return _MONITOR
+
+
+def _store() -> Any:
+    """The launcher's key-value store (through the default process group), or None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # the process group ended: nothing more to tell the others
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no default group, or a torch without the accessor: report this rank alone
+        return None
+
+
+def _publish(watch: CollectiveWatch) -> None:
+    store = _store()
+    if store is None:
+        return
+    with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
+        store.set(_KEY.format(rank=watch.rank), json.dumps(watch.snapshot()))
+
+
+def _read(rank: int) -> dict[str, Any] | None:
+    store = _store()
+    key = _KEY.format(rank=rank)
+    try:
+        if store is None or not store.check([key]):
+            return None
+        return json.loads(store.get(key))
+    except Exception:
+        return None
+
+
+def _report_and_exit(watch: CollectiveWatch) -> None:
+    """Tell what this rank waits in and what every rank last did; end the process."""
+    _publish(watch)
+    # The other ranks' waits began about when this one's did: give them a moment to publish theirs.
+    time.sleep(min(2.0, max(0.5, watch.timeout / 2)))
+    waiting = watch.waiting or {}
+    lines = [
+        f"{watch.label}: rank {watch.rank} waited {watch.timeout:g} s (ZeroConfig.collective_timeout) "
+        f"in {describe(waiting or watch.last)}; the ranks disagree about which collectives come next.",
+        "What each rank last issued:",
+    ]
+    now = time.time()
+    for rank in range(watch.world_size):
+        record = watch.snapshot() if rank == watch.rank else _read(rank)
+        if record is None:
+            lines.append(f"  rank {rank}: no record (it never started, or its process is gone)")
+            continue
+        stale = now - record["time"]
+        state = (
+            f"waiting {record['waiting']['for']:.1f} s in {describe(record['waiting'])}"
+            if record["waiting"]
+            else (f"running {record['call']}")
+        )
+        gone = f" (silent for {stale:.0f} s: its process may be gone)" if stale > 5 else ""
+        lines.append(f"  rank {rank}: {state}; last issued {describe(record['last'])}{gone}")
+    lines.append(
+        "  Every rank must make the same hf_zero calls in the same order: forward/backward/step, generate, "
+        "save_model and save_checkpoint, full_state_dict, gathered_parameters (see the README, "
+        "'Which calls are collectives')."
+    )
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    os._exit(HANG_EXIT_STATUS)
