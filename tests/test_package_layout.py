@@ -107,3 +107,10 @@ def test_the_core_and_the_engine_import_no_transformers():
         "assert 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith('hf_zero'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_engine_file_is_small_and_no_module_is_long():
+    lines = {path: len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert lines[PACKAGE / "engine" / "zero_engine.py"] <= 400
+    long = {str(path.relative_to(PACKAGE)): count for path, count in lines.items() if count > 600}
+    assert not long, long
