@@ -1,6 +1,7 @@
 """The `hf-zero` command.
 
-hf-zero train RECIPE.yaml [--nproc N] [--max-restarts K] [section.key=value ...]
+hf-zero train RECIPE.yaml [--nproc N] [--max-restarts K] [--nnodes M --node-rank R --master-addr A]
+              [section.key=value ...]
 hf-zero estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
 hf-zero merge CKPT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 hf-zero merge --verify CKPT_DIR
@@ -19,9 +20,11 @@ import sys
 USAGE = """usage: hf-zero [--version] COMMAND ...
 
 commands:
-  train RECIPE.yaml [--nproc N] [--max-restarts K] [section.key=value ...]
+  train RECIPE.yaml [--nproc N] [--max-restarts K] [--nnodes M --node-rank R --master-addr A]
+        [section.key=value ...]
         train a recipe with ZeroTrainer on N processes (NCCL on GPUs, gloo on CPU); with K, a
-        failed process restarts them all, resuming from the newest complete checkpoint
+        failed process restarts them all, resuming from the newest complete checkpoint; on M
+        machines, run it on each (their output folder must be shared)
   estimate MODEL_OR_CONFIG [--gpus N] [--nodes M] [--batch B --seq S] [--gpu-memory 80GB]
         memory per GPU and host for each ZeRO stage and offload choice, and the communication
         per step (a config.json, a model folder or a cached Hub id; no weights are read)
@@ -51,8 +54,31 @@ def _train_parser() -> argparse.ArgumentParser:
         help="restart every process up to K times when one fails (torchrun's restarts); a restarted run "
         "resumes from the newest complete checkpoint in its output folder (training.save_strategy must save)",
     )
+    parser.add_argument(
+        "--nnodes", type=int, default=1, help="machines taking part (run the command on each)"
+    )
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 .. nnodes-1")
+    parser.add_argument("--master-addr", default=None, help="address of node 0, which every node can reach")
+    parser.add_argument("--master-port", type=int, default=29500, help="a free port on node 0")
     parser.add_argument("overrides", nargs="*", help="recipe overrides such as training.max_steps=50")
     return parser
+
+
+def _launch_command(options: argparse.Namespace, nproc: int) -> list[str]:
+    """torchrun's command line for `hf-zero train`: this machine alone (standalone rendezvous), or one
+    node of several meeting at node 0's address."""
+    if options.nnodes == 1:
+        where = ["--standalone", "--nnodes", "1"]
+    else:
+        where = [
+            "--nnodes", str(options.nnodes), "--node-rank", str(options.node_rank),
+            "--master-addr", options.master_addr, "--master-port", str(options.master_port),
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(nproc),
+        "--max-restarts", str(options.max_restarts), "-m", "hf_zero.cli", "train", options.recipe,
+        *options.overrides,
+    ]  # fmt: skip
 
 
 def train(argv: list[str]) -> int:
@@ -65,6 +91,14 @@ def train(argv: list[str]) -> int:
         parser.error(f"--nproc must be at least 1, got {options.nproc}")
     if options.max_restarts < 0:
         parser.error(f"--max-restarts must be 0 or more, got {options.max_restarts}")
+    if options.nnodes < 1 or not 0 <= options.node_rank < options.nnodes:
+        parser.error(
+            f"--node-rank must be from 0 to --nnodes - 1 ({options.nnodes - 1}), got {options.node_rank}"
+        )
+    if options.nnodes > 1 and not options.master_addr:
+        parser.error(
+            "--nnodes above 1 needs --master-addr: the address of node 0, which every node can reach"
+        )
     from .recipes import Recipe, check_run, run_recipe
 
     try:
@@ -81,15 +115,10 @@ def train(argv: list[str]) -> int:
         except (ValueError, ImportError, RuntimeError, OSError) as error:
             print(f"hf-zero train: {error}", file=sys.stderr)
             return 2
-    if (nproc > 1 or options.max_restarts) and "WORLD_SIZE" not in os.environ:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc_per_node", str(nproc), "--max-restarts", str(options.max_restarts),
-            "-m", "hf_zero.cli", "train", options.recipe, *options.overrides,
-        ]  # fmt: skip
+    if (nproc > 1 or options.max_restarts or options.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        return subprocess.call(command, env=env)
+        return subprocess.call(_launch_command(options, nproc), env=env)
     result = run_recipe(recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.eval_metrics:  # the final evaluation, printed here once

@@ -376,6 +376,46 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
     return training
 
 
+def check_shared_folder(folder: str) -> None:
+    """On several machines, check that every rank sees the same output folder, before anything is
+    written there: rank 0 writes the generated data and the tokenizer that the others read, and
+    renames the checkpoints every rank writes into. Each rank leaves a marker in `folder`, and every
+    rank must see all of them; otherwise every rank raises, naming the fix. A collective (it is
+    skipped on one machine, where the folder is one)."""
+    import shutil
+    import socket
+    import uuid
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world:
+        return
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    markers = Path(folder) / f".hf_zero-shared-{token[0]}"
+    markers.mkdir(parents=True, exist_ok=True)
+    (markers / f"rank-{rank}").write_text(socket.gethostname())
+    dist.barrier()
+    seen = {int(path.name.removeprefix("rank-")) for path in markers.glob("rank-*")}
+    views = [None] * world
+    dist.all_gather_object(views, (socket.gethostname(), sorted(seen)))
+    dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(markers, ignore_errors=True)
+    blind = [(r, host, ranks) for r, (host, ranks) in enumerate(views) if len(ranks) < world]
+    if blind:
+        r, host, ranks = blind[0]
+        raise RuntimeError(
+            f"training.output_dir {folder} is not one folder for all {world} processes: rank {r} (on {host}) "
+            f"sees the markers of rank(s) {ranks} only. On several machines the output folder (checkpoints, "
+            "the generated data, the tokenizer) must be on storage every machine mounts (NFS, Lustre, a "
+            "shared volume), under the same path on each"
+        )
+
+
 def check_run(recipe: Recipe) -> None:
     """The checks that need the model's config and this machine, made before any process starts:
     the `model.config` overrides build a model (on the meta device, so no memory), and the training
@@ -450,6 +490,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
 
     args = TrainingArguments(**training_arguments(recipe, model_type_of(recipe)))
     main = args.process_index == 0
+    check_shared_folder(args.output_dir)
     resume = args.resume_from_checkpoint
     if resume == AUTO or restarted():
         # A restarted worker (hf-zero train --max-restarts) continues from where the run got to.
