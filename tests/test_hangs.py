@@ -28,7 +28,7 @@ def _launch(case: str) -> tuple[subprocess.CompletedProcess, float]:
 def _reports(stderr: str) -> dict[int, str]:
     """Each rank's hang report: its first line, then the lines naming every rank."""
     reports = {}
-    for match in re.finditer(r"hf_zero: rank (\d) waited .*?(?=\nhf_zero: rank |\Z)", stderr, re.S):
+    for match in re.finditer(r"hf_zero: rank (\d) waited .*?(?=hf_zero: rank \d waited|\Z)", stderr, re.S):
         reports[int(match.group(1))] = match.group(0)
     return reports
 

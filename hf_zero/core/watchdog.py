@@ -233,5 +233,8 @@ def _report_and_exit(watch: CollectiveWatch) -> None:
         "save_model and save_checkpoint, full_state_dict, gathered_parameters (see the README, "
         "'Which calls are collectives')."
     )
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    # One write of the whole report: every rank writes to the same pipe at about the same moment,
+    # and print's separate writes of text and newline let the reports run into each other.
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
     os._exit(HANG_EXIT_STATUS)
