@@ -30,6 +30,12 @@ def _fresh_engine(name: str = "gpt2", optimizer=torch.optim.AdamW) -> hf_zero.Ze
     return hf_zero.initialize(model, optimizer(model.parameters(), lr=1e-2), {"stage": 1})
 
 
+def _header(path) -> bytes:
+    """The JSON header of a safetensors file."""
+    data = path.read_bytes()
+    return data[8 : 8 + int.from_bytes(data[:8], "little")]
+
+
 def _damage(folder, how: str) -> None:
     shard = folder / SHARD
     if how == "truncated":
@@ -151,6 +157,26 @@ def test_two_ranks_agree_on_a_damaged_file_and_on_a_failed_save(tmp_path):
         # Rank 1's file is damaged; rank 0 hashed it or not, both ranks raise the same error.
         assert rank_file_name(1, 2) in rank_seen["damaged"] and "SHA-256" in rank_seen["damaged"]
         assert "No space left on device" in rank_seen["failed_save"]
+        # The asynchronous save was in flight during the step, finished into its folder and holds
+        # the weights of before the step; a failed one raises on both ranks when waited for.
+        assert rank_seen["async_in_flight"] and rank_seen["async_folder"] == str(tmp_path / "async")
+        assert rank_seen["async_holds_its_step"] and rank_seen["async_step_moved"]
+        assert "No space left on device" in rank_seen["failed_async"]
         assert rank_seen["leftovers"] == []
         assert rank_seen["earlier_unchanged"] and rank_seen["earlier_loads"]
     assert seen[0]["damaged"] == seen[1]["damaged"]
+    assert seen[0]["failed_async"] == seen[1]["failed_async"]
+    # Each rank's snapshot holds what it writes: its half of the masters and of both Adam moments.
+    manifest = json.loads((tmp_path / "async" / MANIFEST).read_text())
+    for rank in range(2):
+        header = json.loads(_header(tmp_path / "async" / rank_file_name(rank, 2)))
+        data = sum(
+            end - begin
+            for key, v in header.items()
+            if key != "__metadata__"
+            for begin, end in [v["data_offsets"]]
+        )
+        assert seen[rank]["async_snapshot_bytes"] == data > 0
+    assert manifest["files"][rank_file_name(1, 2)]["sha256"] == sha256_of(
+        tmp_path / "async" / rank_file_name(1, 2)
+    )

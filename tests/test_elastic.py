@@ -5,7 +5,9 @@ SIGKILLs (`elastic_faults/sitecustomize.py` injects them): rank 0 right after ch
 written, and after the restart rank 1 in the middle of checkpoint-30's save. torchrun restarts
 both processes each time; each restart resumes from checkpoint-20 (checkpoint-30 was never
 finished), finishes every step and exits 0. Its final weights equal, bit for bit, those of an
-uninterrupted run that resumed from the same checkpoint-20.
+uninterrupted run that resumed from the same checkpoint-20. That run saves its checkpoints
+asynchronously (`zero.async_checkpoints`) and keeps one (`save_total_limit=1`): its last
+checkpoint holds the same state, tensor for tensor, as the killed run's synchronous one.
 """
 
 from __future__ import annotations
@@ -57,11 +59,16 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     killed = _train(root / "killed", kills="0:0:after-save:20,1:1:mid-save:30", restarts=2)
     assert killed.returncode == 0, killed.stderr[-5000:]
-    # The uninterrupted run: the same checkpoint-20, resumed once, no kills.
+    # The uninterrupted run: the same checkpoint-20, resumed once, no kills, asynchronous saves.
     reference = root / "reference"
     reference.mkdir()
     shutil.copytree(root / "killed" / "checkpoint-20", reference / "checkpoint-20")
-    resumed = _train(reference, f"training.resume_from_checkpoint={reference / 'checkpoint-20'}")
+    resumed = _train(
+        reference,
+        f"training.resume_from_checkpoint={reference / 'checkpoint-20'}",
+        "training.save_total_limit=1",
+        "zero.async_checkpoints=true",
+    )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     return {"killed": (root / "killed", killed), "reference": (reference, resumed)}
 
@@ -88,6 +95,20 @@ def test_every_step_is_done_and_the_weights_equal_an_uninterrupted_resume(runs, 
     merge_checkpoint(folder / "checkpoint-20" / "hf_zero_checkpoint", tmp_path / "step20")
     start = load_file(tmp_path / "step20" / "model.safetensors")
     assert any(not torch.equal(start[name], want[name]) for name in start)  # steps 21-40 trained
+
+
+def test_asynchronous_checkpoints_hold_the_same_state_and_older_ones_go_once_they_are_complete(runs):
+    folder, _ = runs["killed"]
+    reference, _ = runs["reference"]
+    # save_total_limit=1: checkpoint-30 was deleted only once checkpoint-40 was complete.
+    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-40"]
+    assert is_complete(reference / "checkpoint-40")
+    assert not list((reference / "checkpoint-40").glob(".*partial*"))
+    for rank in range(2):
+        name = f"hf_zero_checkpoint/rank-{rank:05d}-of-00002.safetensors"
+        got, want = load_file(reference / "checkpoint-40" / name), load_file(folder / "checkpoint-40" / name)
+        assert got.keys() == want.keys() and any("::exp_avg" in key for key in got)
+        assert all(torch.equal(got[key], want[key]) for key in want)
 
 
 def test_a_checkpoint_whose_save_was_cut_short_is_passed_over(tmp_path):

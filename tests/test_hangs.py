@@ -43,6 +43,14 @@ def _reports(stderr: str) -> dict[int, str]:
         ),
         # rank 0 saves while rank 1 steps: both wait in their call's first collective
         ("save", {0: "in save_checkpoint", 1: "in (forward|backward|step)"}),
+        # rank 0's host waits for its device in a step (NCCL's hang), rank 1 waits in a collective
+        (
+            "device",
+            {
+                0: r"in a wait for the device \(\w+\), in step, behind \w+ #\d+",
+                1: "in (forward|backward|step)",
+            },
+        ),
     ],
 )
 def test_ranks_that_disagree_each_report_within_the_timeout(case, waits):

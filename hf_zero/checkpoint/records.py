@@ -119,8 +119,9 @@ def describe(engine: EngineView, include_frozen: bool) -> tuple[list[dict[str, A
 
 
 def rank_tensors(writes: list) -> dict[str, torch.Tensor]:
-    """The tensors of one rank's file, as separate CPU copies (safetensors refuses shared storage)."""
-    tensors = {}
-    for record, source, key in writes:
-        tensors[state_key(record["name"], key)] = source.detach().to("cpu", copy=True).contiguous()
-    return tensors
+    """The tensors of one rank's file, by file key, on the host: views of tensors already there
+    (nothing changes them while a synchronous save writes), copies of those on the device."""
+    return {
+        state_key(record["name"], key): source.detach().to("cpu").contiguous()
+        for record, source, key in writes
+    }

@@ -16,14 +16,17 @@ import os
 import shutil
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import save_file
+import torch
 
 from ..core.params import is_peft_model
 from ..version import __version__
-from .format import FORMAT, FORMAT_VERSION, MANIFEST, fsync_path, is_checkpoint, rank_file_name, sha256_of
+from .background import BackgroundSaves, StoreExchange
+from .file_writer import write_safetensors
+from .format import FORMAT, FORMAT_VERSION, MANIFEST, fsync_path, is_checkpoint, rank_file_name
 from .records import describe, encode_value, rank_tensors
 from .rng import capture_rng
 
@@ -31,13 +34,22 @@ if TYPE_CHECKING:
     from ..core.engine_view import EngineView
 
 
-def save_checkpoint(engine: EngineView, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
+def save_checkpoint(
+    engine: EngineView,
+    directory: str | os.PathLike,
+    include_frozen: bool = True,
+    background: BackgroundSaves | None = None,
+) -> Path:
     """Write the engine's training state into the folder `directory` (see `format.py`).
 
     Every rank must call it. With `include_frozen=False` frozen weights are left out (an adapter's
     checkpoint need not copy the base model it was built on; resuming then takes them from the
     model). `directory` may be an earlier checkpoint, which is replaced once the new one is
     complete; anything else already there is refused. Returns the checkpoint folder.
+
+    With `background` (see `background.py`) it returns as soon as this rank's tensors are copied
+    to host buffers; a thread writes and finishes the checkpoint, and `background.wait()` says
+    how that went.
     """
     target = Path(directory).absolute()
     comm = engine.comm
@@ -46,25 +58,90 @@ def save_checkpoint(engine: EngineView, directory: str | os.PathLike, include_fr
         # Every rank builds the manifest (only rank 0 writes it), so that a value it cannot record
         # raises on every rank alike rather than leaving the others waiting below.
         records, mine = describe(engine, include_frozen)
-        manifest = _manifest(engine, records, include_frozen)
-        report = _run(lambda: _write_rank_file(engine, temporary, mine))
-        reports = comm.all_gather_object(report)
+        job = _SaveJob(
+            rank=engine.rank,
+            world_size=engine.world_size,
+            step=engine.global_steps,
+            manifest=_manifest(engine, records, include_frozen),
+            rng=capture_rng(engine.device),
+            temporary=temporary,
+            target=target,
+        )
+        if background is not None:
+            tensors = background.snapshot.take(mine)
+            exchange = StoreExchange(
+                StoreExchange.default_store() if engine.world_size > 1 else None,
+                f"hf_zero/checkpoint/{temporary.name}",
+                engine.rank,
+                engine.world_size,
+                engine.config.collective_timeout,
+            )
+            background.start(target, lambda: _write_and_finish(job, tensors, exchange))
+            temporary = None  # the background save owns it now
+            return target
+        _write_and_finish(job, rank_tensors(mine), _CommExchange(comm))
+    finally:
+        if temporary is not None:
+            if engine.rank == 0 and temporary.exists():
+                shutil.rmtree(temporary, ignore_errors=True)
+            comm.barrier()
+    return target
+
+
+@dataclass
+class _SaveJob:
+    """What writing and finishing one save needs, fixed when the save begins."""
+
+    rank: int
+    world_size: int
+    step: int
+    manifest: dict[str, Any]
+    rng: dict[str, Any]
+    temporary: Path
+    target: Path
+
+
+class _CommExchange:
+    """`StoreExchange`'s two calls over the engine's communicator (a synchronous save)."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    def gather_to_first(self, value: Any) -> list[Any]:
+        return self.comm.all_gather_object(value)
+
+    def broadcast_from_first(self, value: Any) -> Any:
+        return self.comm.broadcast_object(value)
+
+
+def _write_and_finish(job: _SaveJob, tensors: dict[str, torch.Tensor], exchange: Any) -> None:
+    """Write this rank's file; rank 0 then writes the manifest and moves the folder into place (or
+    removes it when any rank failed). Raises on every rank when the checkpoint is not complete."""
+    reports = exchange.gather_to_first(_run(lambda: _write_rank_file(job, tensors)))
+    outcome = None
+    if job.rank == 0:
         failed = [message for ok, message in reports if not ok]
         if failed:
-            raise OSError(f"saving checkpoint {target} failed: {failed[0]}")
-        if engine.rank == 0:
-            manifest["rng"] = [info["rng"] for _, info in reports]
-            manifest["files"] = {
-                info["file"]: {"bytes": info["bytes"], "sha256": info["sha256"]}
-                for _, info in reports
-                if info["file"] is not None
-            }
-        _agree(engine, lambda: _publish(manifest, temporary, target), "finish")
-    finally:
-        if engine.rank == 0 and temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-        comm.barrier()
-    return target
+            outcome = (False, f"saving checkpoint {job.target} failed: {failed[0]}")
+        else:
+            finished = _run(lambda: _publish(_completed(job.manifest, reports), job.temporary, job.target))
+            outcome = finished if finished[0] else (False, f"cannot finish the checkpoint: {finished[1]}")
+        if job.temporary.exists():
+            shutil.rmtree(job.temporary, ignore_errors=True)
+    ok, message = exchange.broadcast_from_first(outcome)
+    if not ok:
+        raise OSError(message)
+
+
+def _completed(manifest: dict[str, Any], reports: list) -> dict[str, Any]:
+    """The manifest with what the ranks reported: their RNG states and their files."""
+    manifest["rng"] = [info["rng"] for _, info in reports]
+    manifest["files"] = {
+        info["file"]: {"bytes": info["bytes"], "sha256": info["sha256"]}
+        for _, info in reports
+        if info["file"] is not None
+    }
+    return manifest
 
 
 def _run(action) -> tuple[bool, Any]:
@@ -95,15 +172,15 @@ def _make_temporary(target: Path) -> Path:
     return temporary
 
 
-def _write_rank_file(engine: EngineView, folder: Path, mine: list) -> dict[str, Any]:
-    """Write this rank's tensors (if it has any) and flush them; what rank 0 records of the file."""
-    info: dict[str, Any] = {"rng": capture_rng(engine.device), "file": None}
-    if mine:
-        name = rank_file_name(engine.rank, engine.world_size)
-        path = folder / name
-        save_file(rank_tensors(mine), str(path), metadata={"format": "pt", "hf_zero": "checkpoint shard"})
-        fsync_path(path)
-        info.update(file=name, bytes=path.stat().st_size, sha256=sha256_of(path))
+def _write_rank_file(job: _SaveJob, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write this rank's tensors (if it has any), flushed to disk; what rank 0 records of the file."""
+    info: dict[str, Any] = {"rng": job.rng, "file": None}
+    if tensors:
+        name = rank_file_name(job.rank, job.world_size)
+        size, digest = write_safetensors(
+            job.temporary / name, tensors, {"format": "pt", "hf_zero": "checkpoint shard"}
+        )
+        info.update(file=name, bytes=size, sha256=digest)
     return info
 
 

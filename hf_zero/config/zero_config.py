@@ -101,6 +101,11 @@ class ZeroConfig:
             reports what it waits in, what every rank last issued, and exits (a hang when ranks
             disagree: one calls `generate` or `save_model` and the others do not, a rank died);
             0 waits forever. Default 600, as NCCL's own timeout.
+        async_checkpoints: `engine.save_checkpoint` (and so `ZeroTrainer`'s and the recipes'
+            checkpoints) copies this rank's part into host buffers and returns; a background thread
+            writes and finishes the checkpoint while training goes on. The host buffers hold
+            what the rank writes (with AdamW 12 bytes per trained parameter it owns) from the
+            first save on.
         deepspeed_loop_values: the concrete training-loop values of a DeepSpeed config
             (`{"optimizer.params.lr": 3e-4, ...}`; `from_deepspeed` fills it). hf_zero does not
             build the optimizer, so nothing applies them: `ZeroTrainer` refuses to train when its
@@ -131,6 +136,7 @@ class ZeroConfig:
     prefetch_bytes: int | None = None
     generate_gather: str = "auto"
     collective_timeout: float = 600.0
+    async_checkpoints: bool = False
     deepspeed_loop_values: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -169,6 +175,7 @@ class ZeroConfig:
             self.prefetch_bytes = _check_int("prefetch_bytes", self.prefetch_bytes, minimum=0)
         self.generate_gather = _check_choice("generate_gather", self.generate_gather, GENERATE_GATHER)
         self.collective_timeout = _check_float("collective_timeout", self.collective_timeout, minimum=0.0)
+        self.async_checkpoints = _check_bool("async_checkpoints", self.async_checkpoints)
         self.deepspeed_loop_values = check_loop_values(self.deepspeed_loop_values)
         self._check_combinations()
 

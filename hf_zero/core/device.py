@@ -15,9 +15,17 @@ the device, as a GPU would pay for it:
 
 The engine reads the counters per step (`ZeroEngine.device_counts`) and `memory_breakdown()`
 reports `pinned`.
+
+Every host wait is also marked in the engine's `CollectiveWatch` (`watch`): on NCCL a collective
+that a peer never joins does not block the host where it is issued or waited for (those only queue
+work on a stream) but at the next wait for the device, so that is where a hang shows, and where the
+hang report must find the rank waiting.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 
@@ -33,7 +41,8 @@ class Event:
         """The host waits until the device has reached this point."""
         self._ops.event_waits += 1
         if self._cuda_event is not None:
-            self._cuda_event.synchronize()
+            with self._ops.waiting("event"):
+                self._cuda_event.synchronize()
 
 
 class DeviceOps:
@@ -44,6 +53,14 @@ class DeviceOps:
         self.host_syncs = 0
         self.event_waits = 0
         self.pinned_bytes = 0
+        self.watch: Any = None  # the engine's CollectiveWatch, once it has one
+
+    def waiting(self, what: str) -> contextlib.AbstractContextManager:
+        """Mark the block as a host wait for the device (`what`: synchronize, read, ...) in the
+        watch, so that a collective stuck on the device is reported where the host waits for it."""
+        if self.watch is None:
+            return contextlib.nullcontext()
+        return self.watch.wait_for_device(what)
 
     @staticmethod
     def for_device(device: torch.device) -> DeviceOps:
@@ -79,12 +96,14 @@ class DeviceOps:
     def read(self, tensor: torch.Tensor) -> float:
         """The value of a one-element device tensor on the host (a wait for the device)."""
         self.host_syncs += 1
-        return tensor.item()
+        with self.waiting("read"):
+            return tensor.item()
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` copied to host memory, once the device has computed it (a wait for the device)."""
         self.host_syncs += 1
-        return tensor.to("cpu")
+        with self.waiting("to_host"):
+            return tensor.to("cpu")
 
     def counts(self) -> dict[str, int]:
         """The counters, as a dict (see the module docstring)."""
@@ -109,7 +128,8 @@ class CudaOps(DeviceOps):
 
     def synchronize(self) -> None:
         super().synchronize()
-        torch.cuda.current_stream(self.device).synchronize()
+        with self.waiting("synchronize"):
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 class HostOps(DeviceOps):

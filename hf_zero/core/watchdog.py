@@ -79,8 +79,15 @@ class CollectiveWatch:
         }
         return self.last
 
+    def wait_for_device(self, what: str) -> contextlib.AbstractContextManager:
+        """Mark the block as a host wait for the device (`what`), behind the collectives issued so
+        far: on NCCL that is where a collective no peer joins keeps the host waiting. Its errors
+        (a device's own) are left as they are."""
+        record = {"op": what, "device": True, "after": self.last, "call": self.call}
+        return self.wait(record, name_errors=False)
+
     @contextlib.contextmanager
-    def wait(self, record: dict[str, Any]) -> Iterator[None]:
+    def wait(self, record: dict[str, Any], name_errors: bool = True) -> Iterator[None]:
         """Mark this rank as waiting in the collective `record` while the block runs. A backend
         error there (a peer's connection closed: it died) is raised again naming the collective."""
         if self.waiting is not None:  # a wait inside a wait (a handle waited in a blocking call)
@@ -90,6 +97,8 @@ class CollectiveWatch:
         try:
             yield
         except RuntimeError as error:
+            if not name_errors:
+                raise
             message = (
                 f"{self.label}: rank {self.rank}'s {describe(record)} failed (another rank may have died "
                 f"or left this collective): {error}"
@@ -124,6 +133,11 @@ def describe(record: dict[str, Any] | None) -> str:
     """`all_gather #12 on 'gather' (unit 3), in generate`."""
     if record is None:
         return "nothing yet"
+    if record.get("device"):
+        # On NCCL the host waits here for the collectives queued before, the last one named.
+        return (
+            f"a wait for the device ({record['op']}), in {record['call']}, behind {describe(record['after'])}"
+        )
     unit = f" (unit {record['unit']})" if record.get("unit") is not None else ""
     return f"{record['op']} #{record['seq']} on '{record['communicator']}'{unit}, in {record['call']}"
 
@@ -209,9 +223,15 @@ def _report_and_exit(watch: CollectiveWatch) -> None:
     # The other ranks' waits began about when this one's did: give them a moment to publish theirs.
     time.sleep(min(2.0, max(0.5, watch.timeout / 2)))
     waiting = watch.waiting or {}
+    cause = (
+        "a collective queued on the device has not finished: the ranks disagree about which collectives "
+        "come next, or a rank is gone."
+        if waiting.get("device")
+        else "the ranks disagree about which collectives come next."
+    )
     lines = [
         f"{watch.label}: rank {watch.rank} waited {watch.timeout:g} s (ZeroConfig.collective_timeout) "
-        f"in {describe(waiting or watch.last)}; the ranks disagree about which collectives come next.",
+        f"in {describe(waiting or watch.last)}; {cause}",
         "What each rank last issued:",
     ]
     now = time.time()

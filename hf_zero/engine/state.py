@@ -83,17 +83,34 @@ class ShardedState:
         return tensor.detach().to("cpu", self.frozen_dtypes.get(id(tensor), tensor.dtype), copy=True)
 
     @_engine_call("save_checkpoint")
-    def save_checkpoint(self, directory: str | os.PathLike, include_frozen: bool = True) -> Path:
+    def save_checkpoint(
+        self, directory: str | os.PathLike, include_frozen: bool = True, asynchronous: bool | None = None
+    ) -> Path:
         """Write this engine's training state as a sharded safetensors checkpoint folder: each rank's
         fp32 masters and optimizer state, frozen weights and buffers, and a JSON manifest (see
         `hf_zero.checkpoint`). The folder appears complete or not at all. Every rank must call it.
-        With `include_frozen=False` frozen weights are left out (an adapter run's base model)."""
+        With `include_frozen=False` frozen weights are left out (an adapter run's base model).
+
+        `asynchronous` (default: `ZeroConfig.async_checkpoints`) returns once this rank's part is
+        copied into host buffers; a background thread writes and finishes the checkpoint (see
+        `hf_zero.checkpoint.background`). The next save, a load, `close()` and
+        `wait_for_checkpoint()` wait for it, and raise its error on every rank if it failed."""
         from ..checkpoint import save_checkpoint
 
+        self.wait_for_checkpoint()  # one save in flight at a time: the snapshot buffers are reused
         if self.swapper is not None:
             self.swapper.check_usable()
         self.finish_delayed_update()
-        return save_checkpoint(self, directory, include_frozen)
+        if asynchronous is None:
+            asynchronous = self.config.async_checkpoints
+        return save_checkpoint(
+            self, directory, include_frozen, self.background_saves if asynchronous else None
+        )
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Wait until the asynchronous checkpoint in flight is complete; returns its folder (None
+        when none is in flight). Raises, on every rank alike, the error that stopped it."""
+        return self.background_saves.wait()
 
     @_engine_call("load_checkpoint")
     def load_checkpoint(
@@ -103,9 +120,10 @@ class ShardedState:
         reads only the elements its shard needs); returns the checkpoint's manifest. The manifest
         and the files' checksums are checked first, and nothing changes if a check fails. Every
         rank must call it. `restore_rng` sets each rank's random generators as saved (when the
-        number of ranks is the same)."""
+        number of ranks is the same). An asynchronous save in flight is waited for first."""
         from ..checkpoint import load_checkpoint
 
+        self.wait_for_checkpoint()
         self.finish_delayed_update()  # nothing may land on top of what it loads
 
         return load_checkpoint(self, directory, restore_rng, verify)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.background import BackgroundSaves
 from ..config.precision import compute_dtype_for
 from ..config.zero_config import ZeroConfig
 from ..core.arena import segment_order
@@ -92,8 +93,10 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         # Every page-locked buffer, event and host wait goes through this (`device.py`).
         self.device_ops = DeviceOps.for_device(self.ctx.device)
         self.comm = Collectives(self.ctx, fingerprint=config.debug_collectives)
+        # Asynchronous checkpoints: their host snapshot and the save in flight (`checkpoint/background.py`).
+        self.background_saves = BackgroundSaves(self.device_ops)
         # Sees every collective and wait; ends a wait past config.collective_timeout (`watchdog.py`).
-        self.watch = self.comm.watch = CollectiveWatch(
+        self.watch = self.comm.watch = self.device_ops.watch = CollectiveWatch(
             config.collective_timeout, self.ctx.rank, self.ctx.world_size
         )
 
@@ -303,16 +306,20 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         self.optimizer.step()
 
     def close(self) -> None:
-        """Release what the engine holds beyond memory: wait for the host update in flight
+        """Release what the engine holds beyond memory: wait for the asynchronous checkpoint in flight
+        (raising its error) and for the host update in flight
         (offload_overlap="delayed", whose weights then stay unpublished) and stop its thread, close
         the NVMe swap file, destroy the process group the engine made for stage-3 gathers. Not a
         collective, but call it on every rank once training, saving and evaluating are over: the
         engine runs no collective afterwards. Garbage collection and the interpreter's exit release
         the threads and file too; the gather group then ends with the default process group."""
         own_group = self.gather_comm.group_ref if self.gatherer is not None else None
-        self.watch.close()
-        self._release()
-        leave_group(own_group)
+        try:
+            self.background_saves.close()
+        finally:
+            self.watch.close()
+            self._release()
+            leave_group(own_group)
 
     def device_counts(self) -> dict[str, int]:
         """What this engine has asked of its device so far: host waits for all queued work or for a

@@ -295,13 +295,17 @@ class ZeroAccelerator(Accelerator):
         Every rank must call it. Besides Accelerate's files, the folder gets the engine's
         checkpoint in `hf_zero_checkpoint/` (a PEFT model's frozen base left out: the script
         rebuilds it); `safe_serialization` applies to Accelerate's own files only. The sharded
-        model and its optimizer are not handed to save-state pre-hooks.
+        model and its optimizer are not handed to save-state pre-hooks. With
+        `ZeroConfig.async_checkpoints` the engine's checkpoint is finished in the background: the
+        next `save_state` or `load_state` (or `engine.wait_for_checkpoint()`) waits for it.
         """
         engine = self.zero_engine
         if engine is None:
             return super().save_state(
                 output_dir, safe_serialization=safe_serialization, **save_model_func_kwargs
             )
+        # Accelerate deletes checkpoints beyond `total_limit` first: the one in flight must be whole.
+        engine.wait_for_checkpoint()
         with self._hidden_from_accelerate(engine):
             location = super().save_state(
                 output_dir, safe_serialization=safe_serialization, **save_model_func_kwargs

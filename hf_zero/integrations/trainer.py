@@ -21,6 +21,7 @@ for a script that a launcher restarts after a failure (`torchrun --max-restarts`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import rotate_checkpoints
 
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config.deepspeed import training_args_mismatches
@@ -137,21 +139,62 @@ class ZeroTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, and `resume_from_checkpoint="auto"`: resume from the newest complete
         checkpoint in `args.output_dir` (one whose save was interrupted is passed over), or start
-        afresh when there is none. The main process says which, in one line."""
+        afresh when there is none. The main process says which, in one line. With
+        `ZeroConfig.async_checkpoints` it returns once the last checkpoint is complete."""
         if resume_from_checkpoint == AUTO:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, str) and self.args.process_index == 0:
             print(f"hf_zero: resumed from {describe_checkpoint(resume_from_checkpoint)}", flush=True)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            # The checkpoint in flight still completes, but the training error is the one to see.
+            with contextlib.suppress(Exception):
+                self._finish_checkpoint()
+            raise
+        self._finish_checkpoint()
+        return result
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer may now load the best checkpoint or delete all but it: the last one must be whole.
+        self._finish_checkpoint()
+        return super()._finalize_training(*args, **kwargs)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # While a checkpoint is written, its weights go into the hf_zero checkpoint (see
         # `_save_optimizer_and_scheduler`), so `save_model` need not gather them too.
-        self._writing_checkpoint = self.zero_engine is not None and not self.args.save_only_model
+        engine = self.zero_engine
+        self._finish_checkpoint()
+        self._writing_checkpoint = engine is not None and not self.args.save_only_model
+        # An asynchronous checkpoint is still being written when the Trainer would delete older ones
+        # (`save_total_limit`): they are deleted once it is complete, so one always is.
+        deferred = self._writing_checkpoint and engine.config.async_checkpoints
+        limit = self.args.save_total_limit
+        if deferred:
+            self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._writing_checkpoint = False
+            self.args.save_total_limit = limit
+        if deferred:
+            self._rotation_due = self._get_output_dir(trial=trial)
+
+    def _finish_checkpoint(self) -> None:
+        """Wait for the engine's asynchronous checkpoint in flight, then delete the checkpoints that
+        `save_total_limit` let go while it was written."""
+        engine = self.zero_engine
+        if engine is None:
+            return
+        engine.wait_for_checkpoint()
+        run_dir, self._rotation_due = getattr(self, "_rotation_due", None), None
+        if run_dir is not None and self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write a normal `save_pretrained` folder with the full fp32 master weights, gathered and
@@ -253,7 +296,8 @@ class ZeroTrainer(Trainer):
 
         Every rank calls this (the Trainer does), and the engine's save returns on every rank only
         once its checkpoint is complete: right after, the writing rank records the checkpoint and
-        may delete older ones.
+        may delete older ones. An asynchronous save returns at once; older checkpoints are then
+        deleted once it is complete (`_finish_checkpoint`).
         """
         engine = self.zero_engine
         if engine is None:

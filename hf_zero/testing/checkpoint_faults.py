@@ -2,10 +2,13 @@
 
     python -m hf_zero.testing.checkpoint_faults kill POINT TARGET WEIGHTS_OUT
         train the tiny GPT-2, write its weights to WEIGHTS_OUT, start saving a checkpoint into
-        TARGET and SIGKILL this process at POINT of the save (see `KILL_POINTS`).
+        TARGET and SIGKILL this process at POINT of the save (see `KILL_POINTS`; at
+        `async_after_rank_file` the save is asynchronous, and the kill comes from its thread while
+        the training thread takes another step).
     torchrun --nproc_per_node 2 -m hf_zero.testing.checkpoint_faults ranks OUT_DIR
-        on 2 ranks: a damaged rank-1 file and a save that fails on rank 1 only; each rank writes
-        what it saw to OUT_DIR/rank{r}.json.
+        on 2 ranks: an asynchronous save during a step, a damaged rank-1 file, and a save (then an
+        asynchronous one) that fails on rank 1 only; each rank writes what it saw to
+        OUT_DIR/rank{r}.json.
 
 The kill points are installed by replacing functions of `hf_zero.checkpoint.save` in this process
 only; the library itself has no test hooks.
@@ -17,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -51,8 +55,9 @@ def _install_kill(point: str) -> None:
     """Make the save die at `point`."""
     if point == "before_rank_file":  # the temporary folder exists, nothing in it
         save_module._write_rank_file = _die
-    elif point == "after_rank_file":  # the rank file is written and flushed, no manifest
-        save_module.sha256_of = _die
+    elif point in ("after_rank_file", "async_after_rank_file"):  # the rank file is flushed, no manifest
+        write = save_module._write_rank_file
+        save_module._write_rank_file = lambda *args: (write(*args), _die())
     elif point == "after_manifest":  # the manifest is written, the folder not yet renamed
         flush = save_module.fsync_path
         save_module.fsync_path = lambda path: _die() if Path(path).is_dir() else flush(path)
@@ -64,14 +69,28 @@ def _install_kill(point: str) -> None:
         raise ValueError(f"unknown kill point {point!r}")
 
 
-KILL_POINTS = ("before_rank_file", "after_rank_file", "after_manifest", "before_swap", "after_swap")
+KILL_POINTS = (
+    "before_rank_file",
+    "after_rank_file",
+    "async_after_rank_file",
+    "after_manifest",
+    "before_swap",
+    "after_swap",
+)
 
 
 def kill(point: str, target: str, weights_out: str) -> None:
     engine = trained_engine(steps=2)
     torch.save(engine.full_state_dict(), weights_out)
     _install_kill(point)
-    engine.save_checkpoint(target)
+    if point.startswith("async"):
+        engine.save_checkpoint(target, asynchronous=True)
+        batch = make_samples("gpt2", 2)
+        engine.backward(engine(**batch).loss)  # training goes on while the thread writes
+        engine.step()
+        engine.wait_for_checkpoint()
+    else:
+        engine.save_checkpoint(target)
     raise SystemExit(f"kill point {point} was never reached")
 
 
@@ -82,6 +101,25 @@ def ranks(out: Path) -> None:
     seen: dict = {}
     engine.save_checkpoint(out / "earlier")
     earlier = {p.name: sha256_of(p) for p in sorted((out / "earlier").iterdir())}
+    # An asynchronous save while a step runs: it holds the weights of when it began. Its thread
+    # writes only once the step is over (the gate), as a large save on a slow disk would.
+    saved = engine.full_state_dict()
+    gate, write = threading.Event(), save_module._write_rank_file
+    save_module._write_rank_file = lambda *args: (gate.wait(60), write(*args))[1]
+    engine.save_checkpoint(out / "async", asynchronous=True)
+    batch = {key: value[rank : rank + 1] for key, value in make_samples("gpt2", 2).items()}
+    engine.backward(engine(**batch).loss)
+    engine.step()
+    stepped = engine.full_state_dict()
+    seen["async_in_flight"] = engine.background_saves.in_flight
+    gate.set()
+    save_module._write_rank_file = write
+    seen["async_folder"] = str(engine.wait_for_checkpoint())
+    engine.load_checkpoint(out / "async")
+    loaded = engine.full_state_dict()
+    seen["async_holds_its_step"] = all(torch.equal(value, loaded[key]) for key, value in saved.items())
+    seen["async_step_moved"] = any(not torch.equal(value, stepped[key]) for key, value in saved.items())
+    seen["async_snapshot_bytes"] = engine.background_saves.snapshot.nbytes
     engine.save_checkpoint(out / "damaged")
     if rank == 0:
         path = out / "damaged" / rank_file_name(1, 2)
@@ -98,11 +136,16 @@ def ranks(out: Path) -> None:
         def full_disk(*args, **kwargs):
             raise OSError("No space left on device")
 
-        save_module.save_file = full_disk
+        save_module.write_safetensors = full_disk
     try:
         engine.save_checkpoint(out / "failed")
     except OSError as error:
         seen["failed_save"] = str(error)
+    engine.save_checkpoint(out / "failed_async", asynchronous=True)  # fails in the thread, later
+    try:
+        engine.wait_for_checkpoint()
+    except OSError as error:
+        seen["failed_async"] = str(error)
     dist.barrier()
     seen["leftovers"] = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     seen["earlier_unchanged"] = earlier == {p.name: sha256_of(p) for p in sorted((out / "earlier").iterdir())}

@@ -7,6 +7,9 @@ hang report (or, for a rank that died, the error naming the collective) instead 
   rank 1 goes on to `full_state_dict` (what saving does).
 - `save`: stage 2; rank 0 saves a checkpoint, rank 1 takes another training step (its data had one
   more batch).
+- `device`: stage 2 in fp16; rank 0's device never finishes what the host waits for in a step (as on
+  NCCL, where a collective no peer joins blocks the host only at its next wait for the device),
+  rank 1 trains on.
 - `dead`: stage 2; rank 1's process ends in the middle of training.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,23 @@ def _step(engine, samples, step: int) -> None:
     engine.zero_grad()
 
 
+def _device_never_finishes(engine) -> None:
+    """From now on every host wait for the device that the engine marks (a value read or copied
+    to the host) blocks, as a device stuck in a collective would block it."""
+    read, copy = torch.Tensor.item, torch.Tensor.to
+
+    def stuck(real):
+        def wait(tensor, *args, **kwargs):
+            waiting = engine.watch.waiting
+            if waiting is not None and waiting.get("device"):
+                time.sleep(3600)
+            return real(tensor, *args, **kwargs)
+
+        return wait
+
+    torch.Tensor.item, torch.Tensor.to = stuck(read), stuck(copy)
+
+
 def main() -> None:
     case, timeout = sys.argv[1], float(sys.argv[2])
     dist.init_process_group("gloo")
@@ -40,7 +61,8 @@ def main() -> None:
     engine = hf_zero.initialize(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
-        {"stage": stage, "collective_timeout": timeout},
+        # fp16 makes the step read its overflow flag on the host: a wait for the device.
+        {"stage": stage, "collective_timeout": timeout, "precision": "fp16" if case == "device" else "fp32"},
     )
     samples = make_samples("llama", 8)
     for step in range(2):
@@ -56,6 +78,11 @@ def main() -> None:
             engine.save_checkpoint(os.path.join(tempfile.mkdtemp(), "checkpoint"))
         else:
             _step(engine, samples, 2)
+    elif case == "device":
+        if rank == 0:
+            _device_never_finishes(engine)
+        for step in (2, 3):
+            _step(engine, samples, step)
     elif case == "dead":
         if rank == 1:
             os._exit(3)

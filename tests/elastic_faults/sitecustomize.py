@@ -45,9 +45,9 @@ def _install(kills: list[tuple[str, int]]) -> None:
         if self.state.global_step in after:
             _die()
 
-    def _write_rank_file(engine, folder, mine):
-        info = write_rank_file(engine, folder, mine)
-        if engine.global_steps in middle:
+    def _write_rank_file(job, tensors):
+        info = write_rank_file(job, tensors)
+        if job.step in middle:
             _die()
         return info
 
