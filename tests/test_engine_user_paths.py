@@ -94,6 +94,32 @@ def test_casting_the_model_after_initialize_is_detected_at_the_next_step(move):
         engine.step()
 
 
+def test_close_puts_back_every_function_it_replaced(monkeypatch):
+    from hf_zero.engine import user_paths
+
+    monkeypatch.setattr(user_paths, "_CLIP_USERS", 0)  # as if no other engine of this process were open
+    model = build_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engines = [hf_zero.initialize(model, optimizer, {"stage": 3})]
+    other = build_model("gpt2")
+    engines.append(hf_zero.initialize(other, torch.optim.SGD(other.parameters(), lr=0.1), {"stage": 1}))
+    replaced = [
+        (model, "zero_grad"),
+        (model, "generate"),
+        (optimizer, "zero_grad"),
+        (optimizer, "add_param_group"),
+    ]
+    assert all(name in vars(target) for target, name in replaced)
+    assert torch.nn.utils.clip_grad_norm_._hf_zero_route
+    engines[0].close()
+    assert not any(name in vars(target) for target, name in replaced)
+    assert optimizer.add_param_group.__func__ is torch.optim.Optimizer.add_param_group
+    assert torch.nn.utils.clip_grad_norm_._hf_zero_route  # the other engine still routes clipping
+    engines[1].close()
+    assert not getattr(torch.nn.utils.clip_grad_norm_, "_hf_zero_route", False)
+    assert torch.nn.utils.clip_grad.clip_grad_norm_ is torch.nn.utils.clip_grad_norm_
+
+
 def test_torch_clip_grad_norm_routes_to_the_engine():
     samples = make_samples("gpt2", 2)
     model, _optimizer, engine = _engine(stage=2)

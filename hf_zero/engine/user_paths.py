@@ -17,6 +17,12 @@ below would otherwise silently do nothing or be undone at the next step:
 
 These are every call hf_zero reroutes but one: torch's `env://` rendezvous, wrapped on import
 for workers that torchrun restarts (`core/distributed.py`, `_restart_safe_env_rendezvous`).
+
+`install` records each function it replaces on the user's objects (`zero_grad`, `add_param_group`,
+`generate`) in a `Patches`, and `engine.close()` puts them all back together; torch's clipping
+functions are replaced once per process while any engine is open, and restored when the last one
+closes (they behave as torch's own for parameters no engine manages). The engine's own module and
+optimizer hooks (gradient, step, stage-3 gathers) are not patches and stay with the model.
 """
 
 from __future__ import annotations
@@ -33,33 +39,72 @@ from .calls import gathered_parameters
 from .registry import engine_of_parameter
 
 
-def install(engine: EngineView) -> list:
-    """Route the user-facing calls above for `engine` (registered already, see `registry.py`);
-    returns the hook handles."""
+class Patches:
+    """The functions hf_zero replaced on objects it does not own, to be put back together."""
+
+    _ABSENT = object()
+
+    def __init__(self) -> None:
+        self._replaced: list[tuple[Any, str, Any]] = []  # (object, attribute, what its __dict__ held)
+        self._clip_routed = False
+
+    def replace(self, target: Any, name: str, function: Any) -> None:
+        """Set `target.name = function` (an instance attribute), remembering what was there."""
+        self._replaced.append((target, name, vars(target).get(name, self._ABSENT)))
+        setattr(target, name, function)
+
+    def route_clip_functions(self) -> None:
+        """Torch's clipping functions, routed while this engine is open (see `_route_clip_functions`)."""
+        global _CLIP_USERS
+        if not self._clip_routed:
+            self._clip_routed = True
+            _CLIP_USERS += 1
+            _route_clip_functions()
+
+    def remove(self) -> None:
+        """Put back everything replaced, newest first; torch's clipping functions once no engine is
+        left that routed them. Calling it again does nothing."""
+        global _CLIP_USERS
+        while self._replaced:
+            target, name, previous = self._replaced.pop()
+            if previous is self._ABSENT:
+                vars(target).pop(name, None)
+            else:
+                setattr(target, name, previous)
+        if self._clip_routed:
+            self._clip_routed = False
+            _CLIP_USERS -= 1
+            if _CLIP_USERS == 0:
+                _restore_clip_functions()
+
+
+def install(engine: EngineView, patches: Patches) -> list:
+    """Route the user-facing calls above for `engine` (registered already, see `registry.py`),
+    recording the functions replaced in `patches`; returns the hook handles."""
     reference = weakref.ref(engine)
-    _route_zero_grad(engine)
-    _refuse_add_param_group(engine.optimizer)
-    _route_clip_functions()
+    _route_zero_grad(engine, patches)
+    _refuse_add_param_group(engine.optimizer, patches)
+    patches.route_clip_functions()
     handles = _load_state_dict_hooks(engine)
     handles.append(engine.module.register_forward_pre_hook(_end_backward_on_forward(reference)))
     handles.append(engine.module.register_forward_hook(_end_forward_label(reference)))
     if engine.config.stage == 3:
-        _route_generate(engine)
+        _route_generate(engine, patches)
     return handles
 
 
-def _route_zero_grad(engine: EngineView) -> None:
+def _route_zero_grad(engine: EngineView, patches: Patches) -> None:
     optimizer_zero_grad = engine.optimizer.zero_grad
 
     def zero_grad(set_to_none: bool = True) -> None:
         engine.zero_grad(set_to_none)
 
     engine.clear_optimizer_grads = optimizer_zero_grad
-    engine.optimizer.zero_grad = zero_grad
-    engine.module.zero_grad = zero_grad
+    patches.replace(engine.optimizer, "zero_grad", zero_grad)
+    patches.replace(engine.module, "zero_grad", zero_grad)
 
 
-def _refuse_add_param_group(optimizer: torch.optim.Optimizer) -> None:
+def _refuse_add_param_group(optimizer: torch.optim.Optimizer, patches: Patches) -> None:
     def add_param_group(param_group: dict[str, Any]) -> None:
         raise RuntimeError(
             "optimizer.add_param_group after hf_zero.initialize is not supported: the engine laid out "
@@ -67,10 +112,10 @@ def _refuse_add_param_group(optimizer: torch.optim.Optimizer) -> None:
             "before calling hf_zero.initialize"
         )
 
-    optimizer.add_param_group = add_param_group
+    patches.replace(optimizer, "add_param_group", add_param_group)
 
 
-def _route_generate(engine: EngineView) -> None:
+def _route_generate(engine: EngineView, patches: Patches) -> None:
     """Wrap `generate` on every module of the model that has one (a PEFT model and the model it
     wraps both do)."""
     reference = weakref.ref(engine)
@@ -88,7 +133,7 @@ def _route_generate(engine: EngineView) -> None:
 
         generate = functools.wraps(original)(generate)
         generate._hf_zero_route = True
-        module.generate = generate
+        patches.replace(module, "generate", generate)
 
 
 def _generate(engine: EngineView, original, args: tuple, kwargs: dict) -> Any:
@@ -184,11 +229,16 @@ def _apply_loaded(pending: list):
 # ---- torch.nn.utils ---------------------------------------------------------------------------------
 
 
+_CLIP_USERS = 0  # open engines that routed the clipping functions
+_CLIP_ORIGINALS: dict[str, Any] = {}
+
+
 def _route_clip_functions() -> None:
-    """Wrap torch's clipping functions once, so they know about sharded parameters."""
+    """Wrap torch's clipping functions, so they know about sharded parameters (once per process)."""
     utils = torch.nn.utils
     if getattr(utils.clip_grad_norm_, "_hf_zero_route", False):
         return
+    _CLIP_ORIGINALS.update(clip_grad_norm_=utils.clip_grad_norm_, clip_grad_value_=utils.clip_grad_value_)
     norm = functools.wraps(utils.clip_grad_norm_)(_clip_grad_norm(utils.clip_grad_norm_))
     value = functools.wraps(utils.clip_grad_value_)(_clip_grad_value(utils.clip_grad_value_))
     for function in (norm, value):
@@ -196,6 +246,16 @@ def _route_clip_functions() -> None:
     for namespace in (utils, utils.clip_grad):
         namespace.clip_grad_norm_ = norm
         namespace.clip_grad_value_ = value
+
+
+def _restore_clip_functions() -> None:
+    """Put torch's own clipping functions back."""
+    if not _CLIP_ORIGINALS:
+        return
+    for namespace in (torch.nn.utils, torch.nn.utils.clip_grad):
+        for name, function in _CLIP_ORIGINALS.items():
+            setattr(namespace, name, function)
+    _CLIP_ORIGINALS.clear()
 
 
 def _as_list(parameters: Any) -> list[torch.Tensor]:

@@ -179,7 +179,9 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
         self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         registry.register(self)
-        self._hooks.extend(user_paths.install(self))
+        # Functions replaced on the user's objects (zero_grad, generate, ...), put back by `close()`.
+        self.patches = user_paths.Patches()
+        self._hooks.extend(user_paths.install(self, self.patches))
         if isinstance(self.grad_sync, BackwardReduceScatter) and config.overlap_comm and config.stage == 2:
             self._hooks.extend(watch_first_forward(module, self.slot_of, self.grad_sync))
         self.gatherer: UnitGatherer | None = None
@@ -307,17 +309,19 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
 
     def close(self) -> None:
         """Release what the engine holds beyond memory: wait for the asynchronous checkpoint in flight
-        (raising its error) and for the host update in flight
-        (offload_overlap="delayed", whose weights then stay unpublished) and stop its thread, close
-        the NVMe swap file, destroy the process group the engine made for stage-3 gathers. Not a
-        collective, but call it on every rank once training, saving and evaluating are over: the
-        engine runs no collective afterwards. Garbage collection and the interpreter's exit release
-        the threads and file too; the gather group then ends with the default process group."""
+        (raising its error) and for the host update in flight (offload_overlap="delayed", whose
+        weights then stay unpublished) and stop its thread, close the NVMe swap file, put back the
+        functions hf_zero replaced on the model and optimizer (`user_paths.Patches`), destroy the
+        process group the engine made for stage-3 gathers. Not a collective, but call it on every
+        rank once training, saving and evaluating are over: the engine runs no collective
+        afterwards. Garbage collection and the interpreter's exit release the threads and file
+        too; the gather group then ends with the default process group."""
         own_group = self.gather_comm.group_ref if self.gatherer is not None else None
         try:
             self.background_saves.close()
         finally:
             self.watch.close()
+            self.patches.remove()
             self._release()
             leave_group(own_group)
 
