@@ -61,36 +61,36 @@ def test_merge_casts_copies_tokenizer_files_and_reads_a_trainer_checkpoint_folde
     )
 
 
-def test_verify_summarises_a_good_checkpoint_and_names_a_damaged_file(tmp_path):
+def test_verify_summarises_a_good_checkpoint_and_names_a_damaged_file(tmp_path, capsys):
+    # The command's own code in this process; the test above runs it as a command.
     _trained_checkpoint(tmp_path / "checkpoint", stage=2)
-    result = _hf_zero("merge", "--verify", str(tmp_path / "checkpoint"))
-    assert result.returncode == 0, result.stderr
-    assert "every checksum matches" in result.stdout and "trainable_parameters" in result.stdout
+    assert main(["merge", "--verify", str(tmp_path / "checkpoint")]) == 0
+    out = capsys.readouterr().out
+    assert "every checksum matches" in out and "trainable_parameters" in out
     shard = tmp_path / "checkpoint" / rank_file_name(0, 1)
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF  # same size: only the SHA-256 tells
     shard.write_bytes(bytes(data))
-    result = _hf_zero("merge", "--verify", str(tmp_path / "checkpoint"))
-    assert result.returncode == 1
-    assert rank_file_name(0, 1) in result.stderr and "SHA-256" in result.stderr
-    result = _hf_zero("merge", str(tmp_path / "checkpoint"), str(tmp_path / "merged"))
-    assert result.returncode == 1 and not (tmp_path / "merged").exists()
+    assert main(["merge", "--verify", str(tmp_path / "checkpoint")]) == 1
+    error = capsys.readouterr().err
+    assert rank_file_name(0, 1) in error and "SHA-256" in error
+    assert main(["merge", str(tmp_path / "checkpoint"), str(tmp_path / "merged")]) == 1
+    assert not (tmp_path / "merged").exists()
 
 
 def test_merge_refuses_an_adapter_checkpoint_and_a_non_empty_output(tmp_path, capsys):
     _trained_checkpoint(tmp_path / "lora", name="gpt2-lora")
-    result = _hf_zero("merge", str(tmp_path / "lora"), str(tmp_path / "out"))
-    assert result.returncode == 1 and "PEFT model" in result.stderr
+    assert main(["merge", str(tmp_path / "lora"), str(tmp_path / "out")]) == 1
+    assert "PEFT model" in capsys.readouterr().err
     _trained_checkpoint(tmp_path / "gpt2")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    result = _hf_zero("merge", str(tmp_path / "gpt2"), str(tmp_path / "busy"))
-    assert result.returncode == 1 and "exists and is not empty" in result.stderr
+    assert main(["merge", str(tmp_path / "gpt2"), str(tmp_path / "busy")]) == 1
+    assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
-    result = _hf_zero("merge", str(tmp_path), str(tmp_path / "out"))
-    assert result.returncode == 1 and "holds no hf_zero checkpoint" in result.stderr
-    # A mistyped path is named as missing, not as a folder without a checkpoint (in this process: the
-    # command's own code path, without another interpreter start).
+    assert main(["merge", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert "holds no hf_zero checkpoint" in capsys.readouterr().err
+    # A mistyped path is named as missing, not as a folder without a checkpoint.
     assert main(["merge", "--verify", str(tmp_path / "gtp2")]) == 1
     error = capsys.readouterr().err
     assert "gtp2' does not exist" in error and "holds no hf_zero checkpoint" not in error

@@ -183,12 +183,14 @@ def _launch(mode: str, ending: str, scratch: Path, crowd: bool) -> list[tuple[in
     return results
 
 
-def launch_many(mode: str, launches: int, scratch: Path, crowd: bool = True) -> dict:
-    """Launch `mode` `launches` times; the launches in which a rank did not exit 0, with its output."""
-    failures = []
+def launch_many(mode: str, launches: int, scratch: Path, crowd: bool = True, first_ending: int = 0) -> dict:
+    """Launch `mode` `launches` times, the endings in turn from `first_ending`; the launches in
+    which a rank did not exit 0, with its output."""
+    failures, endings = [], []
     started = time.monotonic()
     for index in range(launches):
-        ending = ENDINGS[index % len(ENDINGS)]
+        ending = ENDINGS[(first_ending + index) % len(ENDINGS)]
+        endings.append(ending)
         results = _launch(mode, ending, scratch, crowd)
         if any(code != 0 for code, _ in results):
             failures.append(
@@ -202,6 +204,7 @@ def launch_many(mode: str, launches: int, scratch: Path, crowd: bool = True) -> 
     return {
         "mode": mode,
         "launches": launches,
+        "endings": endings,
         "failed": len(failures),
         "seconds": round(time.monotonic() - started, 1),
         "failures": failures,
@@ -225,8 +228,10 @@ def main(argv: list[str]) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="hf_zero-exit-"))
     failed = 0
     try:
-        for mode in modes:
-            report = launch_many(mode, options.launches, scratch, crowd=not options.calm)
+        for number, mode in enumerate(modes):
+            # Each mode starts where the last one's endings stopped: one launch per mode runs them all.
+            first = number * options.launches
+            report = launch_many(mode, options.launches, scratch, crowd=not options.calm, first_ending=first)
             failed += report["failed"]
             print(json.dumps(report), flush=True)
     finally:
