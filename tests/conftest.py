@@ -64,20 +64,33 @@ def needs_triton(device: torch.device) -> None:
 @pytest.fixture(scope="session")
 def sharded(tmp_path_factory):
     """Per world size, the per-rank results of that world's matrix cases (one torchrun launch each,
-    on first use; see `hf_zero.testing.matrix_cases`)."""
+    on first use; see `hf_zero.testing.matrix_cases`). Under pytest-xdist the workers share one
+    launch per world size: the first to need it runs it, the others wait for its files."""
+    from filelock import FileLock
+
     from hf_zero.testing.cases import cases_to_json
     from hf_zero.testing.launch import torchrun
     from hf_zero.testing.matrix_cases import CASES_BY_WORLD
 
+    # The folder every worker of this session sees (each worker's own base folder sits inside it).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     cache: dict[int, list[dict]] = {}
 
     def results(world: int) -> list[dict]:
         if world not in cache:
-            out = tmp_path_factory.mktemp(f"matrix{world}")
-            (out / "cases.json").write_text(cases_to_json(CASES_BY_WORLD[world]))
-            torchrun(
-                "hf_zero.testing.engine_matrix", world, [str(out / "cases.json"), str(out)], timeout=1200
-            )
+            out = shared / f"matrix{world}"
+            with FileLock(str(shared / f"matrix{world}.lock")):
+                if not (out / "done").exists():
+                    out.mkdir(exist_ok=True)
+                    (out / "cases.json").write_text(cases_to_json(CASES_BY_WORLD[world]))
+                    torchrun(
+                        "hf_zero.testing.engine_matrix",
+                        world,
+                        [str(out / "cases.json"), str(out)],
+                        timeout=1200,
+                    )
+                    (out / "done").touch()
             cache[world] = [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
         return cache[world]
 
