@@ -26,7 +26,9 @@ PAIRS = {
     "s1_acc2_clip": {"stage": 1, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
     "s2_acc2_clip": {"stage": 2, "precision": "fp32", "accumulation": 2, "clipping": 1.0},
     "s3_clip": {"stage": 3, "precision": "fp32", "clipping": 1.0},
-    "s3_bf16_acc2": {"stage": 3, "precision": "bf16", "accumulation": 2},
+    # One unit prefetched at a time (each variant too): with the shards in the swap file, the reader
+    # reads the unit after it ahead.
+    "s3_bf16_acc2": {"stage": 3, "precision": "bf16", "accumulation": 2, "config": {"prefetch_bytes": 1}},
     "s2_sgd": {"stage": 2, "precision": "fp32", "optimizer": "sgd"},
     "s1_rmsprop": {"stage": 1, "precision": "fp32", "optimizer": "rmsprop", "clipping": 1.0},
     # fp16 with an overflow injected on rank 1 at steps 2 and 3: skipped on both ranks, host side too.
@@ -73,12 +75,13 @@ def _jobs(swap: str) -> list[dict]:
     for name, job in PAIRS.items():
         jobs.append({"name": name, "steps": STEPS, **job})
         config = {"offload_optimizer": "cpu"} | ({"offload_chunk_size": 1000} if name in CHUNKED else {})
-        jobs.append({"name": f"{name}_offload", "steps": STEPS, **job, "config": config})
+        shared = job.get("config", {})
+        jobs.append({"name": f"{name}_offload", "steps": STEPS, **job, "config": {**shared, **config}})
         if name in NVME:
-            config = {"offload_optimizer": "nvme", "nvme_path": swap, **NVME[name]}
+            config = {**shared, "offload_optimizer": "nvme", "nvme_path": swap, **NVME[name]}
             jobs.append({"name": f"{name}_nvme", "steps": STEPS, **job, "config": config})
         if name in PARAMS:
-            config = {"nvme_path": swap, **PARAMS[name]}
+            config = {**shared, "nvme_path": swap, **PARAMS[name]}
             jobs.append({"name": f"{name}_params", "steps": STEPS, **job, "config": config})
     return jobs
 
@@ -204,7 +207,7 @@ def test_an_offloaded_checkpoint_resumes_without_offload_and_back(tmp_path, offl
         if offload == "params":  # stage 3 with everything on the host, to and from stage 2 on the device
             config.update(stage=3, offload_optimizer="cpu", offload_params="cpu")
         if offload == "nvme_params":  # and with everything in the swap file
-            config.update(stage=3, offload_optimizer="nvme", offload_params="nvme")
+            config.update(stage=3, offload_optimizer="nvme", offload_params="nvme", prefetch_bytes=1)
         return hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
 
     trained = engine(offload)

@@ -100,3 +100,16 @@ def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_sync
             assert got["uploads"] == 2 * got["segments"] - 3
             # The optimizer's swap-ins (download and upload) and one wait per shard brought up.
             assert got["event_waits"] == 2 * got["segments"] + got["uploads"]
+
+
+def test_nvme_parameter_shards_are_read_ahead_one_unit_past_the_prefetch(counts):
+    """With one unit prefetched at a time, the swap file's reader reads the unit after it from the
+    disk while the units before compute: every layer added is read ahead in both passes."""
+    shallow, deep = _depths(counts, "stage3-nvme-params-one-ahead")
+    assert 0 < shallow["read_ahead"] < shallow["uploads"]
+    assert deep["read_ahead"] - shallow["read_ahead"] == deep["uploads"] - shallow["uploads"] > 0
+    # Reads ahead change neither what is uploaded nor how often the host waits.
+    assert deep["uploads"] == 2 * deep["segments"] - 3 and deep["host_syncs"] == 1
+    assert deep["event_waits"] == 2 * deep["segments"] + deep["uploads"]
+    # The default budget gathers these tiny units all at once: nothing is left to read ahead.
+    assert _depths(counts, "stage3-nvme-params")[1]["read_ahead"] == 0

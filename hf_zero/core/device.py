@@ -25,6 +25,7 @@ hang report must find the rank waiting.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +44,13 @@ class Event:
         if self._cuda_event is not None:
             with self._ops.waiting("event"):
                 self._cuda_event.synchronize()
+
+    def wait_later(self) -> Callable[[], None]:
+        """A wait for this point to make on another thread (counted now, on the calling thread; not
+        marked in the watch, which follows the training thread's waits)."""
+        self._ops.event_waits += 1
+        event = self._cuda_event
+        return event.synchronize if event is not None else lambda: None
 
 
 class DeviceOps:

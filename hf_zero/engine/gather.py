@@ -27,7 +27,9 @@ its walk (asynchronously, while the unit computes) as long as the units gathered
 stay within `prefetch_bytes`. Issuing follows the walk, so every rank still issues the same
 gathers in the same order. On a GPU the collectives run on the process group's own stream: a
 gather issued before the unit's kernels are queued overlaps them, and waiting on it only orders
-the compute stream after it, without blocking the host.
+the compute stream after it, without blocking the host. With the shards in an NVMe swap file,
+the file's reader is also asked to read the shards of the unit after the prefetched ones ahead
+(`reader`).
 """
 
 from __future__ import annotations
@@ -135,8 +137,12 @@ class UnitGatherer:
         comm: Collectives,
         prefetch_bytes: int | None = None,
         on_unit_end: Callable[[int], None] | None = None,
+        reader: Any = None,
     ) -> None:
         self.units = list(units)
+        # offload_params="nvme": the swap file's reader (`NvmeSwapper`), which reads the shards of the
+        # unit after the prefetched ones ahead, while the units before it compute.
+        self.reader = reader
         self.comm = comm
         self.segments: list[list[FlatParamGroup]] = [[] for _ in units]
         for segment in segments:
@@ -273,6 +279,7 @@ class UnitGatherer:
         travel several at a time (a budget of one unit keeps one unit ahead, as before)."""
         ahead = sum(self.unit_bytes[u] for u in walk.ahead())
         if 2 * ahead > self.prefetch_bytes:
+            self._read_ahead(walk)
             return
         batch = []
         while walk.issued < len(walk.order):
@@ -284,6 +291,20 @@ class UnitGatherer:
             walk.issued += 1
         self.prefetched_units += len(batch)
         self.issue_together(batch)
+        self._read_ahead(walk)
+
+    def _read_ahead(self, walk: _Walk) -> None:
+        """Have the reader start on the shards of the unit the walk will prefetch next."""
+        if self.reader is not None and walk.issued < len(walk.order):
+            for segment in self.segments[walk.order[walk.issued]]:
+                self.reader.read_ahead(segment)
+
+    def _restart(self, walk: _Walk) -> None:
+        """A pass begins: what the last one read ahead and did not use is dropped first (the
+        weights may have changed since)."""
+        if self.reader is not None:
+            self.reader.forget_read_ahead()
+        walk.restart()
 
     # ---- hooks ----------------------------------------------------------------------------------
 
@@ -309,7 +330,7 @@ class UnitGatherer:
             # The last forward's backward never came (the engine ends a pass that had gradients
             # before this hook runs): its walk still takes part in the gathers, reducing nothing.
             self.end_backward(reduce=False)
-        self.forward_walk.restart()
+        self._restart(self.forward_walk)
         self.gather(0)
 
     @torch.compiler.disable
@@ -322,7 +343,7 @@ class UnitGatherer:
             self.release(walk.order[-1])
         if torch.is_grad_enabled():
             self.open_backward = True
-            self.backward_walk.restart()
+            self._restart(self.backward_walk)
         else:
             self.release(0)
 

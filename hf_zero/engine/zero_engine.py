@@ -199,6 +199,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
                 self.gather_comm,
                 config.prefetch_bytes,
                 on_unit_end=end_unit if config.overlap_comm else None,
+                reader=self.swapper if config.offload_params == "nvme" else None,
             )
             self._hooks.extend(self.gatherer.install(module))
 

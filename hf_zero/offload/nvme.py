@@ -14,6 +14,13 @@ weights) works unchanged, through the page cache, and holds no memory of its own
 them to a pool buffer instead (`NvmeSwapper.step`): while one segment is updated the next is read
 ahead and the previous one written back, and host memory holds `nvme_buffer_count` buffers of
 the largest segment whatever the model's size.
+
+With `offload_params="nvme"` the 16-bit parameter shards live in the file too. A gathered unit's
+shard goes up through one of two page-locked bounce buffers (`upload_params`); the stage-3
+gatherer asks for the shards of the unit after the ones it prefetches to be read ahead into the
+other buffer on the IO threads (`read_ahead`), so the disk read overlaps compute. Shards change
+only at the step, between passes: what a pass read ahead and left unused is dropped when the next
+pass begins and at the step (`forget_read_ahead`).
 """
 
 from __future__ import annotations
@@ -182,6 +189,10 @@ class SwapFile:
                 f"{error.strerror or error}",
             ) from error
 
+    def run(self, work: Callable[[], None]) -> Future:
+        """Run `work` on the IO threads."""
+        return self._pool.submit(work)
+
     def read_into(self, buffer: torch.Tensor, offset: int) -> list[Future]:
         """Start reading `buffer.numel()` bytes at `offset` into the uint8 `buffer`."""
         return self._transfer(False, buffer, offset)
@@ -286,8 +297,11 @@ class NvmeSwapper:
         self._buffers: list[torch.Tensor] = []
         self._free: list[torch.Tensor] = []
         self._writing: deque[_Resident] = deque()
-        # offload_params: page-locked buffers the shards go up through, each with its last upload.
+        # offload_params: page-locked buffers the shards go up through, each with its last upload,
+        # and the shards read ahead into some of them: id(group) -> (buffer, the read).
         self._bounces: deque[tuple[torch.Tensor, Event | None]] = deque()
+        self._ahead: dict[int, tuple[torch.Tensor, Future]] = {}
+        self.read_ahead_hits = 0  # uploads whose shard was already read ahead
 
     @property
     def direct(self) -> bool:
@@ -340,25 +354,77 @@ class NvmeSwapper:
         device: a copy from the map (pageable memory) would make the host wait for every queued
         kernel first, once per unit gathered. The shard is read into a page-locked bounce buffer
         (its pages then dropped) and copied up asynchronously; two bounce buffers take turns, and
-        reusing one waits only for its own last upload."""
+        reusing one waits only for its own last upload. A shard read ahead (`read_ahead`) is taken
+        from its buffer once that read is done."""
         region = self.param_regions[id(group)]
         shard = region.view
-        if not self._bounces:
-            size = max(r.nbytes for r in self.param_regions.values())
-            self._bounces = deque((self.ops.host_empty(size, torch.uint8), None) for _ in range(2))
-        buffer, uploaded = self._bounces.popleft()
-        if uploaded is not None:
-            uploaded.synchronize()
+        ahead = self._ahead.pop(id(group), None)
+        if ahead is not None:
+            buffer, read = ahead
+            read.result()
+            self.read_ahead_hits += 1
+        else:
+            buffer, uploaded = self._free_bounce()
+            if uploaded is not None:
+                uploaded.synchronize()
+            self._stage(buffer, region)
         staged = buffer[: shard.numel() * shard.element_size()].view(shard.dtype)
-        staged.copy_(shard)
-        region.drop()
         on_device = torch.empty(shard.shape, dtype=shard.dtype, device=self.ops.device)
         on_device.copy_(staged, non_blocking=True)
         self._bounces.append((buffer, self.ops.record()))
         return on_device
 
+    def read_ahead(self, group: FlatParamGroup) -> None:
+        """Start reading `group`'s 16-bit shard into a free bounce buffer on the IO threads, so that
+        the disk read overlaps the units computing before it; a no-op for a group without a shard
+        in the file, one already read ahead, or when no bounce buffer is free. The stage-3 gatherer
+        calls it for the unit after the ones it prefetches, within one pass: the shards do not
+        change before their upload (`forget_read_ahead` drops what a pass left unused)."""
+        region = self.param_regions.get(id(group))
+        if region is None or id(group) in self._ahead or (self._bounces_made() and not self._bounces):
+            return
+        buffer, uploaded = self._free_bounce()
+        wait = uploaded.wait_later() if uploaded is not None else None
+
+        def read() -> None:
+            if wait is not None:
+                wait()  # the buffer's last upload has left it
+            self._stage(buffer, region)
+
+        self._ahead[id(group)] = (buffer, self.file.run(read))
+
+    def forget_read_ahead(self) -> None:
+        """Drop the shards read ahead and not used (a pass ended; the step may change them next),
+        once their reads are done, and give their buffers back."""
+        while self._ahead:
+            _, (buffer, read) = self._ahead.popitem()
+            read.result()
+            self._bounces.append((buffer, None))
+
+    def _bounces_made(self) -> bool:
+        return bool(self._bounces) or bool(self._ahead)
+
+    def _free_bounce(self) -> tuple[torch.Tensor, Event | None]:
+        """A bounce buffer no read ahead holds, with its last upload (made on first use)."""
+        if not self._bounces_made():
+            size = max(r.nbytes for r in self.param_regions.values())
+            self._bounces = deque((self.ops.host_empty(size, torch.uint8), None) for _ in range(2))
+        if not self._bounces:  # every buffer holds a shard read ahead: give one up
+            _, (buffer, read) = self._ahead.popitem()
+            read.result()
+            return buffer, None
+        return self._bounces.popleft()
+
+    @staticmethod
+    def _stage(buffer: torch.Tensor, region: _ParamRegion) -> None:
+        """Copy a shard from its map into `buffer` and drop its pages."""
+        shard = region.view
+        buffer[: shard.numel() * shard.element_size()].view(shard.dtype).copy_(shard)
+        region.drop()
+
     def settle_params(self) -> None:
         """Write the 16-bit shards the step changed to the file and drop their pages."""
+        self.forget_read_ahead()  # nothing read before the step may be uploaded after it
         for region in self.param_regions.values():
             _settle(region.map)
 

@@ -44,6 +44,12 @@ CASES = {
     "stage3-offload-rmsprop": (3, "bf16", "rmsprop", {"offload_optimizer": "cpu"}),
     "stage2-nvme": (2, "bf16", "adamw", {"offload_optimizer": "nvme"}),
     "stage3-nvme-params": (3, "bf16", "adamw", {"offload_optimizer": "nvme", "offload_params": "nvme"}),
+    "stage3-nvme-params-one-ahead": (
+        3,
+        "bf16",
+        "adamw",
+        {"offload_optimizer": "nvme", "offload_params": "nvme", "prefetch_bytes": 1},
+    ),
 }
 
 
@@ -95,6 +101,7 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
             segment.upload = _counting(segment.upload, uploads)
     trace = engine.trace_collectives()
     device_before = engine.device_counts()
+    read_ahead_before = engine.swapper.read_ahead_hits if engine.swapper is not None else 0
     optimizer_calls = _Counted(fused_step, "adam_step")
     stats = _Counted(step_module, "grad_stats", tensors_of=lambda grads: list(grads))
     try:
@@ -114,6 +121,7 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
         "stats_tensors": stats.tensors / STEPS,
         "parameter_tensors": len(decay) + len(no_decay),
         "uploads": uploads[0] / STEPS,
+        "read_ahead": ((engine.swapper.read_ahead_hits if engine.swapper else 0) - read_ahead_before) / STEPS,
     }
 
 
