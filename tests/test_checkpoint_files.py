@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_zero.checkpoint.file_writer import write_safetensors
 from hf_zero.checkpoint.format import rank_file_name, read_manifest, sha256_of
+from hf_zero.core.safetensors_file import write_safetensors
 from hf_zero.testing.checkpoint_faults import trained_engine
 
 

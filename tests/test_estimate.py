@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import hf_zero
 from hf_zero.cli.estimate import (
     ModelShape,
     activation_bytes,
@@ -198,7 +199,7 @@ def table_rows(text: str, table: str) -> dict[tuple[str, ...], list[str]]:
     return rows
 
 
-def test_command_prints_every_stage_and_what_fits(config_dir, capsys):
+def test_command_prints_every_stage_and_what_fits(config_dir, capsys, tmp_path):
     assert estimate_command([str(config_dir), "--gpus", "2", "--batch", "2", "--seq", "64"]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out, "memory")
@@ -209,6 +210,18 @@ def test_command_prints_every_stage_and_what_fits(config_dir, capsys):
     assert all(cells[7] == "yes" for cells in rows.values())  # a few MiB fit in 80GB
     assert "LlamaForCausalLM: 1,115,264 parameters" in out
     assert set(table_rows(out, "communication")) == {("0",), ("1",), ("2",), ("3",)}
+    # The snapshot of asynchronous checkpoints: what an engine's asynchronous save really holds.
+    config = tiny_config("llama")
+    model = AutoModelForCausalLM.from_config(config)
+    engine = hf_zero.initialize(model, torch.optim.AdamW(model.parameters()), {"stage": 1})
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    engine.save_checkpoint(tmp_path / "checkpoint", asynchronous=True)
+    engine.wait_for_checkpoint()
+    held = engine.background_saves.snapshot.nbytes  # one rank holding all of it
+    engine.close()
+    assert f"checkpoint part, {held / 2 / 2**20:.2f} MiB per GPU at stages 1-3" in out
 
     # A GPU between stage 3's total and stage 0's: the early stages no longer fit, stage 3 does.
     totals = {

@@ -75,15 +75,6 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def is_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds an hf_zero checkpoint manifest."""
     return (Path(folder) / MANIFEST).is_file()

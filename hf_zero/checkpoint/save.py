@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.params import is_peft_model
+from ..core.safetensors_file import fsync_path, write_safetensors
 from ..version import __version__
 from .background import BackgroundSaves, StoreExchange
-from .file_writer import write_safetensors
-from .format import FORMAT, FORMAT_VERSION, MANIFEST, fsync_path, is_checkpoint, rank_file_name
+from .format import FORMAT, FORMAT_VERSION, MANIFEST, is_checkpoint, rank_file_name
 from .records import describe, encode_value, rank_tensors
 from .rng import capture_rng
 

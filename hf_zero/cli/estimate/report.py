@@ -91,6 +91,7 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     lines.append(
         "transient: gradient buckets staged for their reduce-scatter (stages 2-3), units gathered (stage 3)"
     )
+    lines.append(_snapshot_line(shape, world))
     lines.append("")
 
     per_stage = {e.stage: e.comm for e in estimates}  # offload moves no collective
@@ -131,3 +132,14 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
             else "the intra-node links bound the step's communication"
         )
     return "\n".join(lines)
+
+
+def _snapshot_line(shape: ModelShape, world: int) -> str:
+    """The host memory of `async_checkpoints`: each rank's part of the checkpoint (fp32 master and
+    AdamW's two moments, 12 bytes per parameter it owns), held from the first save on."""
+    whole = 12 * shape.parameters
+    name, size = _unit_for(whole)
+    return (
+        f"async_checkpoints: the host also holds each rank's checkpoint part, {whole / world / size:.2f} {name} "
+        f"per GPU at stages 1-3 ({whole / size:.2f} {name} on rank 0 at stage 0)"
+    )

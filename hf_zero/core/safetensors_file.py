@@ -1,11 +1,11 @@
-"""A rank's checkpoint file written as safetensors straight from its tensors, flushed to disk,
-with its SHA-256 computed from the same bytes on the way out.
+"""A checkpoint's rank files: safetensors written straight from the shards' tensors, flushed to
+disk, with the SHA-256 of the bytes computed on the way out.
 
-`safetensors.torch.save_file` first turns every tensor into a `bytes` copy and hands the whole
-file to Rust at once: the host then holds the shard twice, and the checksum needs a second read of
-the file. Here each tensor's memory goes to the file (and the hash) as it is, in blocks, so a save
-holds no copy beyond the tensors it was given, and both the writes and the hashing release the
-GIL (a background save leaves the training thread its interpreter).
+`safetensors.torch.save_file` refuses tensors that share storage, which the slices of one flat
+shard do, so each had to be copied first; and a checksum of its file needs the file read again.
+Here each tensor's memory goes to the file (and the hash) as it is, in blocks: a synchronous save
+copies nothing, an asynchronous one writes from its snapshot, and both the writes and the hashing
+release the GIL (a background save leaves the training thread its interpreter).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import os
 import struct
 
 import torch
-
-from .format import fsync_path
 
 # safetensors' names for the dtypes a checkpoint holds.
 _DTYPES = {
@@ -35,6 +33,15 @@ _DTYPES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 _BLOCK = 64 << 20  # bytes per write and hash update: large for the disk, small next to a shard
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_safetensors(
