@@ -48,16 +48,17 @@ def test_stage_3_issues_one_collective_per_unit_and_phase_at_most_and_one_launch
     counts, case
 ):
     for layers, got in zip(LAYERS, _depths(counts, case), strict=True):
-        # The root (head and final norm: both param groups), the input embedding (decay) and
-        # each layer (both param groups).
-        assert got["segments"] == 2 + 1 + 2 * layers
+        # The root (the final norm: no decay), the input embedding and the head (decay), and each
+        # layer (both param groups).
+        assert got["segments"] == 1 + 1 + 1 + 2 * layers
         # Each unit's segments (both param groups) travel together, and every unit is reduced once
         # when its backward ends; plus the statistics' all-reduce.
-        reductions = layers + 2
+        reductions = layers + 3
         if case == "stage3-no-prefetch":
-            # Gathered on demand: every layer in forward and again in backward; the root (it stays
-            # gathered for the step) and the embedding (its backward needs no weights) once.
-            assert got["collectives"] == 2 * layers + 2 + reductions + 1
+            # Gathered on demand: every layer and the head in forward and again in backward; the
+            # root (it stays gathered for the step) and the embedding (its backward needs no
+            # weights) once.
+            assert got["collectives"] == 2 * (layers + 1) + 2 + reductions + 1
         else:
             # These units are far below the default prefetch budget (64 MiB): a pass gathers its
             # first unit on demand and all the others ahead in one all-gather; the root once.
@@ -95,9 +96,9 @@ def test_the_host_waits_a_fixed_number_of_times_per_step(counts, case, host_sync
         # buffer, asynchronously: the only extra waits are for the upload that last used the
         # buffer (two take turns), never a synchronisation of the device.
         for got in (shallow, deep):
-            # Each layer's two segments gathered in forward and in backward, the root's two and
-            # the embedding's one once.
-            assert got["uploads"] == 2 * got["segments"] - 3
+            # Each layer's two segments and the head's one gathered in forward and in backward, the
+            # root's one and the embedding's one once.
+            assert got["uploads"] == 2 * got["segments"] - 2
             # The optimizer's swap-ins (download and upload) and one wait per shard brought up.
             assert got["event_waits"] == 2 * got["segments"] + got["uploads"]
 
@@ -109,7 +110,7 @@ def test_nvme_parameter_shards_are_read_ahead_one_unit_past_the_prefetch(counts)
     assert 0 < shallow["read_ahead"] < shallow["uploads"]
     assert deep["read_ahead"] - shallow["read_ahead"] == deep["uploads"] - shallow["uploads"] > 0
     # Reads ahead change neither what is uploaded nor how often the host waits.
-    assert deep["uploads"] == 2 * deep["segments"] - 3 and deep["host_syncs"] == 1
+    assert deep["uploads"] == 2 * deep["segments"] - 2 and deep["host_syncs"] == 1
     assert deep["event_waits"] == 2 * deep["segments"] + deep["uploads"]
     # The default budget gathers these tiny units all at once: nothing is left to read ahead.
     assert _depths(counts, "stage3-nvme-params")[1]["read_ahead"] == 0

@@ -16,19 +16,33 @@ def _names(units):
 
 
 def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
-    # Llama's untied input embedding is a unit of its own, first; the head and final norm are the root.
+    # Llama's untied input embedding is a unit of its own, first, and its untied head one, last; the
+    # final norm is the root.
     llama = build_model("llama")
     units = find_units(llama)
     assert _names(units) == [
-        (ROOT, 2),
+        (ROOT, 1),
         ("model.embed_tokens", 1),
         ("model.layers.0", 9),
         ("model.layers.1", 9),
+        ("lm_head", 1),
     ]
     assert units[1].params[0] is llama.model.embed_tokens.weight
-    assert {id(p) for p in units[0].params} == {id(llama.lm_head.weight), id(llama.model.norm.weight)}
+    assert units[-1].params[0] is llama.lm_head.weight
+    assert [id(p) for p in units[0].params] == [id(llama.model.norm.weight)]
     # Naming the layer classes keeps exactly those (the embedding goes back to the root).
     assert _names(find_units(llama, ["LlamaDecoderLayer"]))[0] == (ROOT, 3)
+    # Under Liger-Kernel's forward (its fused loss reads lm_head.weight without running lm_head) the
+    # head stays in the root. (Liger patches modules process-wide: only its mark is copied here.)
+    liger = build_model("llama")
+
+    def lce_forward(*args, **kwargs):
+        raise AssertionError("not run")
+
+    lce_forward.__module__ = "liger_kernel.transformers.model.llama"
+    liger.forward = lce_forward
+    assert [unit.name for unit in find_units(liger)][-1] == "model.layers.1"
+    assert any(p is liger.lm_head.weight for p in find_units(liger)[0].params)
     # GPT-2 ties lm_head to wte: one parameter, in the root unit.
     assert _names(find_units(build_model("gpt2"))) == [
         (ROOT, 4),
@@ -41,7 +55,7 @@ def test_units_are_the_models_layer_classes_and_the_rest_is_the_root():
     assert any(p is bert.bert.embeddings.word_embeddings.weight for p in units[0].params)
     # A layer reused three times is one unit.
     assert _names(find_units(build_model("llama-shared"))) == [
-        (ROOT, 2), ("model.embed_tokens", 1), ("model.layers.0", 9)
+        (ROOT, 1), ("model.embed_tokens", 1), ("model.layers.0", 9), ("lm_head", 1)
     ]  # fmt: skip
 
 

@@ -6,9 +6,13 @@ that names none is cut into its top-level children (the members of a ModuleList 
 child, which runs no forward of its own). With the model's own layer classes, its input embedding
 (`get_input_embeddings()`, an `nn.Embedding`) is a unit too, unless tied to the head: it runs
 first in forward and is not needed again until the end of backward, so it need not stay gathered
-at the memory peak between. A unit's forward must run for its parameters to be used: hooks on it
-gather them. Parameters outside every unit (final norm, head, tied embeddings), and parameters
-that more than one unit uses (weights tied across units), form the root unit. Units keep
+at the memory peak between. So is its untied output head (`get_output_embeddings()`, an
+`nn.Linear`): it runs last in forward and first in backward, like a layer, rather than staying
+gathered all along in the root. Not when the model's forward is Liger-Kernel's, whose fused loss
+reads the head's weight without running the head. A unit's forward must run for its parameters to
+be used: hooks on it gather them. Parameters outside every unit (final norm, tied embeddings and
+head), and parameters that more than one unit uses (weights tied across units), form the root
+unit. Units keep
 registration order (`named_modules()`), which is the same on every rank whatever the data does:
 the canonical order collectives follow.
 """
@@ -57,10 +61,14 @@ def find_units(model: nn.Module, requested: Sequence[str] | None = None) -> list
     names = unit_class_names(model, requested)
     chosen: list[tuple[str, nn.Module]] = []
     if names:
-        embedding = None if requested else _input_embedding(model)
+        # (Tied to each other, the embedding and the head share their one weight: it goes to the root.)
+        edges = (
+            [] if requested else [m for m in (_input_embedding(model), _output_head(model)) if m is not None]
+        )
         # named_modules() yields a module used in several places (a shared layer) once.
         for name, module in model.named_modules():
-            if name and (type(module).__name__ in names or module is embedding) and not _inside(name, chosen):
+            chosen_module = type(module).__name__ in names or any(module is edge for edge in edges)
+            if name and chosen_module and not _inside(name, chosen):
                 chosen.append((name, module))
         if requested and not chosen:
             raise ValueError(
@@ -103,6 +111,23 @@ def _input_embedding(model: nn.Module) -> nn.Embedding | None:
     except (NotImplementedError, AttributeError):
         return None
     return module if isinstance(module, nn.Embedding) else None
+
+
+def _output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head (`get_output_embeddings()`), if it is a plain `nn.Linear` that runs
+    its own forward: not under Liger-Kernel's forward, which passes the head's weight to its fused
+    loss without calling the head."""
+    forward = getattr(type(model), "forward", None)
+    if getattr(forward, "__module__", "").startswith("liger_kernel") or getattr(
+        getattr(model, "forward", None), "__module__", ""
+    ).startswith("liger_kernel"):
+        return None
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        module = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return module if type(module) is nn.Linear else None
 
 
 def _called_children(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:

@@ -9,7 +9,7 @@ post-backward); the unit is released at the next unit's backward, or at the end 
 of this holds a reference to the autograd graph. (torch's `register_multi_grad_hook`, used before,
 keeps the tensors' graph nodes in a closure stored on those very nodes: a cycle through C++ that
 Python's collector cannot see, so every forward's graph stayed alive, with its saved activations
-where no backward freed them.) The root unit (final norm, head, tied embeddings, and weights
+where no backward freed them.) The root unit (final norm, tied embeddings and head, and weights
 tied across units) stays gathered from the start of the model's forward to the end of the backward
 pass, or of the forward when there is no gradient.
 

@@ -1,7 +1,7 @@
 """The model behind `hf-zero estimate`: memory per GPU and host, and communication per step, for
 each ZeRO stage and offload choice, from a model's shape (`ModelShape`, read by `shape.py`:
-tied weights once, split into the root unit, the untied input embedding and one unit per layer,
-as `core/units.py` cuts them).
+tied weights once, split into the root unit, the untied input embedding, one unit per layer and
+the untied head, as `core/units.py` cuts them).
 
 The formulas follow the engine's own byte accounting (`ZeroEngine.memory_breakdown`, the bytes
 `Collectives` counts into `engine.last_step_comm_bytes`), ignoring the padding of flat buffers to
@@ -19,8 +19,8 @@ bytes per GPU:
     gradients        g*P          (stages 2-3 with W > 1: g*P/W, this rank's reduced shard)
     optimizer state  4*k*P/Z      (0 offloaded)
     staging          stage 3: r*(bucket(R) + 3*bucket(U)), the gradient buckets staged for their
-                     reduce-scatter at once (the root's fills from the head's gradient to the
-                     embeddings', the end of backward; two more may be in flight); stage 2:
+                     reduce-scatter at once (the root's, reduced when backward ends, and the
+                     units'; two more may be in flight); stage 2:
                      r*min(P, 4*bucket(P)), its segment spanning the layers
     gathered         stage 3: b*(R + U + n*U), the root unit (gathered for the whole forward and
                      backward), the layer running and n = max(1, 64 MiB // (b*U)) prefetched (the

@@ -48,8 +48,8 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     weights_name, weights_size = _unit_for(shape.parameters * b)
     lines = [
         f"{shape.name}: {shape.parameters:,} parameters ({shape.parameters * b / weights_size:.2f} {weights_name} in "
-        f"{options.precision}); root unit {shape.root_parameters:,} (head, final norm, tied weights), "
-        f"{units} unit(s) of up to {shape.largest_unit:,} (layers, untied input embedding)",
+        f"{options.precision}); root unit {shape.root_parameters:,} (final norm, tied weights), "
+        f"{units} unit(s) of up to {shape.largest_unit:,} (layers, untied input embedding and head)",
         f"{options.nodes} node(s) x {options.gpus} GPU(s) = {world} rank(s); {options.precision}; AdamW; "
         f"micro-batch {options.batch} x {options.seq} tokens per GPU, {options.grad_accum} per step"
         + ("; activation checkpointing" if options.checkpointing else ""),
