@@ -165,25 +165,32 @@ def test_bytes_sent_per_step_match_data_parallel(sharded, world, case):
 
 
 def _gather_bytes(case: Case, share: float, got: dict) -> int:
-    """Stage 3 gathers every unit in each forward and again in each backward, but the input
-    embedding only in forward (its backward needs no weights); the root unit once per micro-batch
-    (it stays gathered through the backward pass). A unit used three times in one forward (the
-    shared layer) is gathered at every use there, and once in backward, where it stays gathered from
-    its last use's backward to its first's."""
+    """Stage 3 gathers every unit in each forward and again in each backward (the untied head
+    too), but the input embedding only in forward (its backward needs no weights); the root unit
+    once per micro-batch (it stays gathered through the backward pass). A layer used three times in
+    one forward (the shared layer) is gathered at every use there, and once in backward, where it
+    stays gathered from its last use's backward to its first's."""
     forwards = case.accumulation + (case.scenario == "discard") + (case.scenario == "eval_between")
     backwards = case.accumulation + (case.scenario == "discard")
-    uses = 3 if case.model == "llama-shared" else 1
     segments = [
         (numel, size, unit)
         for (numel, _, size, _, _), unit in zip(got["segments"], got["segment_units"], strict=True)
     ]
     segments += [(numel, size, unit) for numel, _, size, unit in got["frozen_segments"]]
     root = sum(round(share * numel * size) for numel, size, unit in segments if unit == 0)
-    layers = sum(
-        round(share * numel * size) for numel, size, unit in segments if unit in got["backward_units"]
+    in_backward = [(numel, size, unit) for numel, size, unit in segments if unit in got["backward_units"]]
+    layers = sum(round(share * numel * size) for numel, size, _ in in_backward)
+    shared = (
+        sum(
+            round(share * numel * size)
+            for numel, size, unit in in_backward
+            if ".layers." in got["unit_names"][unit]
+        )
+        if case.model == "llama-shared"
+        else 0
     )
     embedding = sum(round(share * numel * size) for numel, size, unit in segments if unit != 0) - layers
-    return forwards * (root + embedding + uses * layers) + backwards * layers
+    return forwards * (root + embedding + layers + 2 * shared) + backwards * layers
 
 
 def expected_memory(case: Case, world: int, got: dict) -> dict[str, int]:

@@ -96,13 +96,14 @@ def test_engine_keeps_the_users_optimizer_groups_and_hyperparameters(device, sta
     assert engine.optimizer is optimizer
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
     # One flat fp32 master shard per param group, spanning the units below stage 3; at stage 3 one
-    # per (unit, param group): the root unit (head; final norm), the input embedding (a matrix: no
-    # norm in it) and the two decoder layers.
+    # per (unit, param group): the root unit (the final norm), the input embedding and the head
+    # (matrices: no norm in them) and the two decoder layers.
     assert [u.name for u in engine.units] == [
         "<root>",
         "model.embed_tokens",
         "model.layers.0",
         "model.layers.1",
+        "lm_head",
     ]
     masters = [1, 1] if stage < 3 else [4, 3]
     assert [len(g["params"]) for g in optimizer.param_groups] == masters

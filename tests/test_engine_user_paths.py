@@ -180,7 +180,7 @@ def test_frozen_fp32_weights_are_saved_in_fp32():
     [
         # The router sits in an fp32 segment of its own: beside the one spanning the units below
         # stage 3, in its unit at stage 3 (the sparse layer, unit 3, after the root, the input
-        # embedding and the dense layer).
+        # embedding and the dense layer; the head is unit 4).
         (1, [(0, torch.bfloat16), (0, torch.float32)]),
         (
             3,
@@ -190,6 +190,7 @@ def test_frozen_fp32_weights_are_saved_in_fp32():
                 (2, torch.bfloat16),
                 (3, torch.bfloat16),
                 (3, torch.float32),
+                (4, torch.bfloat16),
             ],
         ),
     ],

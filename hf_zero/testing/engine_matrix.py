@@ -238,6 +238,7 @@ def run_sharded(case: Case, group=None) -> dict:
         "segment_units": [g.unit for g in engine.groups],
         # Units gathered again in backward (an input embedding's backward needs no weights).
         "backward_units": engine.gatherer.backward_walk.order if engine.gatherer else [],
+        "unit_names": [unit.name for unit in engine.units],
         "frozen_segments": [
             (g.layout.numel, g.layout.shard_numel, g.compute_dtype.itemsize, g.unit) for g in engine.frozen
         ],
