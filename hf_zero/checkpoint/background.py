@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..core.device import DeviceOps
 from .format import state_key
@@ -78,11 +77,6 @@ class StoreExchange:
     def __init__(self, store: Any, prefix: str, rank: int, world_size: int, timeout_s: float) -> None:
         self.store, self.prefix, self.rank, self.world_size = store, prefix, rank, world_size
         self.timeout = timedelta(seconds=timeout_s or _NO_TIMEOUT_S)
-
-    @staticmethod
-    def default_store() -> Any:
-        """The store of the default process group (torchrun's, under a launcher)."""
-        return dist.distributed_c10d._get_default_store()
 
     def gather_to_first(self, value: Any) -> list[Any] | None:
         """Rank 0 gets every rank's `value` (JSON), in rank order; the others None."""

@@ -24,6 +24,7 @@ import torch
 
 from ..core.params import is_peft_model
 from ..core.safetensors_file import fsync_path, write_safetensors
+from ..core.watchdog import launcher_store
 from ..version import __version__
 from .background import BackgroundSaves, StoreExchange
 from .format import FORMAT, FORMAT_VERSION, MANIFEST, is_checkpoint, rank_file_name
@@ -70,7 +71,7 @@ def save_checkpoint(
         if background is not None:
             tensors = background.snapshot.take(mine)
             exchange = StoreExchange(
-                StoreExchange.default_store() if engine.world_size > 1 else None,
+                launcher_store() if engine.world_size > 1 else None,
                 f"hf_zero/checkpoint/{temporary.name}",
                 engine.rank,
                 engine.world_size,

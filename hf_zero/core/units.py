@@ -117,10 +117,9 @@ def _output_head(model: nn.Module) -> nn.Linear | None:
     """The model's output head (`get_output_embeddings()`), if it is a plain `nn.Linear` that runs
     its own forward: not under Liger-Kernel's forward, which passes the head's weight to its fused
     loss without calling the head."""
-    forward = getattr(type(model), "forward", None)
-    if getattr(forward, "__module__", "").startswith("liger_kernel") or getattr(
-        getattr(model, "forward", None), "__module__", ""
-    ).startswith("liger_kernel"):
+    # Liger replaces the class's forward, or the instance's.
+    forwards = (getattr(type(model), "forward", None), getattr(model, "forward", None))
+    if any(getattr(forward, "__module__", "").startswith("liger_kernel") for forward in forwards):
         return None
     getter = getattr(model, "get_output_embeddings", None)
     try:

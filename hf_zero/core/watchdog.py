@@ -188,7 +188,7 @@ def _monitor() -> _Monitor:
     return _MONITOR
 
 
-def _store() -> Any:
+def launcher_store() -> Any:
     """The launcher's key-value store (through the default process group), or None."""
     if not (dist.is_available() and dist.is_initialized()):
         return None  # the process group ended: nothing more to tell the others
@@ -199,7 +199,7 @@ def _store() -> Any:
 
 
 def _publish(watch: CollectiveWatch) -> None:
-    store = _store()
+    store = launcher_store()
     if store is None:
         return
     with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
@@ -207,7 +207,7 @@ def _publish(watch: CollectiveWatch) -> None:
 
 
 def _read(rank: int) -> dict[str, Any] | None:
-    store = _store()
+    store = launcher_store()
     key = _KEY.format(rank=rank)
     try:
         if store is None or not store.check([key]):

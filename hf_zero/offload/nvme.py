@@ -381,8 +381,8 @@ class NvmeSwapper:
         calls it for the unit after the ones it prefetches, within one pass: the shards do not
         change before their upload (`forget_read_ahead` drops what a pass left unused)."""
         region = self.param_regions.get(id(group))
-        if region is None or id(group) in self._ahead or (self._bounces_made() and not self._bounces):
-            return
+        if region is None or id(group) in self._ahead or (self._ahead and not self._bounces):
+            return  # (no bounce buffer free: the reads ahead hold them all)
         buffer, uploaded = self._free_bounce()
         wait = uploaded.wait_later() if uploaded is not None else None
 
@@ -401,12 +401,9 @@ class NvmeSwapper:
             read.result()
             self._bounces.append((buffer, None))
 
-    def _bounces_made(self) -> bool:
-        return bool(self._bounces) or bool(self._ahead)
-
     def _free_bounce(self) -> tuple[torch.Tensor, Event | None]:
         """A bounce buffer no read ahead holds, with its last upload (made on first use)."""
-        if not self._bounces_made():
+        if not self._bounces and not self._ahead:
             size = max(r.nbytes for r in self.param_regions.values())
             self._bounces = deque((self.ops.host_empty(size, torch.uint8), None) for _ in range(2))
         if not self._bounces:  # every buffer holds a shard read ahead: give one up
