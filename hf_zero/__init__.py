@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from .config.zero_config import ZeroConfig
+from .core.chained_optimizer import ChainedOptimizer
 from .engine.calls import full_grad, gathered_parameters
 from .engine.zero_engine import ZeroEngine, engine_of, initialize
 from .version import __version__ as __version__
 
 __all__ = [
+    "ChainedOptimizer",
+    "MuonWithAdamW",
     "ZeroAccelerator",
     "ZeroConfig",
     "ZeroEngine",
@@ -25,6 +28,7 @@ __all__ = [
     "full_grad",
     "gathered_parameters",
     "initialize",
+    "muon_with_adamw",
 ]
 
 # The integrations and loading import transformers/accelerate, which takes seconds; load them on first use.
@@ -32,6 +36,8 @@ _LAZY = {
     "ZeroTrainer": ".integrations.trainer",
     "ZeroAccelerator": ".integrations.accelerator",
     "from_pretrained": ".hub.loading",
+    "MuonWithAdamW": ".integrations.muon",
+    "muon_with_adamw": ".integrations.muon",
 }
 
 

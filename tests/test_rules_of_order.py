@@ -39,3 +39,5 @@ def test_ranks_on_different_paths_issue_the_same_collectives_in_the_same_interle
         # each; at stage 2 the segments span the units (all labelled with the root's).
         reduced = {unit for op, _, _, unit in trace if op == "reduce_scatter"}
         assert reduced == (set(range(7)) if "stage3" in name else {0}), name
+        # Muon: two all-to-alls per step (its pieces to the owners and back), in the step only.
+        assert sum(op == "all_to_all" for op, _, _, _ in trace) == (6 if "muon" in name else 0), name

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.chained_optimizer import optimizer_class_name
 from .format import (
     TRAINER_SUBFOLDER,
     CheckpointError,
@@ -164,7 +165,7 @@ def _match_records(engine: EngineView, manifest: dict[str, Any]) -> dict[int, di
 
 def _check_optimizer(engine: EngineView, saved: dict[str, Any]) -> None:
     optimizer = engine.optimizer
-    name = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    name = optimizer_class_name(optimizer)
     if saved["class"] != name:
         raise CheckpointError(
             f"the checkpoint holds the state of a {saved['class']} but the engine runs a {name}; resume with "

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.chained_optimizer import optimizer_class_name
 from ..core.params import is_peft_model
 from ..core.safetensors_file import fsync_path, write_safetensors
 from ..core.watchdog import launcher_store
@@ -204,7 +205,7 @@ def _manifest(engine: EngineView, records: list[dict[str, Any]], include_frozen:
         "precision": engine.config.precision,
         "global_steps": engine.global_steps,
         "optimizer": {
-            "class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+            "class": optimizer_class_name(optimizer),
             "param_groups": groups,
         },
         # fp16: the loss scale and its history (None in fp32/bf16).

@@ -355,6 +355,31 @@ class Collectives:
             works.append(self._watched(manager, record))
         return works
 
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_counts: Sequence[int],
+        input_counts: Sequence[int],
+        total_elements: int,
+    ) -> None:
+        """Send `input_counts[r]` elements of `input` (in rank order) to rank r and receive
+        `output_counts[r]` from each into `output`, waiting for the exchange. The ranks move
+        different amounts; `total_elements`, the same on every rank, is what the trace and the
+        fingerprint record."""
+        if self.world_size == 1:
+            output.copy_(input)
+            return
+        self.bytes_sent += (input.numel() - input_counts[dist.get_rank(self.group)]) * input.element_size()
+        nbytes = total_elements * input.element_size()
+        if self.trace is not None:
+            self.trace.append(("all_to_all", self.name, nbytes, None))
+        if self._fingerprint is not None:
+            self._fingerprint.update(f"all_to_all:{total_elements}:{input.dtype};".encode())
+            self._calls += 1
+        with self._waiting(self._issue("all_to_all")):
+            dist.all_to_all_single(output, input, list(output_counts), list(input_counts), group=self.group)
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Copy the tensor of the group's rank `src` to every rank."""
         if self.world_size == 1:

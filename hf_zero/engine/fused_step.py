@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ..core.arena import carve, merge_adjacent
+from ..core.chained_optimizer import owner_of_group
 from ..kernels.adamw import AdamHyperparams, adam_step
 from ..kernels.sgd import SGDHyperparams, sgd_step
 
@@ -36,6 +37,7 @@ def _is_host_number(value) -> bool:
 
 def supports_fused_step(optimizer: torch.optim.Optimizer, group: dict) -> bool:
     """Whether this param group's update is one a fused kernel computes exactly."""
+    optimizer = owner_of_group(optimizer, group)
     if group.get("maximize") or group.get("differentiable"):
         return False
     if type(optimizer) in _ADAM_CLASSES:
@@ -68,7 +70,7 @@ def fused_step(
     state that a load left in separate tensors is packed again the same way. Returns the undo of
     the host-side bookkeeping, for a step `found_inf` turns out to have skipped.
     """
-    step = _adam if type(optimizer) in _ADAM_CLASSES else _sgd
+    step = _adam if type(owner_of_group(optimizer, group)) in _ADAM_CLASSES else _sgd
     return step(optimizer, group, parts, grad_scale, zero_grad, found_inf)
 
 

@@ -4,7 +4,10 @@ The optimizer object the user built keeps its identity, class, param groups and
 hyper-parameters (so an LR scheduler made before `hf_zero.initialize` still drives it); only each
 group's `params` list is swapped for one flat fp32 master shard, and any per-parameter state it
 already holds is re-laid onto that shard. This is exact only for elementwise optimizers, whose
-update of one element depends on that element alone; others are refused with a clear error.
+update of one element depends on that element alone, and for torch's Muon, whose only
+non-elementwise part (Newton–Schulz on each whole matrix) hf_zero runs at each matrix's owner
+(`matrix_step.py`); others are refused with a clear error. Several optimizers chained into one
+(`ChainedOptimizer`, from a list such as `[muon, adamw]`) are checked one by one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.chained_optimizer import chained_optimizers
 from ..core.layout import FlatLayout
+from .matrix_step import is_muon
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -40,8 +45,15 @@ _NON_ELEMENTWISE_REASONS = {
     "FusedLamb": "it scales each tensor's update by a per-tensor trust ratio",
     "LARS": "it scales each tensor's update by a per-tensor trust ratio",
     "Shampoo": "it preconditions with per-matrix statistics",
-    "Muon": "it orthogonalises each matrix's update",
 }
+
+
+def check_optimizers(optimizer: torch.optim.Optimizer, allow_untested: bool) -> None:
+    """Refuse what the engine cannot shard exactly: each chained optimizer must be elementwise or
+    torch's Muon (see `check_elementwise`)."""
+    for child in chained_optimizers(optimizer):
+        if not is_muon(child):
+            check_elementwise(child, allow_untested)
 
 
 def check_elementwise(optimizer: torch.optim.Optimizer, allow_untested: bool) -> None:
@@ -52,7 +64,8 @@ def check_elementwise(optimizer: torch.optim.Optimizer, allow_untested: bool) ->
         raise ValueError(
             f"{cls.__name__} cannot run on hf_zero's flat shards: {reason}, and each rank holds only a "
             "slice of every tensor. Use an elementwise optimizer such as torch.optim.AdamW, Adam, SGD, "
-            "RMSprop or Adagrad."
+            "RMSprop or Adagrad, or torch.optim.Muon for the hidden matrices (with AdamW for the rest: "
+            "hf_zero.initialize(model, [muon, adamw], config))."
         )
     if cls in ELEMENTWISE_OPTIMIZERS or allow_untested:
         return

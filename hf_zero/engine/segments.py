@@ -13,12 +13,14 @@ import os
 import torch
 from torch import nn
 
+from ..config.precision import compute_dtype_for
+from ..config.zero_config import ZeroConfig
 from ..core.arena import carve_ordered, segment_order
 from ..core.flat_group import FlatParamGroup
 from ..core.layout import FlatLayout
 from ..hub.pending import PendingWeights, initialise_new_adapters
 from ..offload.nvme import ALIGN as NVME_ALIGN
-from ..offload.nvme import NvmeSwapper, check_free_space, state_keys
+from ..offload.nvme import NvmeSwapper, check_free_space, existing_folder, state_keys
 from .fused_step import supports_fused_step
 
 
@@ -221,3 +223,15 @@ def take_pending_weights(module: nn.Module) -> PendingWeights | None:
             "(e.g. model.to_empty(device='cpu') and the model's weight initialisation) before initialize"
         )
     return pending
+
+
+def check_available(config: ZeroConfig) -> None:
+    """Raise a clear error for a config that cannot run on this machine: a precision with no
+    compute dtype, an NVMe offload folder that does not exist.
+
+    The integrations call it when they are built, so a Trainer or Accelerator refuses such a
+    config at once rather than when training starts.
+    """
+    compute_dtype_for(config.precision)
+    if "nvme" in (config.offload_optimizer, config.offload_params):
+        existing_folder(config.nvme_path)

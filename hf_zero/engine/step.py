@@ -4,8 +4,9 @@ through the step hooks hf_zero installs on the user's optimizer.
 Before the optimizer's own step: reduce the gradients, measure them in one read (norm and fp16
 overflow, `kernels/grad_stats.py`), clip, then update each segment where its pieces live: on the
 device with the fused kernels, on the host with CPU offload (`offload/host_staging.py`), through
-the NVMe swapper, on a background thread for `offload_overlap="delayed"`, or by the optimizer's
-own step for what the fused kernels do not cover. After it: round the masters the optimizer's own
+the NVMe swapper, on a background thread for `offload_overlap="delayed"`, Muon's groups by
+`matrix_step.py` (Newton–Schulz at each matrix's owner), or by the optimizer's own step for what
+the fused kernels do not cover. After it: round the masters the optimizer's own
 step updated, all-gather the new weights, and undo a step fp16 skipped. What one step found and
 did lives in one `StepState`, replaced at each step.
 
@@ -22,9 +23,11 @@ import torch
 from torch import nn
 
 from ..core.arena import merge_adjacent
+from ..core.chained_optimizer import owner_of_group
 from ..core.flat_group import FlatParamGroup
 from ..kernels.grad_stats import grad_stats
 from .fused_step import fused_step, supports_fused_step
+from .matrix_step import MatrixStep, is_muon
 
 
 @dataclass
@@ -47,6 +50,25 @@ class OptimizerStep:
 
     _delayed: ThreadPoolExecutor | None
     _delayed_update: Future | None
+    matrix_step: MatrixStep | None
+
+    def _plan_matrix_step(self, optimizer: torch.optim.Optimizer) -> MatrixStep | None:
+        """The Muon update of the segments of Muon's param groups (None: there are none)."""
+        segments = {
+            g: group
+            for g, group in enumerate(self.groups)
+            if group.params
+            and is_muon(owner_of_group(optimizer, optimizer.param_groups[group.optimizer_group]))
+        }
+        if not segments:
+            return None
+        if self.config.offload_optimizer != "none" or self.config.offload_overlap == "delayed":
+            raise ValueError(
+                "torch.optim.Muon runs on the device with hf_zero (its momentum and Newton–Schulz beside the "
+                f"gradients), not with offload_optimizer={self.config.offload_optimizer!r} / offload_overlap="
+                f"{self.config.offload_overlap!r}; use offload_optimizer='none' for a chain with Muon"
+            )
+        return MatrixStep(segments, self.comm)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global 2-norm of the accumulated (rank-averaged) gradient; scales it down to `max_norm`.
@@ -184,6 +206,7 @@ class OptimizerStep:
                 ),
             )
         host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
+        matrix_grads: dict[int, torch.Tensor] = {}  # Muon's segments: their gradient shards
         fused: dict[tuple[int, bool], list] = {}  # (param group, zero the gradient) -> its parts
         # In arena order: each param group's segments end to end, stepped in one launch.
         for g in self.arena_order:
@@ -212,7 +235,17 @@ class OptimizerStep:
                     grad[run.shard_start : run.shard_start + run.length].copy_(
                         self.grad_sync.run_grad(g, run)
                     )
-                group.master.grad = grad if scale is None else grad.mul_(scale)
+                grad = grad if scale is None else grad.mul_(scale)
+                if self.matrix_step is not None and g in self.matrix_step.segments:
+                    matrix_grads[g] = grad  # stepped below; torch's Muon skips a shard without grad
+                else:
+                    group.master.grad = grad
+        if matrix_grads:
+            self.matrix_step.step(
+                optimizer,
+                {g: optimizer.param_groups[self.groups[g].optimizer_group] for g in matrix_grads},
+                matrix_grads,
+            )
         for (index, zero), parts in fused.items():
             self.step_state.undo_if_skipped.append(
                 fused_step(optimizer, optimizer.param_groups[index], parts, scale, zero, found_inf)
@@ -310,11 +343,14 @@ class OptimizerStep:
         if skipped:
             return  # nothing to update: the device keeps its weights, the host its state
         # The update must not see what the LR scheduler sets for the next step meanwhile.
-        jobs = [(dict(optimizer.param_groups[group.optimizer_group]), group) for group in self.groups]
+        jobs = []
+        for group in self.groups:
+            param_group = optimizer.param_groups[group.optimizer_group]
+            jobs.append((owner_of_group(optimizer, param_group), dict(param_group), group))
 
         def update() -> None:
-            for hyperparameters, group in jobs:
-                fused_step(optimizer, hyperparameters, [(group.master, group.host_pieces())], scale, False)
+            for owner, hyperparameters, group in jobs:
+                fused_step(owner, hyperparameters, [(group.master, group.host_pieces())], scale, False)
 
         self._delayed_update = self._delayed.submit(update)
 

@@ -7,6 +7,8 @@ below would otherwise silently do nothing or be undone at the next step:
 - `optimizer.zero_grad()` / `model.zero_grad()` discard what the engine accumulated;
 - `model.load_state_dict(...)` (on the model or any submodule) sets the fp32 masters too;
 - `optimizer.add_param_group(...)` is refused at once;
+- for a chain of optimizers (`[muon, adamw]`), each one's `step()` steps the chain (the engine
+  takes one step for all parameters), and its `zero_grad()` and `add_param_group` act as above;
 - the model's next forward marks the end of a backward pass (for loops that call
   `loss.backward()` themselves rather than `engine.backward`);
 - `torch.nn.utils.clip_grad_norm_(model.parameters(), ...)` clips through the engine, and
@@ -19,7 +21,7 @@ These are every call hf_zero reroutes but one: torch's `env://` rendezvous, wrap
 for workers that torchrun restarts (`core/distributed.py`, `_restart_safe_env_rendezvous`).
 
 `install` records each function it replaces on the user's objects (`zero_grad`, `add_param_group`,
-`generate`) in a `Patches`, and `engine.close()` puts them all back together; torch's clipping
+a chained optimizer's `step`, `generate`) in a `Patches`, and `engine.close()` puts them all back together; torch's clipping
 functions are replaced once per process while any engine is open, and restored when the last one
 closes (they behave as torch's own for parameters no engine manages). The engine's own module and
 optimizer hooks (gradient, step, stage-3 gathers) are not patches and stay with the model.
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.chained_optimizer import ChainedOptimizer
 from ..core.engine_view import EngineView
 from .calls import gathered_parameters
 from .registry import engine_of_parameter
@@ -84,6 +87,10 @@ def install(engine: EngineView, patches: Patches) -> list:
     reference = weakref.ref(engine)
     _route_zero_grad(engine, patches)
     _refuse_add_param_group(engine.optimizer, patches)
+    for child in engine.optimizer.optimizers if isinstance(engine.optimizer, ChainedOptimizer) else ():
+        patches.replace(child, "step", engine.optimizer.step)
+        patches.replace(child, "zero_grad", engine.optimizer.zero_grad)
+        _refuse_add_param_group(child, patches)
     patches.route_clip_functions()
     handles = _load_state_dict_hooks(engine)
     handles.append(engine.module.register_forward_pre_hook(_end_backward_on_forward(reference)))

@@ -28,6 +28,7 @@ from ..checkpoint.background import BackgroundSaves
 from ..config.precision import compute_dtype_for
 from ..config.zero_config import ZeroConfig
 from ..core.arena import segment_order
+from ..core.chained_optimizer import as_one_optimizer
 from ..core.device import DeviceOps
 from ..core.distributed import Collectives, DistContext, free_device_memory, second_group, setup_distributed
 from ..core.flat_group import FlatParamGroup
@@ -40,13 +41,13 @@ from ..core.params import (
 from ..core.units import find_units
 from ..core.watchdog import CollectiveWatch
 from ..offload.host_staging import HostStaging
-from ..offload.nvme import NvmeSwapper, existing_folder
+from ..offload.nvme import NvmeSwapper
 from . import registry, user_paths
 from .gather import UnitGatherer
 from .grad_sync import BackwardReduceScatter, StepReduction, UnitReduceScatter, watch_first_forward
 from .loss_scaler import LossScaler
-from .optim import check_elementwise, rebind_to_shards
-from .segments import SegmentSetup, take_pending_weights
+from .optim import check_optimizers, rebind_to_shards
+from .segments import SegmentSetup, check_available, take_pending_weights
 from .state import ShardedState
 from .step import OptimizerStep, StepState
 from .teardown import leave_group, release, release_before_teardown
@@ -71,14 +72,15 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         config: ZeroConfig,
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         check_available(config)
-        check_elementwise(optimizer, config.allow_untested_optimizer)
+        optimizer = as_one_optimizer(optimizer)  # a list, such as [muon, adamw]: chained into one
+        check_optimizers(optimizer, config.allow_untested_optimizer)
         if engine_of(module) is not None:
             raise ValueError("this model is already managed by an hf_zero engine; initialize it only once")
         self.module = module
@@ -142,6 +144,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         if pending is not None:
             pending.close()
         rebind_to_shards(optimizer, self.groups)
+        self.matrix_step = self._plan_matrix_step(optimizer)  # Muon's groups, if any (`matrix_step.py`)
         # id(parameter) -> its unit, for every parameter laid out in segments (frozen ones included).
         self.unit_of = {id(p): g.unit for g in self.groups + self.frozen for p in g.params}
         # id(parameter) -> (segment, slot): where each trained parameter lives.
@@ -370,31 +373,17 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
 
 def initialize(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     config: ZeroConfig | dict | str | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> ZeroEngine:
     """Shard `model` and `optimizer` per `config` and return the engine that trains them.
 
-    `optimizer` is any elementwise torch optimizer built over `model.parameters()`; it keeps its
-    class, param groups and hyper-parameters and becomes `engine.optimizer`, an optimizer over
-    this rank's flat shards. Launch with torchrun (or accelerate launch) for several ranks; a plain
-    `python` process is a world of one. `process_group` shards over that group of ranks only (the
+    `optimizer` is any elementwise torch optimizer built over `model.parameters()`, or a list of
+    optimizers over disjoint parameters (`[torch.optim.Muon(matrices), torch.optim.AdamW(rest)]`),
+    chained into one `ChainedOptimizer`; it keeps its class, param groups and hyper-parameters and
+    becomes `engine.optimizer`, an optimizer over this rank's flat shards. Launch with torchrun (or
+    accelerate launch) for several ranks; a plain `python` process is a world of one. `process_group` shards over that group of ranks only (the
     data-parallel group beside tensor or pipeline parallelism); by default, over every rank.
     """
     return ZeroEngine(model, optimizer, ZeroConfig.coerce(config), process_group)
-
-
-# ---- module-level helpers ------------------------------------------------------------------------
-
-
-def check_available(config: ZeroConfig) -> None:
-    """Raise a clear error for a config that cannot run on this machine: a precision with no
-    compute dtype, an NVMe offload folder that does not exist.
-
-    The integrations call it when they are built, so a Trainer or Accelerator refuses such a
-    config at once rather than when training starts.
-    """
-    compute_dtype_for(config.precision)
-    if "nvme" in (config.offload_optimizer, config.offload_params):
-        existing_folder(config.nvme_path)

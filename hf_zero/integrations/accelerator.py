@@ -37,7 +37,8 @@ from accelerate.utils import DynamoBackend, compile_regions
 from ..checkpoint.format import TRAINER_SUBFOLDER
 from ..config.zero_config import ZeroConfig
 from ..core.params import is_peft_model
-from ..engine.zero_engine import ZeroEngine, check_available, engine_of
+from ..engine.segments import check_available
+from ..engine.zero_engine import ZeroEngine, engine_of
 from ..hub.pending import PendingWeights
 from ..hub.saving import save_full_weights, write_atomically
 from .placement import decide_placement

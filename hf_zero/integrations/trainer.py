@@ -36,14 +36,17 @@ from transformers.trainer_utils import rotate_checkpoints
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config.deepspeed import training_args_mismatches
 from ..config.zero_config import ZeroConfig
+from ..core.chained_optimizer import ChainedOptimizer
 from ..core.params import is_peft_model
 from ..engine.optim_state import load_unsharded_optimizer_state
-from ..engine.zero_engine import ZeroEngine, check_available, engine_of
+from ..engine.segments import check_available
+from ..engine.zero_engine import ZeroEngine, engine_of
 from ..hub.model_card import facts_from_trainer, write_card
 from ..hub.pending import PendingWeights
 from ..hub.saving import save_full_weights
 from ..hub.weights import load_pretrained_weights
 from .accelerator import ZeroAccelerator
+from .muon import muon_with_adamw
 from .resume import AUTO, describe_checkpoint, newest_complete_checkpoint
 
 
@@ -60,7 +63,32 @@ class ZeroTrainer(Trainer):
     def __init__(self, *args: Any, zero_config: ZeroConfig | dict | str | None = None, **kwargs: Any) -> None:
         # Set before super().__init__, which builds the accelerator.
         self.zero_config = ZeroConfig.coerce(zero_config)
+        optimizers = kwargs.get("optimizers")
+        if optimizers and isinstance(optimizers[0], (list, tuple)):  # ([muon, adamw], scheduler)
+            kwargs["optimizers"] = (ChainedOptimizer(optimizers[0]), *optimizers[1:])
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with `optimizer_cls_and_kwargs=(torch.optim.Muon, settings)`, Muon
+        with those settings for the hidden matrices and AdamW for the rest (`hf_zero.MuonWithAdamW`),
+        AdamW with the TrainingArguments' learning rate, betas, epsilon and weight decay."""
+        muon = getattr(torch.optim, "Muon", None)
+        if (
+            self.optimizer is None
+            and self.optimizer_cls_and_kwargs
+            and self.optimizer_cls_and_kwargs[0] is muon
+        ):
+            args = self.args
+            adamw = {
+                "adamw_lr": args.learning_rate,
+                "adamw_betas": (args.adam_beta1, args.adam_beta2),
+                "adamw_eps": args.adam_epsilon,
+                "adamw_weight_decay": args.weight_decay,
+            }
+            settings = {**adamw, **self.optimizer_cls_and_kwargs[1]}
+            self.optimizer = muon_with_adamw(self.model if model is None else model, **settings)
+            return self.optimizer
+        return super().create_optimizer(model)
 
     # ---- accelerator -----------------------------------------------------------------------------
 

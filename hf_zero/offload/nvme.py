@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.chained_optimizer import owner_of_group
 from ..core.device import DeviceOps, Event
 from ..core.flat_group import FlatParamGroup
 
@@ -270,6 +271,7 @@ class _Resident:
 def state_keys(optimizer: torch.optim.Optimizer, group: dict) -> list[str]:
     """The per-element optimizer state an NVMe-offloaded param group keeps (the fused kernels'
     optimizers only)."""
+    optimizer = owner_of_group(optimizer, group)
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         return ["exp_avg", "exp_avg_sq"]
     if type(optimizer) is torch.optim.SGD:

@@ -136,6 +136,19 @@ def build_optimizer(
             ],
             lr=3e-3,
         )
+    if kind in ("muon", "muon_sgd"):
+        # Muon for the hidden matrices, AdamW (or SGD, linear) for the rest, chained into one.
+        from ..core.chained_optimizer import ChainedOptimizer
+        from ..integrations.muon import hidden_matrix_names
+
+        hidden = set(hidden_matrix_names(model))
+        rest = [t for n, t in named if n not in hidden]
+        optimizers = [torch.optim.Muon([t for n, t in named if n in hidden], lr=0.02, weight_decay=0.1)]
+        if rest and kind == "muon":  # (a LoRA reference trains adapters only, all of them Muon's)
+            optimizers.append(torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.0))
+        elif rest:
+            optimizers.append(torch.optim.SGD(rest, lr=0.05, momentum=0.9))
+        return ChainedOptimizer(optimizers)
     if kind == "adamw_fused":
         return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05, fused=True)
     if kind == "adam":

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node W -m hf_zero.testing.checkpoint_resume JOBS.json OUT_DIR
 
-Each job (a dict) builds a fresh model and optimizer (two param groups, AdamW) and engine at its
+Each job (a dict) builds a fresh model and optimizer (two param groups, AdamW; `optimizer`: another
+kind of `cases.build_optimizer`, such as Muon with SGD) and engine at its
 `stage` (`precision`, and `bucket` size, so layouts differ even on the same world size), optionally loads the
 checkpoint `resume` and continues from its step, trains up to `steps` steps on global batches of
 `GLOBAL_BATCH` samples split evenly over the ranks, and saves a checkpoint into `save_dir` after
@@ -36,11 +37,12 @@ def run_job(job: dict) -> dict:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = job.get("dropout", 0.0)
-    optimizer = build_optimizer("adamw", list(model.named_parameters()), model)
+    optimizer = build_optimizer(job.get("optimizer", "adamw"), list(model.named_parameters()), model)
     for group in optimizer.param_groups:
-        # GPT-2's attention key bias gets a gradient of pure rounding noise (softmax ignores it),
-        # which Adam with a tiny eps turns into full-size steps that differ between world sizes.
-        group["eps"] = 1e-4
+        if "betas" in group:
+            # GPT-2's attention key bias gets a gradient of pure rounding noise (softmax ignores it),
+            # which Adam with a tiny eps turns into full-size steps that differ between world sizes.
+            group["eps"] = 1e-4
     config = {
         "stage": job["stage"],
         "reduce_bucket_size": job.get("bucket", 4096),

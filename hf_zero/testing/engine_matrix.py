@@ -35,7 +35,8 @@ FULL_GRAD_PARAMS = 2  # the plain loop records hf_zero.full_grad of this many pa
 class CollectiveSpy:
     """Counts the bytes of every collective call that reaches `torch.distributed`, with the ring
     model (a reduce-scatter or all-gather of n elements sends (W-1)/W of them, an all-reduce twice
-    that, a broadcast all of them), from the tensors actually passed."""
+    that, a broadcast all of them; an all-to-all what leaves the rank), from the tensors actually
+    passed."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -59,6 +60,15 @@ class CollectiveSpy:
         hf_dist._all_gather_single = counting(hf_dist._all_gather_single, 1.0, lambda a, k: a[0])
         dist.all_reduce = counting(dist.all_reduce, 2.0, lambda a, k: a[0])
         dist.broadcast = counting(dist.broadcast, "all", lambda a, k: a[0])
+        exchange = dist.all_to_all_single
+
+        def all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=None, **kwargs):
+            if not self.paused:  # every element but those a rank keeps for itself leaves it
+                own = input_split_sizes[dist.get_rank(group)]
+                self.bytes += (input.numel() - own) * input.element_size()
+            return exchange(output, input, output_split_sizes, input_split_sizes, group=group, **kwargs)
+
+        dist.all_to_all_single = all_to_all_single
 
     def take(self) -> int:
         taken, self.bytes = self.bytes, 0
@@ -236,6 +246,10 @@ def run_sharded(case: Case, group=None) -> dict:
             for g in engine.groups
         ],
         "segment_units": [g.unit for g in engine.groups],
+        # Muon: the bytes of this rank's two all-to-alls per step (its pieces out, the result back).
+        "matrix_exchange_bytes": _matrix_exchange_bytes(engine),
+        "muon_segments": sorted(engine.matrix_step.segments) if engine.matrix_step else [],
+        "muon_numel": engine.matrix_step.total_elements if engine.matrix_step else 0,
         # Units gathered again in backward (an input embedding's backward needs no weights).
         "backward_units": engine.gatherer.backward_walk.order if engine.gatherer else [],
         "unit_names": [unit.name for unit in engine.units],
@@ -258,6 +272,16 @@ def run_sharded(case: Case, group=None) -> dict:
     if rank == 0:
         result["weights"] = {k: v.float() for k, v in full.items() if v.is_floating_point()}
     return result
+
+
+def _matrix_exchange_bytes(engine) -> int:
+    plan = engine.matrix_step
+    if plan is None or plan.num_shards == 1:
+        return 0
+    # bf16 both ways: out, this rank's pieces of matrices others own; back, others' pieces of its own.
+    return 2 * (sum(plan.send_counts) - plan.send_counts[plan.rank]) + 2 * (
+        sum(plan.receive_counts) - plan.receive_counts[plan.rank]
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -92,6 +92,19 @@ STAGE3_CASES = [
     Case("gpt2", 3, "fp32", "adamw_fused", steps=4, scenario="resume"),
     Case("llama", 3, "fp32", "adamw", loop="accelerate"),
 ]
+# Muon for the hidden matrices and AdamW for the rest (`matrix_step.py`): every stage, bf16 with
+# accumulation and clipping, LoRA adapters, checkpoint resume, the Accelerate and plain loops.
+# With SGD for the rest, two ranks in fp32 sum gradients exactly as the reference does, so the
+# weights must match bit for bit: Newton–Schulz in bf16 turns any other difference into a visible one.
+MUON_CASES = [Case("llama", stage, "fp32", kind) for stage in STAGES for kind in ("muon", "muon_sgd")] + [
+    Case("llama", 2, "bf16", "muon", accumulation=2, clipping=0.05),
+    Case("gpt2", 3, "bf16", "muon", accumulation=2, clipping=0.05),
+    Case("gpt2-lora", 3, "fp32", "muon"),
+    Case("llama", 2, "fp32", "muon_sgd", steps=4, scenario="resume"),
+    Case("llama", 3, "fp32", "muon_sgd", steps=4, scenario="resume"),
+    Case("llama", 1, "fp32", "muon", loop="accelerate"),
+    Case("llama", 2, "fp32", "muon", accumulation=2, clipping=0.05, loop="plain"),
+]
 HARDENING_CASES = (
     ROUTED_CASES
     + SHARED_LAYER_CASES
@@ -100,6 +113,7 @@ HARDENING_CASES = (
     + ACCUMULATION_CASES
     + USER_PATH_CASES
     + STAGE3_CASES
+    + MUON_CASES
 )
 
 CASES_BY_WORLD = {
@@ -116,6 +130,8 @@ CASES_BY_WORLD = {
         # A unit's fp32 norms and bf16 weights are gathered and reduced as one collective per dtype.
         Case("fp32-norms", 3, "bf16", "adamw_trainer", accumulation=2, clipping=0.05),
         Case("fp32-norms", 2, "bf16", "adamw"),
+        *(Case("gpt2", stage, "fp32", "muon") for stage in (1, 2, 3)),
+        Case("llama", 3, "bf16", "muon", accumulation=2, clipping=0.05),
     ],
     # Four ranks where four matters: shards split four ways (one model, every stage and setting;
     # the other models' core cases run at two ranks and GPT-2's at three) and two groups of two.

@@ -10,7 +10,8 @@ Three models of six layer units each (`Block`), with an embedding and a head in 
   reach experts 0 and 1 only, so experts 2 and 3 get no tokens there;
 - `skip`: rank 1's data skip blocks 2 and 3 altogether.
 Each trains 3 steps of 2 micro-batches at stage 2 and stage 3, with `overlap_comm` on and off, and at
-stage 3 with prefetching on and off, recording every collective (`ZeroEngine.trace_collectives`).
+stage 3 with prefetching on and off, recording every collective (`ZeroEngine.trace_collectives`);
+`last-branch` and `moe` also with Muon for the blocks' matrices (its all-to-alls in the step).
 Rank 0 writes, per case, every rank's trace and where the traces first differ
 (`rules_of_order.first_difference`).
 """
@@ -97,11 +98,18 @@ def _batch(rank: int, step: int, scenario: str) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.tensor([rank % 2])
 
 
-def trace_case(scenario: str, zero: dict) -> list:
-    """This rank's collectives over 3 steps of 2 micro-batches of `scenario` under `zero`."""
+def trace_case(scenario: str, zero: dict, muon: bool = False) -> list:
+    """This rank's collectives over 3 steps of 2 micro-batches of `scenario` under `zero` (with
+    `muon`, Muon for the blocks' weight matrices and AdamW for the rest)."""
     torch.manual_seed(0)
     model = DivergentNet(scenario)
-    engine = hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), zero)
+    if muon:
+        matrices = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+        rest = [p for n, p in model.named_parameters() if not (n.startswith("blocks.") and p.dim() == 2)]
+        optimizer = [torch.optim.Muon(matrices, lr=1e-2), torch.optim.AdamW(rest, lr=1e-2)]
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = hf_zero.initialize(model, optimizer, zero)
     trace = engine.trace_collectives()
     rank = dist.get_rank()
     for step in range(3):
@@ -118,11 +126,16 @@ CASES = {
         scenario,
         {"stage": stage, "precision": "fp32", "overlap_comm": overlap}
         | ({} if prefetch is None else {"prefetch_bytes": prefetch}),
+        False,
     )
     for scenario in ("last-branch", "moe", "skip")
     for stage in (2, 3)
     for overlap in (True, False)
     for prefetch in ((None, 0) if stage == 3 else (None,))
+} | {
+    f"{scenario}-stage{stage}-muon": (scenario, {"stage": stage, "precision": "fp32"}, True)
+    for scenario in ("last-branch", "moe")
+    for stage in (2, 3)
 }
 
 
@@ -130,9 +143,9 @@ def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
     results = {}
-    for name, (scenario, zero) in CASES.items():
+    for name, (scenario, zero, muon) in CASES.items():
         traces: list = [None] * dist.get_world_size()
-        dist.all_gather_object(traces, trace_case(scenario, zero))
+        dist.all_gather_object(traces, trace_case(scenario, zero, muon))
         results[name] = {"traces": traces, "difference": first_difference(traces)}
     if dist.get_rank() == 0:
         with open(out, "w") as file:

@@ -8,7 +8,9 @@ Both see the same global batch per step (the plain run uses a per-device batch `
 larger) of sequences from a Markov chain, so the loss has somewhere to fall. The run trains
 `--steps` optimizer steps with accumulation and clipping, checkpoints halfway (OUT_DIR/run),
 evaluates, predicts and saves the final model to OUT_DIR/final. `--lora` trains a LoRA adapter
-(PEFT) on the frozen model instead, and every save is an adapter folder.
+(PEFT) on the frozen model instead, and every save is an adapter folder. `--muon` trains with Muon
+for the hidden matrices and AdamW for the rest: the plain Trainer through the optimizer factory
+`hf_zero.MuonWithAdamW`, ZeroTrainer through `optimizer_cls_and_kwargs=(torch.optim.Muon, ...)`.
 
 With `--resume`, a ZeroTrainer run then also:
 - resumes from its halfway checkpoint into OUT_DIR/resumed;
@@ -34,6 +36,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from ..cli.data import markov_corpus
 from ..hub.loading import from_pretrained
+from ..integrations.muon import MuonWithAdamW
 from ..integrations.trainer import ZeroTrainer
 from .launch import exit_cleanly
 from .tiny_models import SEQ_LEN, VOCAB, build_model
@@ -43,6 +46,7 @@ ACCUMULATION = 2
 EVAL_SAMPLES = 8
 LEARNING_RATE = {"full": 2e-3, "lora": 3e-2}  # LoRA moves few weights: a larger step shows its progress
 LORA_TARGETS = ["c_attn", "c_fc"]
+MUON = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -151,10 +155,15 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
         **extra,
     )
     kwargs = {}
+    if options.muon and options.mode == "plain":  # AdamW as ZeroTrainer takes it from the arguments
+        adamw = {"adamw_lr": args.learning_rate, "adamw_weight_decay": args.weight_decay}
+        kwargs["optimizer_cls_and_kwargs"] = (MuonWithAdamW, {**MUON, **adamw})
+    elif options.muon:
+        kwargs["optimizer_cls_and_kwargs"] = (torch.optim.Muon, MUON)
     cls = Trainer
     if options.mode == "zero":
         cls = SaveRecordingZeroTrainer
-        kwargs = {"zero_config": {"stage": options.stage, "reduce_bucket_size": 6000}}
+        kwargs["zero_config"] = {"stage": options.stage, "reduce_bucket_size": 6000}
     train, held_out = _datasets(options.steps)
     return cls(
         model=_model(options, args),
@@ -214,6 +223,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--muon", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--from-plain", type=Path)
     parser.add_argument("--from-pretrained", action="store_true")
