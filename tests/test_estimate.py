@@ -70,6 +70,7 @@ def test_estimate_matches_engine(measured, shapes, case):
         seq=SEQ,
         grad_accum=case.grad_accum,
         reduce_dtype=case.reduce_dtype,
+        optimizer=case.optimizer,
     )
     memory = result.memory
     ranks = measured[case.name]
@@ -88,9 +89,16 @@ def test_estimate_matches_engine(measured, shapes, case):
             # rank could hold up a gather its peer waits on), so every bucket is staged until the end
             # of the pass; the estimate is for NCCL, where at most two are in flight.
             assert_close(f"rank {rank} staging", memory.staging, breakdown["peak_staging"])
+        if case.optimizer == "muon":
+            continue  # (below: each rank's share of Muon's all-to-alls follows the matrices it owns)
         for step, (comm, spied) in enumerate(zip(got["comm"], got["spied"], strict=True)):
             assert_close(f"rank {rank} step {step} comm", result.comm.total_bytes, comm)
             assert_close(f"rank {rank} step {step} collectives", result.comm.total_bytes, spied)
+    if case.optimizer == "muon":  # the estimate is the mean over ranks
+        for step in range(len(ranks[0]["comm"])):
+            for key in ("comm", "spied"):
+                mean = sum(got[key][step] for got in ranks) / len(ranks)
+                assert_close(f"mean step {step} {key}", result.comm.total_bytes, mean)
 
 
 # ---- activations -----------------------------------------------------------------------------------
@@ -234,6 +242,25 @@ def test_command_prints_every_stage_and_what_fits(config_dir, capsys, tmp_path):
     rows = table_rows(capsys.readouterr().out, "memory")
     assert rows["0", "none"][7] == "no"
     assert rows["3", "none"][7] in ("yes", "tight")
+
+
+def test_command_with_muon_shows_its_matrices_balance_and_exchange(config_dir, capsys, tmp_path):
+    assert estimate_command([str(config_dir), "--gpus", "3", "--optimizer", "muon"]) == 0
+    out = capsys.readouterr().out
+    shape = model_shape(tiny_config("llama"))
+    assert f"Muon: {len(shape.muon_shapes)} hidden matrices, {shape.muon_parameters:,} parameters" in out
+    assert "Muon + AdamW" in out and "x the mean" in out
+    # No offload rows (Muon runs on the GPU), and its all-to-alls in a column of their own.
+    assert set(table_rows(out, "memory")) == {("0", "none"), ("1", "none"), ("2", "none"), ("3", "none")}
+    communication = table_rows(out, "communication")
+    assert float(communication[("0",)][3]) == 0 and float(communication[("2",)][3]) > 0
+    # One momentum per matrix element instead of AdamW's two.
+    adamw, muon = (
+        estimate(shape, 2, gpus=3, optimizer=kind).memory.optimizer_state for kind in ("adamw", "muon")
+    )
+    assert adamw - muon == 4 * shape.muon_parameters // 3
+    with pytest.raises(ValueError, match="no optimizer offload"):
+        estimate(shape, 2, "optimizer", gpus=3, optimizer="muon")
 
 
 def test_command_shows_what_going_multi_node_costs(config_dir, capsys):

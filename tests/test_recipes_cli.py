@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_zero.cli import main
-from hf_zero.cli.recipes import Recipe
+from hf_zero.cli.recipes import Recipe, muon_settings, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
@@ -82,11 +82,25 @@ def test_shipped_recipe_loads_and_overrides_apply():
             r"training.max_stepz is not a transformers.TrainingArguments field; did you mean 'max_steps'",
         ),
         (["zero.offload_optimizer=nvme", "zero.nvme_path=/no/such/folder"], "is not an existing folder"),
+        (
+            ["training.optim=muon", "training.optim_args=lr=0.02,betas=0.9"],
+            r"training.optim_args has 'betas=0.9'; Muon's settings are lr=..., momentum=...",
+        ),
     ],
 )
 def test_bad_overrides_are_named(overrides, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         Recipe.load(RECIPE, overrides)
+
+
+def test_muon_settings_come_from_optim_args():
+    recipe = Recipe.load(
+        RECIPE, ["training.optim=muon", "training.optim_args=lr=0.05, ns_steps=4,nesterov=false"]
+    )
+    assert muon_settings(recipe.training) == {"lr": 0.05, "ns_steps": 4, "nesterov": False}
+    arguments = training_arguments(recipe, "gpt2")  # the Trainer never sees the name it lacks
+    assert "optim" not in arguments and "optim_args" not in arguments
+    assert muon_settings(Recipe.load(RECIPE).training) is None
 
 
 def test_recipe_structure_errors(tmp_path):
@@ -270,9 +284,12 @@ def test_llama_sft_recipe_fine_tunes_a_pretrained_folder(tmp_path):
         ROOT / "recipes" / "llama-sft.yaml", f"training.output_dir={out}", f"model.pretrained={base}",
         "data.source=files", f"data.train_files={data}", f"data.eval_files={data}", "data.max_eval_samples=64",
         "training.max_steps=24", "training.logging_steps=8", "training.eval_steps=12", "training.warmup_steps=2",
+        # Muon for the hidden matrices (at stage 3), AdamW with the recipe's learning rate for the rest.
+        "training.optim=muon", "training.optim_args=lr=0.02,momentum=0.95,weight_decay=0.01",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"hf-zero train: {base} (" in result.stdout  # the summary names the checkpoint
+    assert "Muon for the hidden matrices and AdamW for the rest" in result.stdout
     final = _check_outputs(out, result.stdout, "response_accuracy")
     # The answers follow a few templates: learnt quickly (an untrained model scores ~1/600).
     first = _logged(result.stdout, " eval")[0][1]

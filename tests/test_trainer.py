@@ -234,7 +234,7 @@ def plain_muon(tmp_path_factory):
 def zero_muon(tmp_path_factory):
     """ZeroTrainer at stage 3 with `optimizer_cls_and_kwargs=(torch.optim.Muon, ...)`, and resuming."""
     out = tmp_path_factory.mktemp("zero_muon")
-    return out, _zero(out, "--muon", "--stage", "3", "--resume")
+    return out, _zero(out, "--muon", "--stage", "3", "--resume-same")
 
 
 def test_zero_trainer_with_muon_tracks_the_plain_trainer(plain_muon, zero_muon):

@@ -11,7 +11,9 @@ A recipe has four sections:
                kernels: liger, kernel_config: {...}}     # optional: Liger-Kernel's Triton kernels
     data:     {source: generated | files | hub | markov, sequence_length: ..., ...}
               # see hf_zero.cli.recipe_data for each source's fields
-    training: {...}   # transformers.TrainingArguments fields
+    training: {...}   # transformers.TrainingArguments fields; `optim: muon` (with Muon's settings
+                      #   in `optim_args: "lr=0.02,momentum=0.95"`) trains the hidden matrices with
+                      #   torch.optim.Muon and the rest with AdamW (learning_rate, adam_*, weight_decay)
     zero:     {...}   # hf_zero.ZeroConfig fields
 
 `key=value` overrides address any leaf by its dotted path (`training.max_steps=50`,
@@ -123,6 +125,7 @@ class Recipe:
         if "output_dir" not in self.training:
             raise ValueError(f"recipe {where}: training.output_dir is required")
         _check_training_fields(self.training, where)
+        muon_settings(self.training, where)
         config = _check_model_config(self.model, where)
         _check_task(config.model_type, self.task, where)
         spec = tokenizer_spec(self.model)
@@ -145,6 +148,39 @@ class Recipe:
     def command(self, processes: int) -> str:
         """The `hf-zero train` command line that runs this recipe."""
         return " ".join(["hf-zero train", self.path, "--nproc", str(processes), *self.overrides])
+
+
+# Muon's settings a recipe may give in `training.optim_args`, with the type each is read as.
+MUON_SETTINGS = {
+    "lr": float,
+    "momentum": float,
+    "weight_decay": float,
+    "nesterov": bool,
+    "ns_steps": int,
+    "eps": float,
+}
+
+
+def muon_settings(training: dict[str, Any], where: str = "") -> dict[str, Any] | None:
+    """`training.optim: muon`: Muon's settings from `training.optim_args` ("lr=0.02,momentum=0.95");
+    None for any other optimizer (the Trainer's own `optim` choices)."""
+    if training.get("optim") != "muon":
+        return None
+    if getattr(torch.optim, "Muon", None) is None:
+        raise ValueError(f"recipe {where}: training.optim=muon needs torch.optim.Muon (torch >= 2.9)")
+    settings: dict[str, Any] = {}
+    text = training.get("optim_args") or ""
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        key, _, value = item.partition("=")
+        kind = MUON_SETTINGS.get(key.strip())
+        if kind is None or not value:
+            raise ValueError(
+                f"recipe {where}: training.optim_args has {item!r}; Muon's settings are "
+                f"{', '.join(f'{name}=...' for name in MUON_SETTINGS)} (comma-separated)"
+            )
+        value = value.strip()
+        settings[key.strip()] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return settings
 
 
 def _check_training_fields(training: dict[str, Any], where: str) -> None:
@@ -355,6 +391,9 @@ def training_arguments(recipe: Recipe, model_type: str) -> dict[str, Any]:
     from .run_report import interactive_output
 
     training = dict(recipe.training)
+    if muon_settings(training) is not None:  # not one of the Trainer's own `optim` names: ours
+        del training["optim"]
+        training.pop("optim_args", None)
     training.setdefault("disable_tqdm", not interactive_output())
     if torch.cuda.is_available():
         # Precision "auto" follows the Trainer: use bf16 where the GPU has it, unless the recipe says.
@@ -435,6 +474,8 @@ def describe_run(recipe: Recipe, config, args) -> str:
     if precision == "auto":
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     offload = "" if zero.offload_optimizer == "none" else f", optimizer offload to {zero.offload_optimizer}"
+    if recipe.training.get("optim") == "muon":
+        offload += ", Muon for the hidden matrices and AdamW for the rest"
     name = recipe.model.get("pretrained") or recipe.model["architecture"]
     if "pretrained" in recipe.model and recipe.model.get("config"):
         name += " (its own config: model.config is for building a model)"
@@ -504,6 +545,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
     if main:  # said once the model exists: its size counts the vocabulary the tokenizer reached
         print(f"hf-zero train: {describe_run(recipe, model.config, args)}", flush=True)
     evaluating = data.evaluation is not None
+    muon = muon_settings(recipe.training)
     trainer = ZeroTrainer(
         model=model,
         args=args,
@@ -514,6 +556,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         compute_metrics=metrics_for(recipe.task) if evaluating else None,
         preprocess_logits_for_metrics=logits_for_metrics(recipe.task) if evaluating else None,
         zero_config=recipe.zero,
+        optimizer_cls_and_kwargs=(torch.optim.Muon, muon) if muon is not None else None,
     )
     logging = install_step_logging(trainer)
     # As in the Trainer's example scripts: a checkpoint folder, or true for the output folder's last

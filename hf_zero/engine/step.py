@@ -54,11 +54,10 @@ class OptimizerStep:
 
     def _plan_matrix_step(self, optimizer: torch.optim.Optimizer) -> MatrixStep | None:
         """The Muon update of the segments of Muon's param groups (None: there are none)."""
-        segments = {
+        segments = {  # (an empty group's empty segment too: torch's Muon must never see a flat shard)
             g: group
             for g, group in enumerate(self.groups)
-            if group.params
-            and is_muon(owner_of_group(optimizer, optimizer.param_groups[group.optimizer_group]))
+            if is_muon(owner_of_group(optimizer, optimizer.param_groups[group.optimizer_group]))
         }
         if not segments:
             return None

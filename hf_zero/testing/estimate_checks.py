@@ -49,6 +49,7 @@ class Case:
     precision: str = "bf16"
     grad_accum: int = 1
     reduce_dtype: str = "auto"
+    optimizer: str = "adamw"  # "muon": Muon for the hidden matrices, AdamW for the rest
 
     @property
     def name(self) -> str:
@@ -58,7 +59,11 @@ class Case:
             else ""
         )
         reduce = "-reduce_fp32" if self.reduce_dtype == "fp32" else ""
-        return f"{self.world}ranks-{self.model}-stage{self.stage}-{self.precision}-acc{self.grad_accum}{offload}{reduce}"
+        muon = "-muon" if self.optimizer == "muon" else ""
+        return (
+            f"{self.world}ranks-{self.model}-stage{self.stage}-{self.precision}-acc{self.grad_accum}"
+            f"{offload}{reduce}{muon}"
+        )
 
     @property
     def offload(self) -> str:
@@ -77,6 +82,8 @@ CASES = [
     Case(3, "llama", 1, precision="fp16", offload_optimizer="cpu"),
     Case(2, "llama", 2, reduce_dtype="fp32"),  # fp32 gradients, staging and reduce-scatters
     Case(2, "llama", 3, reduce_dtype="fp32"),
+    Case(2, "llama", 2, optimizer="muon"),  # one momentum per matrix element, two all-to-alls
+    Case(3, "llama", 3, optimizer="muon"),
 ]
 
 
@@ -86,7 +93,10 @@ def _train(case: Case, group) -> dict:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(case.model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if case.optimizer == "muon":
+        optimizer = hf_zero.muon_with_adamw(model, lr=0.02, adamw_lr=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     config = {
         "stage": case.stage,
         "precision": case.precision,

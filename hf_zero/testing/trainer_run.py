@@ -17,7 +17,7 @@ With `--resume`, a ZeroTrainer run then also:
 - tries to resume from a copy of that checkpoint stripped of its optimizer and scheduler files,
   which must be refused (the error goes into the report);
 - trains with `load_best_model_at_end` (the first checkpoint being the best) into OUT_DIR/best_final.
-With `--from-plain CKPT`, a ZeroTrainer resumes from a plain Trainer's checkpoint into
+`--resume-same` runs the first of these only. With `--from-plain CKPT`, a ZeroTrainer resumes from a plain Trainer's checkpoint into
 OUT_DIR/from_plain. With `--from-pretrained`, the model is the same GPT-2, saved to
 OUT_DIR/pretrained and loaded with `hf_zero.from_pretrained` for the run's ZeRO stage (at stage 3
 each rank reads only its shard of it). Rank 0 writes OUT_DIR/report.json.
@@ -225,6 +225,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--muon", action="store_true")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--resume-same",
+        action="store_true",
+        help="of --resume's checks, only the resume into OUT_DIR/resumed",
+    )
     parser.add_argument("--from-plain", type=Path)
     parser.add_argument("--from-pretrained", action="store_true")
     parser.add_argument(
@@ -232,7 +237,11 @@ def main() -> None:
     )
     options = parser.parse_args()
     if options.mode == "plain" and (
-        options.resume or options.from_plain or options.from_pretrained or options.resume_elsewhere
+        options.resume
+        or options.resume_same
+        or options.from_plain
+        or options.from_pretrained
+        or options.resume_elsewhere
     ):
         parser.error(
             "--resume, --from-plain and --from-pretrained are checks of ZeroTrainer runs (mode zero)"
@@ -257,6 +266,8 @@ def main() -> None:
     if options.mode == "zero":
         report["copied_for_save"] = trainer.copied_for_save
     halfway = options.out / "run" / f"checkpoint-{options.steps // 2}"
+    if options.resume_same:
+        report["resumed"] = _resume(options, "resumed", halfway)
     if options.resume:
         report["resumed"] = _resume(options, "resumed", halfway)
         other_stage = argparse.Namespace(**{**vars(options), "stage": 1 if options.stage == 3 else 3})

@@ -8,7 +8,7 @@ import math
 import re
 import sys
 
-from .formulas import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, PRECISION_BYTES, estimate_all
+from .formulas import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, OPTIMIZERS, PRECISION_BYTES, estimate_all
 from .report import format_report
 from .shape import EstimateError, load_config, model_shape
 
@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Estimate, for every ZeRO stage (0-3) and offload choice, the memory per GPU and per node and\n"
             "the communication per optimizer step, and which combinations fit the GPU. Every parameter is\n"
-            "trained with AdamW (two fp32 states per element); only the config is read, no weights."
+            "trained with AdamW (two fp32 states per element), or with --optimizer muon the hidden\n"
+            "matrices with Muon (one); only the config is read, no weights."
         ),
         epilog=(
             "Sizes: GB = 10^9 bytes, GiB = 2^30 (a bare number is GB); the tables print GiB or MiB.\n"
@@ -132,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision", choices=list(PRECISION_BYTES), default="bf16", help="compute precision (default bf16)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        default="adamw",
+        help="adamw (default), or muon: torch.optim.Muon for the hidden matrices and AdamW for the rest",
     )
     parser.add_argument(
         "--checkpointing",
@@ -187,6 +194,7 @@ def estimate_command(argv: list[str]) -> int:
             checkpointing=options.checkpointing,
             intra_gbps=options.intra_gbps,
             inter_gbps=options.inter_gbps,
+            optimizer=options.optimizer,
         )
     except (EstimateError, ValueError) as error:
         print(f"hf-zero estimate: {error}", file=sys.stderr)

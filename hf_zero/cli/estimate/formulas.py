@@ -77,6 +77,8 @@ OFFLOAD_LABELS = {"none": "none", "optimizer": "opt->cpu", "optimizer+params": "
 DEFAULT_INTRA_GBPS = 2400.0
 DEFAULT_INTER_GBPS = 100.0
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, shaped like the master shard
+# "muon": torch.optim.Muon for the hidden matrices (one fp32 momentum per element), AdamW for the rest.
+OPTIMIZERS = ("adamw", "muon")
 # The default prefetch budget holds one layer unit ahead, and at least MIN_PREFETCH_BYTES: a stage-3
 # rank may hold the layer running and that much ahead (in backward a layer is released before the
 # next starts).
@@ -106,6 +108,12 @@ class ModelShape:
     vocab_size: int
     name: str = "model"
     input_embedding: int = 0  # parameters of the untied input embedding's unit (gathered in forward only)
+    muon_shapes: tuple[tuple[int, int], ...] = ()  # the hidden 2-D weights Muon would take
+
+    @property
+    def muon_parameters(self) -> int:
+        """Elements of the hidden matrices (`hf_zero.integrations.muon.hidden_matrix_names`)."""
+        return sum(rows * cols for rows, cols in self.muon_shapes)
 
     @property
     def largest_unit(self) -> int:
@@ -164,10 +172,11 @@ class CommEstimate:
     gather_bytes: int  # parameter all-gathers (after the step, or stage 3's gathers)
     intra_seconds: float | None  # over the GPU's own link (None: one GPU per node)
     inter_seconds: float | None  # through the node's network (None: one node)
+    exchange_bytes: int = 0  # Muon: the all-to-alls to each matrix's owner and back
 
     @property
     def total_bytes(self) -> int:
-        return self.reduce_bytes + self.gather_bytes
+        return self.reduce_bytes + self.gather_bytes + self.exchange_bytes
 
     @property
     def seconds(self) -> float:
@@ -238,6 +247,7 @@ def estimate(
     reduce_dtype: str = ZeroConfig.reduce_dtype,
     offload_chunk_size: int = ZeroConfig.offload_chunk_size,
     optimizer_states: int = ADAM_STATES,
+    optimizer: str = "adamw",
 ) -> Estimate:
     """Memory per GPU and communication per optimizer step of training `shape` at ZeRO `stage` with
     `offload` ("none", "optimizer", "optimizer+params") on `nodes` nodes of `gpus` GPUs each.
@@ -245,10 +255,16 @@ def estimate(
     `batch` x `seq` is the micro-batch per GPU and `grad_accum` the micro-batches per optimizer step;
     `intra_gbps` is each GPU's link inside a node and `inter_gbps` each node's network, in Gbit/s.
     Every parameter is trained, in one param group, with an optimizer keeping `optimizer_states`
-    fp32 tensors per element (2: Adam, AdamW). The formulas are in the module docstring. Raises
+    fp32 tensors per element (2: Adam, AdamW); `optimizer="muon"` trains the hidden matrices with
+    Muon instead (one momentum per element, plus two bf16 all-to-alls of them per step between
+    stages 1-3's shards and each matrix's owner). The formulas are in the module docstring. Raises
     `ValueError` for a combination the engine refuses or a value out of range.
     """
     _check_choices(stage, offload, precision)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if optimizer == "muon" and offload != "none":
+        raise ValueError("Muon runs on the GPU with hf_zero: no optimizer offload")
     for name, value in (("gpus", gpus), ("nodes", nodes), ("batch", batch), ("seq", seq)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -273,7 +289,8 @@ def estimate(
     fp32_weights_are_masters = precision == "fp32" and stage in (0, 3)
     masters = 0 if offloaded or fp32_weights_are_masters else 4 * P // shards
     gradients = g * P // world if scatters_in_backward else g * P
-    optimizer_state = 0 if offloaded else 4 * optimizer_states * P // shards
+    M = shape.muon_parameters if optimizer == "muon" else 0
+    optimizer_state = 0 if offloaded else 4 * (optimizer_states * (P - M) + M) // shards
     staging = 0
     if scatters_in_backward and stage == 2:
         # One segment spanning the layers: its buckets follow reduce_bucket_size alone.
@@ -320,22 +337,26 @@ def estimate(
     else:
         E = shape.input_embedding
         reduce, gather = grad_accum * r * P * share, grad_accum * b * (2 * P - R - E) * share
-    total = reduce + gather
+    # Muon: each GPU sends its (W-1)/W share of the pieces of others' matrices in its shard, and back
+    # those of its own matrices in others' shards: 2 bytes each way (stage 0 holds whole matrices).
+    exchange = 2 * 2 * M * share / world if stage >= 1 else 0.0
+    total = reduce + gather + exchange
     # Gbit/s -> bytes/s.
     intra = total / (intra_gbps * 1e9 / 8) if gpus > 1 else None
     inter = total / (inter_gbps * 1e9 / 8) if nodes > 1 else None
-    comm = CommEstimate(round(reduce), round(gather), intra, inter)
+    comm = CommEstimate(round(reduce), round(gather), intra, inter, round(exchange))
     return Estimate(stage, offload, world, gpus, memory, comm)
 
 
 def estimate_all(shape: ModelShape, **options: Any) -> list[Estimate]:
     """`estimate` for every stage (0-3) and offload choice the engine accepts (parameter offload at
     stage 3 only), in that order; `options` are `estimate`'s keyword arguments."""
+    muon = options.get("optimizer") == "muon"  # (Muon refuses optimizer offload)
     return [
         estimate(shape, stage, offload, **options)
         for stage in range(4)
         for offload in OFFLOAD_CHOICES
-        if offload != "optimizer+params" or stage == 3
+        if (offload != "optimizer+params" or stage == 3) and not (muon and offload != "none")
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ...core.owners import balance_owners, newton_schulz_cost, owner_spread
 from .formulas import OFFLOAD_LABELS, PRECISION_BYTES, Estimate, ModelShape
 
 
@@ -45,16 +46,20 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     world = first.world_size
     b = PRECISION_BYTES[options.precision]
     units = len(shape.unit_parameters)
+    muon = getattr(options, "optimizer", "adamw") == "muon"
     weights_name, weights_size = _unit_for(shape.parameters * b)
     lines = [
         f"{shape.name}: {shape.parameters:,} parameters ({shape.parameters * b / weights_size:.2f} {weights_name} in "
         f"{options.precision}); root unit {shape.root_parameters:,} (final norm, tied weights), "
         f"{units} unit(s) of up to {shape.largest_unit:,} (layers, untied input embedding and head)",
-        f"{options.nodes} node(s) x {options.gpus} GPU(s) = {world} rank(s); {options.precision}; AdamW; "
+        f"{options.nodes} node(s) x {options.gpus} GPU(s) = {world} rank(s); {options.precision}; "
+        f"{'Muon + AdamW' if muon else 'AdamW'}; "
         f"micro-batch {options.batch} x {options.seq} tokens per GPU, {options.grad_accum} per step"
         + ("; activation checkpointing" if options.checkpointing else ""),
-        "",
     ]
+    if muon:
+        lines.append(_muon_line(shape, world))
+    lines.append("")
     name, size = _unit_for(max(max(e.memory.device_total, e.host_per_node) for e in estimates))
 
     def show(value: int) -> str:
@@ -91,7 +96,7 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     lines.append(
         "transient: gradient buckets staged for their reduce-scatter (stages 2-3), units gathered (stage 3)"
     )
-    lines.append(_snapshot_line(shape, world))
+    lines.append(_snapshot_line(shape, world, muon))
     lines.append("")
 
     per_stage = {e.stage: e.comm for e in estimates}  # offload moves no collective
@@ -101,7 +106,8 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
         f"Communication per GPU per optimizer step in {comm_name} (intra-node {options.intra_gbps:g} Gb/s "
         f"per GPU{inter})"
     )
-    header = ["stage", "collectives", "reduce", "gather", "total", "intra-node", "inter-node", "time"]
+    header = ["stage", "collectives", "reduce", "gather", *(["muon a2a"] if muon else []), "total"]
+    header += ["intra-node", "inter-node", "time"]
     collectives = {
         0: "all-reduce grads",
         1: "reduce-scatter + all-gather",
@@ -114,6 +120,7 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
             collectives[stage],
             f"{c.reduce_bytes / comm_size:.2f}",
             f"{c.gather_bytes / comm_size:.2f}",
+            *([f"{c.exchange_bytes / comm_size:.2f}"] if muon else []),
             f"{c.total_bytes / comm_size:.2f}",
             _seconds(c.intra_seconds),
             _seconds(c.inter_seconds),
@@ -134,10 +141,20 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
     return "\n".join(lines)
 
 
-def _snapshot_line(shape: ModelShape, world: int) -> str:
+def _muon_line(shape: ModelShape, world: int) -> str:
+    """What Muon takes and how evenly its owners share the Newton–Schulz work."""
+    costs = [newton_schulz_cost(s) for s in shape.muon_shapes]
+    spread = owner_spread(costs, balance_owners(costs, world), world) if costs else 1.0
+    return (
+        f"Muon: {len(costs)} hidden matrices, {shape.muon_parameters:,} parameters (one fp32 momentum each, "
+        f"sharded); Newton-Schulz work of the most loaded of {world} rank(s) {spread:.3f}x the mean"
+    )
+
+
+def _snapshot_line(shape: ModelShape, world: int, muon: bool = False) -> str:
     """The host memory of `async_checkpoints`: each rank's part of the checkpoint (fp32 master and
-    AdamW's two moments, 12 bytes per parameter it owns), held from the first save on."""
-    whole = 12 * shape.parameters
+    AdamW's two moments, 12 bytes per parameter it owns; Muon's matrices 8), held from the first save on."""
+    whole = 12 * shape.parameters - (4 * shape.muon_parameters if muon else 0)
     name, size = _unit_for(whole)
     return (
         f"async_checkpoints: the host also holds each rank's checkpoint part, {whole / world / size:.2f} {name} "

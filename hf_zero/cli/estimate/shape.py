@@ -109,6 +109,7 @@ def model_shape(config: Any) -> ModelShape:
     from torch import nn
 
     from ...core.units import find_units
+    from ...integrations.muon import hidden_matrix_names
 
     model = _meta_model(config)
     params = list(model.parameters())  # each tensor once, however often it is tied
@@ -142,4 +143,5 @@ def model_shape(config: Any) -> ModelShape:
         input_embedding=sum(
             p.numel() for unit in units[1:] if isinstance(unit.module, nn.Embedding) for p in unit.params
         ),
+        muon_shapes=tuple(tuple(model.get_parameter(name).shape) for name in hidden_matrix_names(model)),
     )
