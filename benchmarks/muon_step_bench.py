@@ -26,7 +26,13 @@ import hf_zero
 def _model(layers: int, width: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=layers, n_embd=width, n_head=8, vocab_size=4096, n_positions=256, bos_token_id=0, eos_token_id=0
+        n_layer=layers,
+        n_embd=width,
+        n_head=8,
+        vocab_size=4096,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return AutoModelForCausalLM.from_config(config)
 

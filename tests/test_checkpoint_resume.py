@@ -35,6 +35,7 @@ LAUNCHES = [
             {"name": "s2_to_s3", "stage": 3, "resume": "w2s2"},
             {"name": "s3_to_s1", "stage": 1, "resume": "w2s3"},
             {"name": "w2s2_muon", "stage": 2, "optimizer": "muon_sgd", "save": "w2s2_muon"},
+            {"name": "w2s3_adafactor", "stage": 3, "optimizer": "adafactor", "save": "w2s3_adafactor"},
         ],
     ),
     (
@@ -48,6 +49,12 @@ LAUNCHES = [
             {"name": "w4s3_save", "stage": 3, "save": "w4s3", "steps": SAVE_AT},
             {"name": "w4s3_muon", "stage": 3, "optimizer": "muon_sgd"},
             {"name": "w2s2_to_w4s3_muon", "stage": 3, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
+            {
+                "name": "w2s3_to_w4s2_adafactor",
+                "stage": 2,
+                "optimizer": "adafactor",
+                "resume": "w2s3_adafactor",
+            },
         ],
     ),
     (
@@ -58,6 +65,7 @@ LAUNCHES = [
             {"name": "exact_s2_dropout", "stage": 2, "dropout": 0.1, "resume": "w2s2_dropout"},
             {"name": "w4_to_w2", "stage": 1, "resume": "w4s1"},
             {"name": "exact_s2_muon", "stage": 2, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
+            {"name": "exact_s3_adafactor", "stage": 3, "optimizer": "adafactor", "resume": "w2s3_adafactor"},
         ],
     ),
     (
@@ -69,6 +77,12 @@ LAUNCHES = [
             {"name": "w2s3_to_w1s0", "stage": 0, "resume": "w2s3"},
             {"name": "w1s0_muon", "stage": 0, "optimizer": "muon_sgd"},
             {"name": "w2s2_to_w1s0_muon", "stage": 0, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
+            {
+                "name": "w2s3_to_w1s1_adafactor",
+                "stage": 1,
+                "optimizer": "adafactor",
+                "resume": "w2s3_adafactor",
+            },
         ],
     ),
 ]
@@ -116,6 +130,7 @@ def test_the_steps_after_the_checkpoint_move_the_weights_far_beyond_the_toleranc
         ("exact_s3", "w2s3"),
         ("exact_s2_dropout", "w2s2_dropout"),
         ("exact_s2_muon", "w2s2_muon"),  # Muon's momentum, by element
+        ("exact_s3_adafactor", "w2s3_adafactor"),  # Adafactor's state, whole at each owner
     ],
 )
 def test_same_layout_resume_is_bit_identical(runs, resumed, uninterrupted):
@@ -166,6 +181,7 @@ def test_a_resume_on_another_layout_says_once_what_was_resharded(runs, root):
         "hf_zero: resharded w2s1: saved by 2 processes at stage 1, loaded into 1 process at stage 1",
         "hf_zero: resharded w2s3: saved by 2 processes at stage 3, loaded into 1 process at stage 0",
         "hf_zero: resharded w2s2_muon: saved by 2 processes at stage 2, loaded into 1 process at stage 0",
+        "hf_zero: resharded w2s3_adafactor: saved by 2 processes at stage 3, loaded into 1 process at stage 1",
     ]
 
 
@@ -210,6 +226,20 @@ def test_merge_of_a_four_rank_checkpoint_equals_full_state_dict(runs, root, tmp_
     batch = make_samples("gpt2", 2)["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(batch).logits, reference(batch).logits)
+
+
+@pytest.mark.parametrize("resumed", ["w2s3_to_w4s2_adafactor", "w2s3_to_w1s1_adafactor"])
+def test_state_kept_whole_at_owners_resumes_on_another_number_of_ranks(runs, resumed):
+    """Adafactor's factored moments, saved whole by each of 2 ranks for the parameters it owned, are
+    read by the new owners on 4 ranks and on 1 (other owners for most parameters): the run continues
+    as on the 2 ranks that saved it, to fp32 reduction-order rounding."""
+    resume, full = runs[resumed], runs["w2s3_adafactor"]
+    assert resume["start"] == SAVE_AT
+    torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-6, atol=1e-6)
+    names = list(full["weights"])
+    moved = torch.cat([(full["weights"][n] - full["saved_weights"][n]).flatten() for n in names])
+    diff = torch.cat([(resume["weights"][n] - full["weights"][n]).flatten() for n in names])
+    assert diff.norm() < 1e-4 * moved.norm(), (diff.norm() / moved.norm()).item()
 
 
 @pytest.mark.parametrize("resumed", ["w2s2_to_w4s3_muon", "w2s2_to_w1s0_muon"])

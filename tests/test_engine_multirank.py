@@ -28,10 +28,11 @@ STATE_TENSORS = {
     "adagrad": 1,
     "muon": 2,  # AdamW's, for the rest; Muon's segments hold one (`muon_segments`)
     "muon_sgd": 1,
+    "adafactor": 0,  # kept whole at the owners (`whole_state_bytes`)
 }
 # Linear in the gradient: the weights must match elementwise. Muon with SGD: two fp32 ranks sum
 # gradients exactly as the reference does, and the rest of Muon's step is elementwise or whole-matrix.
-EXACT = ("sgd", "muon_sgd")
+EXACT = ("sgd", "muon_sgd", "adafactor")
 
 
 @functools.cache
@@ -235,6 +236,7 @@ def expected_memory(case: Case, world: int, got: dict) -> dict[str, int]:
         memory["gradients"] += (shard if sharded_grads else numel) * (4 if accumulating else size)
         state_tensors = 1 if index in got["muon_segments"] else STATE_TENSORS[case.optimizer]
         memory["optimizer_state"] += state_tensors * shard * 4
+    memory["optimizer_state"] += got["whole_state_bytes"]
     return memory
 
 

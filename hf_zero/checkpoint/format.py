@@ -50,6 +50,10 @@ def rank_file_name(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
+# Optimizer state kept whole at a parameter's owner is filed under this prefix (`records.whole_state`).
+WHOLE_STATE = "whole/"
+
+
 def state_key(name: str, key: str) -> str:
     """The key, in a rank's file, of optimizer state `key` of tensor `name` ("" for the values)."""
     return f"{name}{STATE_SEPARATOR}{key}" if key else name

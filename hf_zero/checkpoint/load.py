@@ -20,11 +20,13 @@ import torch
 from ..core.chained_optimizer import optimizer_class_name
 from .format import (
     TRAINER_SUBFOLDER,
+    WHOLE_STATE,
     CheckpointError,
     check_files,
     checksum_mismatch,
     dtype_of,
     read_manifest,
+    state_key,
 )
 from .reader import SpanReader
 from .records import names_by_tensor
@@ -70,6 +72,7 @@ def load_checkpoint(
             for tensor, record in _whole_tensors(engine, records):
                 tensor.data.copy_(reader.read_whole(record))
             _load_optimizer_state(engine, reader, records, manifest["optimizer"]["param_groups"])
+            _load_whole_state(engine, reader, records)
             engine.publish_masters()
     finally:
         reader.close()
@@ -227,6 +230,34 @@ def _load_optimizer_state(
         hyperparameters = {key: decode_value(value, group.get(key)) for key, value in saved.items()}
         groups.append({**hyperparameters, "params": positions})
     engine.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_whole_state(engine: EngineView, reader: SpanReader, records: dict[int, dict[str, Any]]) -> None:
+    """The optimizer state kept whole at each parameter's owner (`whole_step.py`): this rank reads
+    that of the parameters it owns now, from the file of the rank that owned them when saved."""
+    plan = engine.whole_step
+    if plan is None:
+        return
+    plan.states.clear()
+    for g, segment in plan.segments.items():
+        for slot, param in enumerate(segment.params):
+            record = records.get(id(param))
+            saved = record.get("whole_state") if record is not None else None
+            if saved is None or plan.owner_of(g, slot) != plan.rank:
+                continue
+            state: dict[str, Any] = {}
+            for key, (shape, dtype) in saved["tensors"].items():
+                values = reader.read_entry(saved["rank"], state_key(record["name"], WHOLE_STATE + key))
+                if values.dtype != dtype_of(dtype) or values.numel() != torch.Size(shape).numel():
+                    raise CheckpointError(
+                        f"the optimizer state {key!r} of {record['name']!r} in rank {saved['rank']}'s file is not the "
+                        f"{dtype} tensor of shape {shape} the manifest records: the file does not belong to it"
+                    )
+                # (a 0-dim count, such as a step, stays on the host as the optimizer keeps it)
+                device = segment.master.device if len(shape) else values.device
+                state[key] = values.view(shape).to(device)
+            state.update({key: decode_value(value, None) for key, value in saved["values"].items()})
+            plan.set_state(g, slot, state)
 
 
 def _segment_state(reader: SpanReader, segment: FlatParamGroup, records: list[dict]) -> dict[str, Any]:

@@ -81,6 +81,11 @@ class SpanReader:
             return pieces[0][1]
         return torch.cat([piece for _, piece in pieces])
 
+    def read_entry(self, rank: int, key: str) -> torch.Tensor:
+        """All elements of tensor `key` of rank `rank`'s file, flat, in the dtype they were saved in."""
+        entry = self._entry(rank, key)
+        return self._ranges.read(entry, 0, entry.numel)
+
     def read_whole(self, record: dict[str, Any], key: str = "") -> torch.Tensor:
         """The complete tensor `record` describes, shaped as it was saved."""
         shape = torch.Size(record["shape"])

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .format import dtype_name, state_key
+from .format import WHOLE_STATE, dtype_name, state_key
 
 if TYPE_CHECKING:
     from ..core.engine_view import EngineView
@@ -54,6 +54,34 @@ def encode_value(value: Any, what: str) -> Any:
         f"{what} is a {type(value).__name__}, which an hf_zero checkpoint cannot record (numbers, strings, "
         "lists and one-element tensors only)"
     )
+
+
+def whole_state(engine: EngineView) -> tuple[dict[str, dict[str, Any]], list[tuple]]:
+    """The optimizer state this rank keeps whole for the parameters it owns (`whole_step.py`):
+    what rank 0 records of it by tensor name (the rank holding it, each tensor's shape and dtype,
+    the other values), and the tensors this rank writes, as `describe`'s triples. At stage 0 every
+    rank holds all of it and rank 0 writes it."""
+    plan = engine.whole_step
+    described: dict[str, dict[str, Any]] = {}
+    writes: list[tuple] = []
+    if plan is None or (plan.num_shards == 1 and engine.rank != 0):
+        return described, writes
+    names = {id(tensor): names[0] for tensor, names in names_by_tensor(engine.module).values()}
+    for g, segment in plan.segments.items():
+        for slot, param in enumerate(segment.params):
+            state = plan.state_of(g, slot)
+            if not state:
+                continue
+            entry: dict[str, Any] = {"rank": engine.rank, "tensors": {}, "values": {}}
+            record = {"name": names[id(param)]}
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    entry["tensors"][key] = [list(value.shape), dtype_name(value.dtype)]
+                    writes.append((record, value.reshape(-1), WHOLE_STATE + key))
+                else:
+                    entry["values"][key] = encode_value(value, f"optimizer state {key!r}")
+            described[record["name"]] = entry
+    return described, writes
 
 
 def describe(engine: EngineView, include_frozen: bool) -> tuple[list[dict[str, Any]], list[tuple]]:

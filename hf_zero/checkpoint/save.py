@@ -29,7 +29,7 @@ from ..core.watchdog import launcher_store
 from ..version import __version__
 from .background import BackgroundSaves, StoreExchange
 from .format import FORMAT, FORMAT_VERSION, MANIFEST, is_checkpoint, rank_file_name
-from .records import describe, encode_value, rank_tensors
+from .records import describe, encode_value, rank_tensors, whole_state
 from .rng import capture_rng
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ def save_checkpoint(
         # Every rank builds the manifest (only rank 0 writes it), so that a value it cannot record
         # raises on every rank alike rather than leaving the others waiting below.
         records, mine = describe(engine, include_frozen)
+        owned_state, owned_writes = whole_state(engine)
+        mine += owned_writes
         job = _SaveJob(
             rank=engine.rank,
             world_size=engine.world_size,
@@ -68,6 +70,7 @@ def save_checkpoint(
             rng=capture_rng(engine.device),
             temporary=temporary,
             target=target,
+            whole_state=owned_state,
         )
         if background is not None:
             tensors = background.snapshot.take(mine)
@@ -101,6 +104,7 @@ class _SaveJob:
     rng: dict[str, Any]
     temporary: Path
     target: Path
+    whole_state: dict[str, Any]  # this rank's record of the optimizer state it keeps whole
 
 
 class _CommExchange:
@@ -136,8 +140,13 @@ def _write_and_finish(job: _SaveJob, tensors: dict[str, torch.Tensor], exchange:
 
 
 def _completed(manifest: dict[str, Any], reports: list) -> dict[str, Any]:
-    """The manifest with what the ranks reported: their RNG states and their files."""
+    """The manifest with what the ranks reported: their RNG states, their files, and the optimizer
+    state each keeps whole, recorded with its tensor."""
     manifest["rng"] = [info["rng"] for _, info in reports]
+    by_name = {record["name"]: record for record in manifest["tensors"]}
+    for _, info in reports:
+        for name, entry in info["whole_state"].items():
+            by_name[name]["whole_state"] = entry
     manifest["files"] = {
         info["file"]: {"bytes": info["bytes"], "sha256": info["sha256"]}
         for _, info in reports
@@ -176,7 +185,7 @@ def _make_temporary(target: Path) -> Path:
 
 def _write_rank_file(job: _SaveJob, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write this rank's tensors (if it has any), flushed to disk; what rank 0 records of the file."""
-    info: dict[str, Any] = {"rng": job.rng, "file": None}
+    info: dict[str, Any] = {"rng": job.rng, "file": None, "whole_state": job.whole_state}
     if tensors:
         name = rank_file_name(job.rank, job.world_size)
         size, digest = write_safetensors(

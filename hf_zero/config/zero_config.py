@@ -84,6 +84,10 @@ class ZeroConfig:
             `hf-zero train` (the engine itself steps whenever `step()` is called).
         allow_untested_optimizer: accept an optimizer class hf_zero does not know to be
             elementwise. Only elementwise optimizers give correct results on flat shards.
+        whole_parameter_optimizers: names of optimizer classes (as `Lamb` or `my_pkg.Lamb`) whose
+            update of a tensor needs the whole tensor: each parameter is then stepped whole, by the
+            optimizer's own class, at one rank that owns it (torch's Adafactor is stepped so anyway;
+            torch's Muon has a path of its own).
         debug_collectives: after every step, check that all ranks issued the same sequence of
             collectives (one small all-gather per step); raises if they did not.
         unit_classes: names of the layer classes whose instances are units (laid out together
@@ -131,6 +135,7 @@ class ZeroConfig:
     gradient_clipping: float = 0.0
     gradient_accumulation_steps: int = 1
     allow_untested_optimizer: bool = False
+    whole_parameter_optimizers: list[str] = field(default_factory=list)
     debug_collectives: bool = False
     unit_classes: list[str] | None = None
     prefetch_bytes: int | None = None
@@ -169,6 +174,14 @@ class ZeroConfig:
             "gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1
         )
         self.allow_untested_optimizer = _check_bool("allow_untested_optimizer", self.allow_untested_optimizer)
+        self.whole_parameter_optimizers = (
+            _check_names(
+                "whole_parameter_optimizers",
+                self.whole_parameter_optimizers or None,
+                "a list of optimizer class names",
+            )
+            or []
+        )
         self.debug_collectives = _check_bool("debug_collectives", self.debug_collectives)
         self.unit_classes = _check_names("unit_classes", self.unit_classes)
         if self.prefetch_bytes is not None:
@@ -329,13 +342,15 @@ def _fail(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"ZeroConfig.{name}={value!r} is not allowed: expected {allowed}")
 
 
-def _check_names(name: str, value: Any) -> list[str] | None:
+def _check_names(
+    name: str, value: Any, expected: str = "a list of class names (or null for the model's own layer classes)"
+) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise _fail(name, value, "a list of class names (or null for the model's own layer classes)")
+        raise _fail(name, value, expected)
     return list(value)
 
 

@@ -36,6 +36,7 @@ class EngineView(Protocol):
     loss_scaler: Any  # fp16's dynamic loss scaler, else None
     gatherer: Any  # stage 3's unit gatherer, else None
     grad_sync: Any  # the gradient reducer
+    whole_step: Any  # the step of optimizers that need whole parameters (`whole_step.py`), else None
     clear_optimizer_grads: Any  # the optimizer's own zero_grad, before hf_zero routed it
     watch: CollectiveWatch  # what the engine is doing, for the hang report
     global_steps: int

@@ -53,14 +53,17 @@ class _Piece:
     length: int
 
 
-class MatrixStep:
-    """The Muon update of the segments in `segments` (segment index -> segment), all of whose
-    parameters belong to Muon param groups. Every rank builds the same plan from the layouts."""
+class OwnerPlan:
+    """Which rank owns each whole parameter of `segments` (segment index -> segment) and how their
+    pieces travel between the ranks' shards and the owners: every rank builds the same plan from
+    the layouts. `cost(shape)` is the work only an owner does, which the owners share evenly."""
 
-    def __init__(self, segments: Mapping[int, FlatParamGroup], comm: Collectives) -> None:
+    def __init__(
+        self, segments: Mapping[int, FlatParamGroup], comm: Collectives, cost=newton_schulz_cost
+    ) -> None:
         self.comm = comm
         self.segments = dict(segments)
-        # Stage 0 keeps whole parameters on every rank: each rank orthogonalises every matrix.
+        # Stage 0 keeps whole parameters on every rank: each rank owns them all.
         first = next(iter(self.segments.values()))
         self.num_shards, self.rank = first.layout.num_shards, first.rank
         self.matrices = [
@@ -68,7 +71,7 @@ class MatrixStep:
         ]
         index = {key: k for k, key in enumerate(self.matrices)}
         self.shapes = [self.segments[g].layout.slots[slot].shape for g, slot in self.matrices]
-        self.costs = [newton_schulz_cost(s) for s in self.shapes]
+        self.costs = [cost(s) for s in self.shapes]
         self.owners = balance_owners(self.costs, self.num_shards)
         pieces: list[list[list[_Piece]]] = [[[] for _ in self.matrices] for _ in range(self.num_shards)]
         for rank in range(self.num_shards):
@@ -97,6 +100,57 @@ class MatrixStep:
         # Elements every rank moves together per all-to-all: the same number on every rank.
         self.total_elements = sum(s.numel() for s in self.shapes)
 
+    def to_owners(self, shards: Mapping[int, torch.Tensor], dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """Each owned parameter whole (in `dtype`), from every rank's pieces of `shards[g]`, segment
+        g's shard-shaped tensor: one all-to-all."""
+        pieces = [shards[p.segment][p.shard_begin : p.shard_begin + p.length].to(dtype) for p in self.sends]
+        received = self._exchange(pieces, self.receive_counts, self.send_counts, dtype)
+        whole = {k: torch.empty(self.shapes[k], dtype=dtype, device=received.device) for k in self.owned}
+        offset = 0
+        for p in self.receives:
+            whole[p.matrix].view(-1)[p.param_begin : p.param_begin + p.length].copy_(
+                received[offset : offset + p.length]
+            )
+            offset += p.length
+        return whole
+
+    def from_owners(
+        self, whole: Mapping[int, torch.Tensor], dtype: torch.dtype
+    ) -> list[tuple[_Piece, torch.Tensor]]:
+        """Each rank's pieces of the owned parameters `whole[k]`: one all-to-all; returns, for every
+        piece of this rank's shards, the values that belong there."""
+        flat = {k: tensor.reshape(-1) for k, tensor in whole.items()}
+        pieces = [flat[p.matrix][p.param_begin : p.param_begin + p.length] for p in self.receives]
+        returned = self._exchange(pieces, self.send_counts, self.receive_counts, dtype)
+        values, offset = [], 0
+        for p in self.sends:
+            values.append((p, returned[offset : offset + p.length]))
+            offset += p.length
+        return values
+
+    def _exchange(
+        self,
+        pieces: list[torch.Tensor],
+        receive_counts: list[int],
+        send_counts: list[int],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        device = next(iter(self.segments.values())).master.device
+        send = torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device)
+        if self.num_shards == 1:
+            return send
+        received = torch.empty(sum(receive_counts), dtype=dtype, device=device)
+        self.comm.all_to_all(received, send, receive_counts, send_counts, self.total_elements)
+        return received
+
+    def spread(self) -> float:
+        """The most-loaded rank's owner work over the mean (1.0: even)."""
+        return owner_spread(self.costs, self.owners, self.num_shards)
+
+
+class MatrixStep(OwnerPlan):
+    """The Muon update of the segments of Muon's param groups (see the module docstring)."""
+
     def step(
         self,
         optimizer: torch.optim.Optimizer,
@@ -116,56 +170,21 @@ class MatrixStep:
             buffer.lerp_(grad, 1 - momentum)
             update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
             updates[g] = update.bfloat16()  # NS starts from bf16 of the update: exact to send so
-        pieces_of_update = [updates[p.segment][p.shard_begin : p.shard_begin + p.length] for p in self.sends]
-        received = self._exchange(pieces_of_update, self.receive_counts, self.send_counts)
-        whole = {
-            k: torch.empty(self.shapes[k], dtype=torch.bfloat16, device=received.device) for k in self.owned
-        }
-        offset = 0
-        for p in self.receives:
-            whole[p.matrix].view(-1)[p.param_begin : p.param_begin + p.length].copy_(
-                received[offset : offset + p.length]
-            )
-            offset += p.length
+        whole = self.to_owners(updates, torch.bfloat16)
         for k, matrix in whole.items():
             group = groups[self.matrices[k][0]]
             whole[k] = _zeropower_via_newtonschulz(
                 matrix, group["ns_coefficients"], group["ns_steps"], group["eps"]
-            ).reshape(-1)
-        returned = self._exchange(
-            [whole[p.matrix][p.param_begin : p.param_begin + p.length] for p in self.receives],
-            self.send_counts,
-            self.receive_counts,
-        )
+            )
+        returned = self.from_owners(whole, torch.bfloat16)
         for g, segment in self.segments.items():
             lr, decay = _scalar(groups[g]["lr"]), groups[g]["weight_decay"]
             segment.master.data.mul_(1 - lr * decay)
-        offset = 0
-        for p in self.sends:
+        for p, values in returned:
             group = groups[p.segment]
             lr = _adjust_lr(_scalar(group["lr"]), group["adjust_lr_fn"], self.shapes[p.matrix])
             target = self.segments[p.segment].master.data[p.shard_begin : p.shard_begin + p.length]
-            target.add_(returned[offset : offset + p.length], alpha=-lr)
-            offset += p.length
-
-    def _exchange(
-        self, pieces: list[torch.Tensor], receive_counts: list[int], send_counts: list[int]
-    ) -> torch.Tensor:
-        device = self.comm_device
-        send = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.bfloat16, device=device)
-        if self.num_shards == 1:
-            return send
-        received = torch.empty(sum(receive_counts), dtype=torch.bfloat16, device=device)
-        self.comm.all_to_all(received, send, receive_counts, send_counts, self.total_elements)
-        return received
-
-    @property
-    def comm_device(self) -> torch.device:
-        return next(iter(self.segments.values())).master.device
-
-    def spread(self) -> float:
-        """The most-loaded rank's Newton–Schulz work over the mean (1.0: even)."""
-        return owner_spread(self.costs, self.owners, self.num_shards)
+            target.add_(values, alpha=-lr)
 
 
 def _scalar(value) -> float:

@@ -20,6 +20,7 @@ import torch
 from ..core.chained_optimizer import chained_optimizers
 from ..core.layout import FlatLayout
 from .matrix_step import is_muon
+from .whole_step import WHOLE_PARAMETER_OPTIMIZERS
 
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
@@ -36,9 +37,12 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 # Optimizers whose update mixes elements of a tensor (norms, factored moments, line searches).
-_NON_ELEMENTWISE_REASONS = {
+_NEVER_SHARDED = {
     "LBFGS": "it runs a line search over the whole parameter vector with a closure",
     "SparseAdam": "it updates sparse gradients row by row",
+}
+_NON_ELEMENTWISE_REASONS = {
+    **_NEVER_SHARDED,
     "Adafactor": "it factors second moments over rows and columns of each matrix",
     "Lamb": "it scales each tensor's update by a per-tensor trust ratio",
     "LAMB": "it scales each tensor's update by a per-tensor trust ratio",
@@ -48,12 +52,25 @@ _NON_ELEMENTWISE_REASONS = {
 }
 
 
-def check_optimizers(optimizer: torch.optim.Optimizer, allow_untested: bool) -> None:
-    """Refuse what the engine cannot shard exactly: each chained optimizer must be elementwise or
-    torch's Muon (see `check_elementwise`)."""
+def check_optimizers(
+    optimizer: torch.optim.Optimizer, allow_untested: bool, whole: Sequence[str] = ()
+) -> None:
+    """Refuse what the engine cannot shard exactly: each chained optimizer must be elementwise,
+    torch's Muon, or stepped by whole parameter (`is_whole_parameter`; see `check_elementwise`)."""
     for child in chained_optimizers(optimizer):
-        if not is_muon(child):
+        if not is_muon(child) and not is_whole_parameter(child, whole):
             check_elementwise(child, allow_untested)
+
+
+def is_whole_parameter(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> bool:
+    """Whether hf_zero steps `optimizer`'s parameters whole at their owners (`whole_step.py`): torch's
+    Adafactor, and the classes `ZeroConfig.whole_parameter_optimizers` names."""
+    cls = type(optimizer)
+    if cls.__name__ in _NEVER_SHARDED:
+        return False
+    return cls in WHOLE_PARAMETER_OPTIMIZERS or bool(
+        {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"} & set(names)
+    )
 
 
 def check_elementwise(optimizer: torch.optim.Optimizer, allow_untested: bool) -> None:
@@ -61,11 +78,17 @@ def check_elementwise(optimizer: torch.optim.Optimizer, allow_untested: bool) ->
     cls = type(optimizer)
     reason = _NON_ELEMENTWISE_REASONS.get(cls.__name__)
     if reason is not None:
+        whole = (
+            ""
+            if cls.__name__ in _NEVER_SHARDED
+            else f" To step each parameter whole at one rank, add {cls.__name__!r} to "
+            "ZeroConfig.whole_parameter_optimizers."
+        )
         raise ValueError(
             f"{cls.__name__} cannot run on hf_zero's flat shards: {reason}, and each rank holds only a "
             "slice of every tensor. Use an elementwise optimizer such as torch.optim.AdamW, Adam, SGD, "
             "RMSprop or Adagrad, or torch.optim.Muon for the hidden matrices (with AdamW for the rest: "
-            "hf_zero.initialize(model, [muon, adamw], config))."
+            f"hf_zero.initialize(model, [muon, adamw], config)).{whole}"
         )
     if cls in ELEMENTWISE_OPTIMIZERS or allow_untested:
         return
@@ -74,7 +97,8 @@ def check_elementwise(optimizer: torch.optim.Optimizer, allow_untested: bool) ->
         f"hf_zero does not know whether {cls.__module__}.{cls.__name__} is elementwise (the update of "
         f"each element depends on that element only), which sharding into flat slices requires. Known "
         f"elementwise optimizers: {known}. If yours is elementwise, set allow_untested_optimizer=True "
-        "in the ZeroConfig."
+        "in the ZeroConfig; if its update of a tensor needs the whole tensor (norms, factored moments), "
+        f"add {cls.__name__!r} to ZeroConfig.whole_parameter_optimizers."
     )
 
 

@@ -160,6 +160,8 @@ class ShardedState:
                 and (id(master) in offloaded or value.device == self.ctx.device)
             )
             breakdown["offloaded" if id(master) in offloaded else "optimizer_state"] += size
+        if self.whole_step is not None:  # state kept whole at the parameters' owners
+            breakdown["optimizer_state"] += self.whole_step.state_bytes()
         breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
         breakdown["peak_gathered"] = self.gatherer.peak_gathered_bytes if self.gatherer is not None else 0
         breakdown["pinned"] = self.device_ops.pinned_bytes

@@ -5,7 +5,8 @@ Before the optimizer's own step: reduce the gradients, measure them in one read 
 overflow, `kernels/grad_stats.py`), clip, then update each segment where its pieces live: on the
 device with the fused kernels, on the host with CPU offload (`offload/host_staging.py`), through
 the NVMe swapper, on a background thread for `offload_overlap="delayed"`, Muon's groups by
-`matrix_step.py` (Newton–Schulz at each matrix's owner), or by the optimizer's own step for what
+`matrix_step.py` (Newton–Schulz at each matrix's owner), those of optimizers that need whole
+tensors by `whole_step.py` (each parameter at its owner), or by the optimizer's own step for what
 the fused kernels do not cover. After it: round the masters the optimizer's own
 step updated, all-gather the new weights, and undo a step fp16 skipped. What one step found and
 did lives in one `StepState`, replaced at each step.
@@ -28,6 +29,8 @@ from ..core.flat_group import FlatParamGroup
 from ..kernels.grad_stats import grad_stats
 from .fused_step import fused_step, supports_fused_step
 from .matrix_step import MatrixStep, is_muon
+from .optim import is_whole_parameter
+from .whole_step import WholeParameterStep
 
 
 @dataclass
@@ -51,23 +54,34 @@ class OptimizerStep:
     _delayed: ThreadPoolExecutor | None
     _delayed_update: Future | None
     matrix_step: MatrixStep | None
+    whole_step: WholeParameterStep | None
 
-    def _plan_matrix_step(self, optimizer: torch.optim.Optimizer) -> MatrixStep | None:
-        """The Muon update of the segments of Muon's param groups (None: there are none)."""
-        segments = {  # (an empty group's empty segment too: torch's Muon must never see a flat shard)
-            g: group
+    def _plan_owner_steps(
+        self, optimizer: torch.optim.Optimizer
+    ) -> tuple[MatrixStep | None, WholeParameterStep | None]:
+        """The steps that need whole parameters at their owners: Muon's (None: no Muon group) and
+        that of optimizers stepped by whole parameter (None: none). Each takes every segment of its
+        param groups, an empty group's empty one too: the optimizer's own step never sees a shard."""
+        owners = {
+            g: owner_of_group(optimizer, optimizer.param_groups[group.optimizer_group])
             for g, group in enumerate(self.groups)
-            if is_muon(owner_of_group(optimizer, optimizer.param_groups[group.optimizer_group]))
         }
-        if not segments:
-            return None
-        if self.config.offload_optimizer != "none" or self.config.offload_overlap == "delayed":
+        muon = {g: self.groups[g] for g, owner in owners.items() if is_muon(owner)}
+        names = self.config.whole_parameter_optimizers
+        whole = {g: self.groups[g] for g, owner in owners.items() if is_whole_parameter(owner, names)}
+        if (muon or whole) and (
+            self.config.offload_optimizer != "none" or self.config.offload_overlap == "delayed"
+        ):
+            name = type(owners[next(iter(muon or whole))]).__name__
             raise ValueError(
-                "torch.optim.Muon runs on the device with hf_zero (its momentum and Newton–Schulz beside the "
-                f"gradients), not with offload_optimizer={self.config.offload_optimizer!r} / offload_overlap="
-                f"{self.config.offload_overlap!r}; use offload_optimizer='none' for a chain with Muon"
+                f"{name} runs on the device with hf_zero (its update beside the gradients, whole matrices at "
+                f"their owners), not with offload_optimizer={self.config.offload_optimizer!r} / offload_overlap="
+                f"{self.config.offload_overlap!r}; use offload_optimizer='none' with {name}"
             )
-        return MatrixStep(segments, self.comm)
+        return (
+            MatrixStep(muon, self.comm) if muon else None,
+            WholeParameterStep(whole, self.comm) if whole else None,
+        )
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global 2-norm of the accumulated (rank-averaged) gradient; scales it down to `max_norm`.
@@ -206,6 +220,7 @@ class OptimizerStep:
             )
         host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
         matrix_grads: dict[int, torch.Tensor] = {}  # Muon's segments: their gradient shards
+        whole_grads: dict[int, torch.Tensor] = {}  # those stepped by whole parameter
         fused: dict[tuple[int, bool], list] = {}  # (param group, zero the gradient) -> its parts
         # In arena order: each param group's segments end to end, stepped in one launch.
         for g in self.arena_order:
@@ -235,16 +250,17 @@ class OptimizerStep:
                         self.grad_sync.run_grad(g, run)
                     )
                 grad = grad if scale is None else grad.mul_(scale)
+                # Stepped below; the optimizer's own step skips a shard without a gradient.
                 if self.matrix_step is not None and g in self.matrix_step.segments:
-                    matrix_grads[g] = grad  # stepped below; torch's Muon skips a shard without grad
+                    matrix_grads[g] = grad
+                elif self.whole_step is not None and g in self.whole_step.segments:
+                    whole_grads[g] = grad
                 else:
                     group.master.grad = grad
-        if matrix_grads:
-            self.matrix_step.step(
-                optimizer,
-                {g: optimizer.param_groups[self.groups[g].optimizer_group] for g in matrix_grads},
-                matrix_grads,
-            )
+        for plan, grads in ((self.matrix_step, matrix_grads), (self.whole_step, whole_grads)):
+            if grads:
+                groups = {g: optimizer.param_groups[self.groups[g].optimizer_group] for g in grads}
+                plan.step(optimizer, groups, grads)
         for (index, zero), parts in fused.items():
             self.step_state.undo_if_skipped.append(
                 fused_step(optimizer, optimizer.param_groups[index], parts, scale, zero, found_inf)

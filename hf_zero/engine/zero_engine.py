@@ -80,7 +80,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         super().__init__()
         check_available(config)
         optimizer = as_one_optimizer(optimizer)  # a list, such as [muon, adamw]: chained into one
-        check_optimizers(optimizer, config.allow_untested_optimizer)
+        check_optimizers(optimizer, config.allow_untested_optimizer, config.whole_parameter_optimizers)
         if engine_of(module) is not None:
             raise ValueError("this model is already managed by an hf_zero engine; initialize it only once")
         self.module = module
@@ -144,7 +144,8 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         if pending is not None:
             pending.close()
         rebind_to_shards(optimizer, self.groups)
-        self.matrix_step = self._plan_matrix_step(optimizer)  # Muon's groups, if any (`matrix_step.py`)
+        # Muon's groups, and those stepped by whole parameter, if any (`matrix_step.py`, `whole_step.py`).
+        self.matrix_step, self.whole_step = self._plan_owner_steps(optimizer)
         # id(parameter) -> its unit, for every parameter laid out in segments (frozen ones included).
         self.unit_of = {id(p): g.unit for g in self.groups + self.frozen for p in g.params}
         # id(parameter) -> (segment, slot): where each trained parameter lives.

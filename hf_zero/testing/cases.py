@@ -149,6 +149,8 @@ def build_optimizer(
         elif rest:
             optimizers.append(torch.optim.SGD(rest, lr=0.05, momentum=0.9))
         return ChainedOptimizer(optimizers)
+    if kind == "adafactor":  # factored second moments: each parameter stepped whole at its owner
+        return torch.optim.Adafactor(params, lr=1e-2)
     if kind == "adamw_fused":
         return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05, fused=True)
     if kind == "adam":

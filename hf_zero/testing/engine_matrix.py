@@ -246,10 +246,13 @@ def run_sharded(case: Case, group=None) -> dict:
             for g in engine.groups
         ],
         "segment_units": [g.unit for g in engine.groups],
-        # Muon: the bytes of this rank's two all-to-alls per step (its pieces out, the result back).
+        # Muon and whole-parameter optimizers: the bytes of this rank's all-to-alls per step.
         "matrix_exchange_bytes": _matrix_exchange_bytes(engine),
         "muon_segments": sorted(engine.matrix_step.segments) if engine.matrix_step else [],
         "muon_numel": engine.matrix_step.total_elements if engine.matrix_step else 0,
+        "whole_segments": sorted(engine.whole_step.segments) if engine.whole_step else [],
+        "whole_numel": engine.whole_step.total_elements if engine.whole_step else 0,
+        "whole_state_bytes": engine.whole_step.state_bytes() if engine.whole_step else 0,
         # Units gathered again in backward (an input embedding's backward needs no weights).
         "backward_units": engine.gatherer.backward_walk.order if engine.gatherer else [],
         "unit_names": [unit.name for unit in engine.units],
@@ -275,13 +278,15 @@ def run_sharded(case: Case, group=None) -> dict:
 
 
 def _matrix_exchange_bytes(engine) -> int:
-    plan = engine.matrix_step
-    if plan is None or plan.num_shards == 1:
-        return 0
-    # bf16 both ways: out, this rank's pieces of matrices others own; back, others' pieces of its own.
-    return 2 * (sum(plan.send_counts) - plan.send_counts[plan.rank]) + 2 * (
-        sum(plan.receive_counts) - plan.receive_counts[plan.rank]
-    )
+    total = 0
+    for plan, out, back in ((engine.matrix_step, 2, 2), (engine.whole_step, 8, 4)):
+        if plan is None or plan.num_shards == 1:
+            continue
+        # Out: this rank's pieces of parameters others own (Muon: the bf16 update; whole parameters:
+        # the fp32 gradient and master); back: others' pieces of its own (bf16, or the fp32 master).
+        total += out * (sum(plan.send_counts) - plan.send_counts[plan.rank])
+        total += back * (sum(plan.receive_counts) - plan.receive_counts[plan.rank])
+    return total
 
 
 def main(argv: list[str]) -> None:

@@ -105,6 +105,14 @@ MUON_CASES = [Case("llama", stage, "fp32", kind) for stage in STAGES for kind in
     Case("llama", 1, "fp32", "muon", loop="accelerate"),
     Case("llama", 2, "fp32", "muon", accumulation=2, clipping=0.05, loop="plain"),
 ]
+# Adafactor: each parameter stepped whole at its owner (`whole_step.py`). Nothing in it rounds
+# differently on two fp32 ranks, so those cases must match bit for bit.
+WHOLE_PARAMETER_CASES = [Case("llama", stage, "fp32", "adafactor") for stage in STAGES] + [
+    Case("llama", 2, "bf16", "adafactor", accumulation=2, clipping=0.05),
+    Case("gpt2", 3, "bf16", "adafactor", accumulation=2, clipping=0.05),
+    Case("gpt2-lora", 3, "fp32", "adafactor"),
+    Case("llama", 3, "fp32", "adafactor", steps=4, scenario="resume"),
+]
 HARDENING_CASES = (
     ROUTED_CASES
     + SHARED_LAYER_CASES
@@ -114,6 +122,7 @@ HARDENING_CASES = (
     + USER_PATH_CASES
     + STAGE3_CASES
     + MUON_CASES
+    + WHOLE_PARAMETER_CASES
 )
 
 CASES_BY_WORLD = {
@@ -132,6 +141,7 @@ CASES_BY_WORLD = {
         Case("fp32-norms", 2, "bf16", "adamw"),
         *(Case("gpt2", stage, "fp32", "muon") for stage in (1, 2, 3)),
         Case("llama", 3, "bf16", "muon", accumulation=2, clipping=0.05),
+        *(Case("gpt2", stage, "fp32", "adafactor") for stage in (2, 3)),
     ],
     # Four ranks where four matters: shards split four ways (one model, every stage and setting;
     # the other models' core cases run at two ranks and GPT-2's at three) and two groups of two.

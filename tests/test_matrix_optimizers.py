@@ -1,7 +1,8 @@
-"""Muon with hf_zero in one process: the chain of optimizers, the owners of the matrices, what is
-refused, and fp16's skipped steps. (Sharded Muon against unsharded training on 2 and 3 ranks is in
-the multi-rank matrix, `test_engine_multirank.py`; resuming on other world sizes in
-`test_checkpoint_resume.py`; ZeroTrainer in `test_trainer.py`.)"""
+"""Optimizers that are not elementwise, in one process: the chain of optimizers, Muon's owners of
+the matrices, optimizers stepped by whole parameter (Adafactor, or any class the config names),
+what is refused, and fp16's skipped steps. (Against unsharded training on 2 and 3 ranks: the
+multi-rank matrix, `test_engine_multirank.py`; resuming on other world sizes:
+`test_checkpoint_resume.py`; ZeroTrainer: `test_trainer.py`.)"""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def test_an_fp16_step_that_overflows_leaves_muon_weights_and_momentum_alone():
 
 def test_muon_with_optimizer_offload_is_refused_by_name():
     model = _mlp()
-    with pytest.raises(ValueError, match="offload_optimizer='none' for a chain with Muon"):
+    with pytest.raises(ValueError, match="use offload_optimizer='none' with Muon"):
         hf_zero.initialize(model, list(_chain(model)), {"stage": 2, "offload_optimizer": "cpu"})
 
 
@@ -159,3 +160,63 @@ def test_owners_spread_newton_schulz_work_evenly_over_eight_ranks():
     assert owner_spread(costs, [0] * len(costs), 8) == 8.0
     assert balance_owners(costs, 8) == owners  # every rank computes the same owners
     assert newton_schulz_cost((intermediate, hidden)) == intermediate * hidden * hidden
+
+
+class TrustSGD(torch.optim.Optimizer):
+    """SGD whose step of each tensor is scaled by that tensor's norm over its gradient's (as LAMB's
+    trust ratio): not elementwise, and unknown to hf_zero."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    state = self.state[param]
+                    state["steps"] = state.get("steps", 0) + 1
+                    ratio = param.norm() / param.grad.norm().clamp(min=1e-12)
+                    param.add_(param.grad, alpha=-group["lr"] * float(ratio))
+        return None
+
+
+def test_an_optimizer_the_config_names_is_stepped_whole_at_the_owner_exactly():
+    reference, model = _mlp(), _mlp()
+    torch_optimizer = TrustSGD(reference.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match=r"add 'TrustSGD' to ZeroConfig\.whole_parameter_optimizers"):
+        hf_zero.initialize(model, TrustSGD(model.parameters(), lr=0.05), {"stage": 2})
+    engine = hf_zero.initialize(
+        model, TrustSGD(model.parameters(), lr=0.05), {"stage": 2, "whole_parameter_optimizers": ["TrustSGD"]}
+    )
+    for step in range(3):
+        batch = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        reference(batch).square().mean().backward()
+        torch_optimizer.step()
+        torch_optimizer.zero_grad()
+        engine.backward(model(batch).square().mean())
+        engine.step()
+    trained = engine.full_state_dict()
+    for name, param in reference.named_parameters():
+        assert torch.equal(trained[name], param.detach()), name
+    assert engine.whole_step.states[0]["steps"] == 3
+    engine.close()
+
+
+def test_adafactor_state_is_counted_where_its_owner_keeps_it():
+    model = _mlp()
+    engine = hf_zero.initialize(model, torch.optim.Adafactor(model.parameters(), lr=1e-2), {"stage": 1})
+    assert engine.memory_breakdown()["optimizer_state"] == 0
+    engine.backward(model(torch.randn(4, 8)).square().mean())
+    engine.step()
+    # Factored moments of the two matrices (rows + columns), full ones of the two biases.
+    expected = 4 * ((16 + 8) + (8 + 16) + 16 + 8)
+    assert engine.memory_breakdown()["optimizer_state"] == engine.whole_step.state_bytes() == expected
+    engine.close()
+
+
+def test_optimizers_that_need_the_whole_parameter_vector_stay_refused():
+    model = _mlp()
+    with pytest.raises(ValueError, match="line search") as refused:
+        hf_zero.initialize(model, torch.optim.LBFGS(model.parameters()), {"stage": 1})
+    assert "whole_parameter_optimizers" not in str(refused.value)
