@@ -220,3 +220,28 @@ def test_optimizers_that_need_the_whole_parameter_vector_stay_refused():
     with pytest.raises(ValueError, match="line search") as refused:
         hf_zero.initialize(model, torch.optim.LBFGS(model.parameters()), {"stage": 1})
     assert "whole_parameter_optimizers" not in str(refused.value)
+
+
+def test_zero_trainer_takes_a_list_of_optimizers(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_zero.testing.trainer_run import TensorDataset
+
+    model = build_model("gpt2")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    chain = hf_zero.muon_with_adamw(model, lr=0.02, adamw_lr=1e-3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    samples = make_samples("gpt2", 4)
+    trainer = hf_zero.ZeroTrainer(
+        model=model, args=args, train_dataset=TensorDataset(dict(samples)), optimizers=(chain.optimizers, None),
+        zero_config={"stage": 2},
+    )  # fmt: skip
+    trainer.train()
+    engine = trainer.zero_engine
+    assert isinstance(engine.optimizer, hf_zero.ChainedOptimizer) and engine.matrix_step is not None
+    trained = engine.full_state_dict()
+    assert all(not torch.equal(trained[name], value) for name, value in before.items())
+    engine.close()
