@@ -44,6 +44,9 @@ LAUNCHES = {
         {"name": "s2_overflow_sgd", "stage": 2, "optimizer": "sgd", **OVERFLOW},
         # RMSprop runs torch's own update: the host reads the flag before it and withholds gradients.
         {"name": "s3_overflow_rmsprop", "stage": 3, "optimizer": "rmsprop", **OVERFLOW},
+        # Muon's momentum by element, Adafactor's state whole at the owners: both left alone.
+        {"name": "s2_overflow_muon", "stage": 2, "optimizer": "muon", **OVERFLOW},
+        {"name": "s3_overflow_adafactor", "stage": 3, "optimizer": "adafactor", **OVERFLOW},
         {
             "name": "s2_window",
             "stage": 2,
@@ -134,6 +137,8 @@ def test_fp16_training_matches_fp32_within_fp16_rounding(runs, world, name, opti
         (2, "s3_overflow"),
         (2, "s2_overflow_sgd"),
         (2, "s3_overflow_rmsprop"),
+        (2, "s2_overflow_muon"),
+        (2, "s3_overflow_adafactor"),
         (4, "s2_overflow"),
     ],
 )

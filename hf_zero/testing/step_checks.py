@@ -42,6 +42,11 @@ def _snapshot(engine) -> dict:
         for index, master in enumerate(g.master for g in engine.groups)
         for key, value in engine.optimizer.state.get(master, {}).items()
     }
+    if engine.whole_step is not None:  # state kept whole at each parameter's owner
+        for k, owned in engine.whole_step.states.items():
+            state.update(
+                {f"whole{k}.{key}": v.clone() if torch.is_tensor(v) else v for key, v in owned.items()}
+            )
     return {
         "masters": [g.master.detach().clone() for g in engine.groups],
         # The 16-bit weights this rank keeps (at stage 3 only its shard; the rest is released).
