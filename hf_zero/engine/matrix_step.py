@@ -30,7 +30,7 @@ from ..core.owners import balance_owners, newton_schulz_cost, owner_spread
 
 try:  # torch's own numerics, the very functions torch.optim.Muon calls
     from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
-except ImportError:  # pragma: no cover - torch < 2.9 has no Muon, and hf_zero never routes one here
+except ImportError:  # torch < 2.9 has no Muon; a later one that moved these: see `is_muon`
     _adjust_lr = _zeropower_via_newtonschulz = None
 
 MUON = getattr(torch.optim, "Muon", None)
@@ -38,7 +38,15 @@ MUON = getattr(torch.optim, "Muon", None)
 
 def is_muon(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` is torch's Muon (whose step hf_zero runs itself, see this module)."""
-    return MUON is not None and type(optimizer) is MUON
+    if MUON is None or type(optimizer) is not MUON:
+        return False
+    if _zeropower_via_newtonschulz is None:  # torch moved the functions its Muon calls
+        raise RuntimeError(
+            f"hf_zero runs torch.optim.Muon with the Newton–Schulz function torch's Muon calls "
+            f"(torch.optim._muon._zeropower_via_newtonschulz), which torch {torch.__version__} does not have; "
+            "use the torch version hf_zero was tested with (see .ci/constraints.txt)"
+        )
+    return True
 
 
 @dataclass(frozen=True)
