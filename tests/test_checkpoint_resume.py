@@ -47,7 +47,6 @@ LAUNCHES = [
             {"name": "w4s2", "stage": 2},
             {"name": "w4s2_bf16", "stage": 2, "precision": "bf16", "save": "w4s2_bf16", "steps": SAVE_AT},
             {"name": "w4s3_save", "stage": 3, "save": "w4s3", "steps": SAVE_AT},
-            {"name": "w4s3_muon", "stage": 3, "optimizer": "muon_sgd"},
             {"name": "w2s2_to_w4s3_muon", "stage": 3, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
             {
                 "name": "w2s3_to_w4s2_adafactor",
@@ -75,7 +74,6 @@ LAUNCHES = [
             {"name": "w1s0", "stage": 0},
             {"name": "w2_to_w1", "stage": 1, "resume": "w2s1"},
             {"name": "w2s3_to_w1s0", "stage": 0, "resume": "w2s3"},
-            {"name": "w1s0_muon", "stage": 0, "optimizer": "muon_sgd"},
             {"name": "w2s2_to_w1s0_muon", "stage": 0, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
             {
                 "name": "w2s3_to_w1s1_adafactor",
@@ -228,30 +226,27 @@ def test_merge_of_a_four_rank_checkpoint_equals_full_state_dict(runs, root, tmp_
         assert torch.equal(model(batch).logits, reference(batch).logits)
 
 
-@pytest.mark.parametrize("resumed", ["w2s3_to_w4s2_adafactor", "w2s3_to_w1s1_adafactor"])
-def test_state_kept_whole_at_owners_resumes_on_another_number_of_ranks(runs, resumed):
-    """Adafactor's factored moments, saved whole by each of 2 ranks for the parameters it owned, are
-    read by the new owners on 4 ranks and on 1 (other owners for most parameters): the run continues
-    as on the 2 ranks that saved it, to fp32 reduction-order rounding."""
-    resume, full = runs[resumed], runs["w2s3_adafactor"]
+@pytest.mark.parametrize(
+    "resumed, saved, loss_rtol, weight_tol",
+    [
+        # Adafactor's factored moments, saved whole by each of 2 ranks for the parameters it owned,
+        # read by the new owners on 4 ranks and on 1: fp32 reduction-order rounding only.
+        ("w2s3_to_w4s2_adafactor", "w2s3_adafactor", 1e-6, 1e-4),
+        ("w2s3_to_w1s1_adafactor", "w2s3_adafactor", 1e-6, 1e-4),
+        # Muon's momentum, saved by element from 2 ranks' shards, on 4 ranks (other owners) and on
+        # 1. Newton–Schulz runs in bf16, where other sums' last bits flip roundings: measured
+        # 0.0092-0.0098 (2026-12-06), against 0.99 for a resume that loses the momentum.
+        ("w2s2_to_w4s3_muon", "w2s2_muon", 1e-4, 0.03),
+        ("w2s2_to_w1s0_muon", "w2s2_muon", 1e-4, 0.03),
+    ],
+)
+def test_matrix_optimizers_resume_on_another_number_of_ranks(runs, resumed, saved, loss_rtol, weight_tol):
+    """The resumed run's steps continue those of the 2 ranks that saved the checkpoint: what they
+    moved the weights by matches, relative to how far they moved them."""
+    resume, full = runs[resumed], runs[saved]
     assert resume["start"] == SAVE_AT
-    torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=loss_rtol, atol=0)
     names = list(full["weights"])
     moved = torch.cat([(full["weights"][n] - full["saved_weights"][n]).flatten() for n in names])
     diff = torch.cat([(resume["weights"][n] - full["weights"][n]).flatten() for n in names])
-    assert diff.norm() < 1e-4 * moved.norm(), (diff.norm() / moved.norm()).item()
-
-
-@pytest.mark.parametrize("resumed", ["w2s2_to_w4s3_muon", "w2s2_to_w1s0_muon"])
-def test_muon_resumes_on_another_number_of_ranks(runs, resumed):
-    """Muon's momentum, saved by element from 2 ranks' shards, continues on 4 ranks (another owner for
-    each matrix) and on 1 as it does on the 2 that saved it. Newton–Schulz runs in bf16, where the
-    other sums' last bits flip roundings: measured 0.0092-0.0098 of what the resumed steps moved
-    (2026-12-06), against 0.99 for a resume that loses the momentum."""
-    resume, full = runs[resumed], runs["w2s2_muon"]
-    names = list(full["weights"])
-    moved = torch.cat([(full["weights"][n] - full["saved_weights"][n]).flatten() for n in names])
-    diff = torch.cat([(resume["weights"][n] - full["weights"][n]).flatten() for n in names])
-    assert resume["start"] == SAVE_AT
-    torch.testing.assert_close(resume["losses"], full["losses"][SAVE_AT:], rtol=1e-4, atol=0)
-    assert diff.norm() < 0.03 * moved.norm()
+    assert diff.norm() < weight_tol * moved.norm(), (diff.norm() / moved.norm()).item()

@@ -45,6 +45,7 @@ from .recipe_data import (
     tokenizer_spec,
     validate_data,
 )
+from .recipe_optimizer import muon_settings
 
 SECTIONS = ("model", "data", "training", "zero")
 KERNELS = ("none", "liger")
@@ -148,39 +149,6 @@ class Recipe:
     def command(self, processes: int) -> str:
         """The `hf-zero train` command line that runs this recipe."""
         return " ".join(["hf-zero train", self.path, "--nproc", str(processes), *self.overrides])
-
-
-# Muon's settings a recipe may give in `training.optim_args`, with the type each is read as.
-MUON_SETTINGS = {
-    "lr": float,
-    "momentum": float,
-    "weight_decay": float,
-    "nesterov": bool,
-    "ns_steps": int,
-    "eps": float,
-}
-
-
-def muon_settings(training: dict[str, Any], where: str = "") -> dict[str, Any] | None:
-    """`training.optim: muon`: Muon's settings from `training.optim_args` ("lr=0.02,momentum=0.95");
-    None for any other optimizer (the Trainer's own `optim` choices)."""
-    if training.get("optim") != "muon":
-        return None
-    if getattr(torch.optim, "Muon", None) is None:
-        raise ValueError(f"recipe {where}: training.optim=muon needs torch.optim.Muon (torch >= 2.9)")
-    settings: dict[str, Any] = {}
-    text = training.get("optim_args") or ""
-    for item in filter(None, (part.strip() for part in str(text).split(","))):
-        key, _, value = item.partition("=")
-        kind = MUON_SETTINGS.get(key.strip())
-        if kind is None or not value:
-            raise ValueError(
-                f"recipe {where}: training.optim_args has {item!r}; Muon's settings are "
-                f"{', '.join(f'{name}=...' for name in MUON_SETTINGS)} (comma-separated)"
-            )
-        value = value.strip()
-        settings[key.strip()] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return settings
 
 
 def _check_training_fields(training: dict[str, Any], where: str) -> None:
