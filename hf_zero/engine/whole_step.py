@@ -23,7 +23,7 @@ import torch
 from ..core.chained_optimizer import owner_of_group
 from ..core.distributed import Collectives
 from ..core.flat_group import FlatParamGroup
-from .matrix_step import OwnerPlan
+from ..core.owners import OwnerPlan
 
 # Torch's optimizers whose update needs each whole tensor, stepped here unless the user says otherwise.
 WHOLE_PARAMETER_OPTIMIZERS = tuple(
@@ -86,15 +86,15 @@ class WholeParameterStep(OwnerPlan):
 
     def state_of(self, g: int, slot: int) -> dict[str, Any] | None:
         """The optimizer state of segment g's parameter `slot`, where this rank owns it (else None)."""
-        k = self.matrices.index((g, slot))
+        k = self.index[(g, slot)]
         return self.states.get(k) if self.owners[k] == self.rank else None
 
     def owner_of(self, g: int, slot: int) -> int:
-        return self.owners[self.matrices.index((g, slot))]
+        return self.owners[self.index[(g, slot)]]
 
     def set_state(self, g: int, slot: int, state: dict[str, Any]) -> None:
         """Give the owned parameter `slot` of segment g its optimizer state (a checkpoint's)."""
-        self.states[self.matrices.index((g, slot))] = state
+        self.states[self.index[(g, slot)]] = state
 
     def state_bytes(self) -> int:
         """Bytes of the optimizer state this rank keeps for the parameters it owns."""
