@@ -3,10 +3,12 @@
 The optimizer object the user built keeps its identity, class, param groups and
 hyper-parameters (so an LR scheduler made before `hf_zero.initialize` still drives it); only each
 group's `params` list is swapped for one flat fp32 master shard, and any per-parameter state it
-already holds is re-laid onto that shard. This is exact only for elementwise optimizers, whose
-update of one element depends on that element alone, and for torch's Muon, whose only
-non-elementwise part (Newton–Schulz on each whole matrix) hf_zero runs at each matrix's owner
-(`matrix_step.py`); others are refused with a clear error. Several optimizers chained into one
+already holds is re-laid onto that shard. This is exact for elementwise optimizers, whose update
+of one element depends on that element alone. Two kinds of optimizer that are not elementwise
+run at the owner of each whole parameter instead: torch's Muon, whose only non-elementwise part
+(Newton–Schulz) `matrix_step.py` runs there, and those that need each whole tensor (Adafactor,
+and the classes `ZeroConfig.whole_parameter_optimizers` names), which `whole_step.py` steps
+there. Others are refused with a clear error. Several optimizers chained into one
 (`ChainedOptimizer`, from a list such as `[muon, adamw]`) are checked one by one.
 """
 

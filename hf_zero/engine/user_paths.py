@@ -21,10 +21,11 @@ These are every call hf_zero reroutes but one: torch's `env://` rendezvous, wrap
 for workers that torchrun restarts (`core/distributed.py`, `_restart_safe_env_rendezvous`).
 
 `install` records each function it replaces on the user's objects (`zero_grad`, `add_param_group`,
-a chained optimizer's `step`, `generate`) in a `Patches`, and `engine.close()` puts them all back together; torch's clipping
-functions are replaced once per process while any engine is open, and restored when the last one
-closes (they behave as torch's own for parameters no engine manages). The engine's own module and
-optimizer hooks (gradient, step, stage-3 gathers) are not patches and stay with the model.
+a chained optimizer's `step`, `generate`) in a `Patches`, and `engine.close()` puts them all back
+together; torch's clipping functions are replaced once per process while any engine is open, and
+restored when the last one closes (they behave as torch's own for parameters no engine manages).
+The engine's own module and optimizer hooks (gradient, step, stage-3 gathers) are not patches and
+stay with the model.
 """
 
 from __future__ import annotations
