@@ -48,12 +48,6 @@ LAUNCHES = [
             {"name": "w4s2_bf16", "stage": 2, "precision": "bf16", "save": "w4s2_bf16", "steps": SAVE_AT},
             {"name": "w4s3_save", "stage": 3, "save": "w4s3", "steps": SAVE_AT},
             {"name": "w2s2_to_w4s3_muon", "stage": 3, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
-            {
-                "name": "w2s3_to_w4s2_adafactor",
-                "stage": 2,
-                "optimizer": "adafactor",
-                "resume": "w2s3_adafactor",
-            },
         ],
     ),
     (
@@ -74,7 +68,6 @@ LAUNCHES = [
             {"name": "w1s0", "stage": 0},
             {"name": "w2_to_w1", "stage": 1, "resume": "w2s1"},
             {"name": "w2s3_to_w1s0", "stage": 0, "resume": "w2s3"},
-            {"name": "w2s2_to_w1s0_muon", "stage": 0, "optimizer": "muon_sgd", "resume": "w2s2_muon"},
             {
                 "name": "w2s3_to_w1s1_adafactor",
                 "stage": 1,
@@ -178,7 +171,6 @@ def test_a_resume_on_another_layout_says_once_what_was_resharded(runs, root):
     assert lines(3) == [
         "hf_zero: resharded w2s1: saved by 2 processes at stage 1, loaded into 1 process at stage 1",
         "hf_zero: resharded w2s3: saved by 2 processes at stage 3, loaded into 1 process at stage 0",
-        "hf_zero: resharded w2s2_muon: saved by 2 processes at stage 2, loaded into 1 process at stage 0",
         "hf_zero: resharded w2s3_adafactor: saved by 2 processes at stage 3, loaded into 1 process at stage 1",
     ]
 
@@ -230,14 +222,12 @@ def test_merge_of_a_four_rank_checkpoint_equals_full_state_dict(runs, root, tmp_
     "resumed, saved, loss_rtol, weight_tol",
     [
         # Adafactor's factored moments, saved whole by each of 2 ranks for the parameters it owned,
-        # read by the new owners on 4 ranks and on 1: fp32 reduction-order rounding only.
-        ("w2s3_to_w4s2_adafactor", "w2s3_adafactor", 1e-6, 1e-4),
+        # read by the new owners on 1 rank (stage 1): fp32 reduction-order rounding only.
         ("w2s3_to_w1s1_adafactor", "w2s3_adafactor", 1e-6, 1e-4),
-        # Muon's momentum, saved by element from 2 ranks' shards, on 4 ranks (other owners) and on
-        # 1. Newton–Schulz runs in bf16, where other sums' last bits flip roundings: measured
+        # Muon's momentum, saved by element from 2 ranks' shards, on 4 ranks (other owners, stage 3).
+        # Newton–Schulz runs in bf16, where other sums' last bits flip roundings: measured
         # 0.0092-0.0098 (2026-12-06), against 0.99 for a resume that loses the momentum.
         ("w2s2_to_w4s3_muon", "w2s2_muon", 1e-4, 0.03),
-        ("w2s2_to_w1s0_muon", "w2s2_muon", 1e-4, 0.03),
     ],
 )
 def test_matrix_optimizers_resume_on_another_number_of_ranks(runs, resumed, saved, loss_rtol, weight_tol):
