@@ -7,7 +7,7 @@ or on the chain, drives the same numbers), its `state` is one dict that every ch
 shares (their parameters are disjoint), and its `step()` steps each in turn. `hf_zero.initialize`
 and `ZeroTrainer` accept a list of optimizers and chain them so; the engine then treats the chain
 as one optimizer with all their param groups, and knows by each group which optimizer it belongs
-to (`optimizer_for_group`).
+to (`owner_of_group`).
 """
 
 from __future__ import annotations
@@ -112,15 +112,6 @@ class ChainedOptimizer(torch.optim.Optimizer):
 def chained_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
     """The optimizers a chain holds, or `[optimizer]` itself."""
     return list(optimizer.optimizers) if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-
-
-def optimizer_for_group(optimizer: torch.optim.Optimizer, index: int) -> torch.optim.Optimizer:
-    """The optimizer param group `index` of `optimizer` belongs to: a chained one, or `optimizer`."""
-    for child in chained_optimizers(optimizer):
-        if index < len(child.param_groups):
-            return child
-        index -= len(child.param_groups)
-    raise IndexError(f"the optimizer has no param group {index}")
 
 
 def as_one_optimizer(

@@ -36,7 +36,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from ..checkpoint.format import TRAINER_SUBFOLDER, is_checkpoint
 from ..config.deepspeed import training_args_mismatches
 from ..config.zero_config import ZeroConfig
-from ..core.chained_optimizer import ChainedOptimizer
+from ..core.chained_optimizer import as_one_optimizer
 from ..core.params import is_peft_model
 from ..engine.optim_state import load_unsharded_optimizer_state
 from ..engine.segments import check_available
@@ -65,7 +65,7 @@ class ZeroTrainer(Trainer):
         self.zero_config = ZeroConfig.coerce(zero_config)
         optimizers = kwargs.get("optimizers")
         if optimizers and isinstance(optimizers[0], (list, tuple)):  # ([muon, adamw], scheduler)
-            kwargs["optimizers"] = (ChainedOptimizer(optimizers[0]), *optimizers[1:])
+            kwargs["optimizers"] = (as_one_optimizer(optimizers[0]), *optimizers[1:])
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
