@@ -32,6 +32,14 @@ if __name__ == "kernels":
 else:
     from .adamw import AdamHyperparams, adam_step, adam_step_reference, adam_step_triton
     from .grad_stats import grad_stats, grad_stats_reference, grad_stats_triton
+    from .quantize import (
+        dequantize_int8,
+        dequantize_int8_reference,
+        dequantize_int8_triton,
+        quantize_int8,
+        quantize_int8_reference,
+        quantize_int8_triton,
+    )
     from .sgd import SGDHyperparams, sgd_step, sgd_step_reference, sgd_step_triton
 
     __all__ = [
@@ -40,9 +48,15 @@ else:
         "adam_step",
         "adam_step_reference",
         "adam_step_triton",
+        "dequantize_int8",
+        "dequantize_int8_reference",
+        "dequantize_int8_triton",
         "grad_stats",
         "grad_stats_reference",
         "grad_stats_triton",
+        "quantize_int8",
+        "quantize_int8_reference",
+        "quantize_int8_triton",
         "sgd_step",
         "sgd_step_reference",
         "sgd_step_triton",

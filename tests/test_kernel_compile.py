@@ -33,8 +33,8 @@ def test_every_variant_compiles_for_both_targets(reports):
     targets = {report["target"] for report in reports}
     assert targets == {"sm_80", "sm_90a"}
     kernels = {report["variant"].split("[")[0] for report in reports}
-    assert kernels == {"adam", "sgd", "grad_stats"}
-    assert len(reports) == 2 * 39
+    assert kernels == {"adam", "sgd", "grad_stats", "quantize", "dequantize"}
+    assert len(reports) == 2 * (39 + 6)
 
 
 def test_no_variant_spills(reports):
@@ -43,8 +43,9 @@ def test_no_variant_spills(reports):
 
 
 def test_arrays_move_in_128_bit_accesses_in_every_variant(reports):
-    # Apart from the per-launch scalars (unscale factor, skip flag) and a reduction's per-program
-    # partial sums, every global access is a 128-bit vector one: the fp16 skip path included.
+    # Apart from the per-launch scalars (unscale factor, skip flag), a reduction's per-program
+    # partial sums and the quantization scales, every global access is a 128-bit vector one: the
+    # fp16 skip path included.
     scalar = [
         (r["variant"], r["target"], r["unexpected_scalar_loads"], r["unexpected_scalar_stores"])
         for r in reports
@@ -52,7 +53,7 @@ def test_arrays_move_in_128_bit_accesses_in_every_variant(reports):
     ]
     assert not scalar
     assert all(r["vector_loads"] > 0 for r in reports)
-    optimizers = [r for r in reports if not r["variant"].startswith("grad_stats")]
+    optimizers = [r for r in reports if not r["variant"].startswith("grad_stats")]  # and quantization
     assert all(r["vector_stores"] > 0 for r in optimizers)
 
 

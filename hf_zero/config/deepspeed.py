@@ -22,6 +22,12 @@ _ZERO_KEYS = {
     "stage": "stage",
     "reduce_bucket_size": "reduce_bucket_size",
     "overlap_comm": "overlap_comm",
+    "zero_hpz_partition_size": "hpz_partition_size",
+}
+# DeepSpeed's ZeRO++ switches (booleans) -> the ZeroConfig field that names the quantization.
+_ZERO_QUANTIZE_KEYS = {
+    "zero_quantized_weights": "quantized_weights",
+    "zero_quantized_gradients": "quantized_gradients",
 }
 _FP16_KEYS = {
     "loss_scale": "loss_scale",
@@ -81,6 +87,12 @@ def zero_fields_from_deepspeed(ds: dict[str, Any]) -> dict[str, Any]:
     for key, value in zero.items():
         if key in _ZERO_KEYS:
             _set(out, _ZERO_KEYS[key], value)
+        elif key in _ZERO_QUANTIZE_KEYS:
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"DeepSpeed config: 'zero_optimization.{key}' must be true or false, got {value!r}"
+                )
+            out[_ZERO_QUANTIZE_KEYS[key]] = "int8" if value else "none"
         elif key in _OFFLOAD_SECTIONS:
             _read_offload(out, _OFFLOAD_SECTIONS[key], key, value, ignored["zero_optimization"])
         elif value != "auto":

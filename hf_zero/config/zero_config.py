@@ -25,6 +25,7 @@ REDUCE_DTYPES = ("auto", "fp32")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 GENERATE_GATHER = ("auto", "once", "per_unit")
 OFFLOAD_OVERLAP = ("exact", "delayed")
+QUANTIZATIONS = ("none", "int8")
 # The default stage-3 prefetch budget holds at least this much: units smaller than half of it are
 # bound by each collective's latency rather than its bandwidth, so several go in one all-gather
 # (DeepSpeed's stage3_prefetch_bucket_size plays this part, 5e7 elements by default).
@@ -88,6 +89,25 @@ class ZeroConfig:
             update of a tensor needs the whole tensor: each parameter is then stepped whole, by the
             optimizer's own class, at one rank that owns it (torch's Adafactor is stepped so anyway;
             torch's Muon has a path of its own).
+        quantized_weights: stage 3 (ZeRO++ qwZ): "int8" sends the forward all-gathers of the layer
+            units as block-wise int8 with one fp32 scale per `quantization_block` elements, dequantized
+            into the gathered 16-bit buffer (half the bytes; the forward computes on weights rounded to
+            int8 per block). Backward gathers, and the root unit (gathered once for both passes), stay
+            16-bit. "none": exact 16-bit gathers.
+        quantized_gradients: stages 2-3 (ZeRO++ qgZ): "int8" reduces gradients as block-wise int8 in
+            two all-to-alls, first inside each node, then across nodes (one rank per node), each
+            dequantized and summed in fp32 (a quarter of a 16-bit reduce-scatter's cross-node bytes
+            on two ranks per node, less with more). "none": exact reduce-scatters.
+        quantization_block: elements per int8 block (one fp32 scale each): a power of two from 16 to
+            4096. Smaller blocks follow the values more closely and send more scales.
+        hpz_partition_size: stage 3 (ZeRO++ hpZ): ranks per group (a node) that keep a secondary copy
+            of the 16-bit weights, partitioned among them (1/hpz_partition_size of the layer units per
+            rank), filled by each forward gather; backward gathers then stay inside the group. 1 (the
+            default) keeps no secondary copy. Must divide the world size.
+        node_size: ranks per node, which the hierarchical reduction of `quantized_gradients` and the
+            estimate's cross-node figures follow. None: the launcher's `LOCAL_WORLD_SIZE` (torchrun,
+            accelerate), else every rank on one node. Must divide the world size; nodes are
+            consecutive ranks.
         debug_collectives: after every step, check that all ranks issued the same sequence of
             collectives (one small all-gather per step); raises if they did not.
         unit_classes: names of the layer classes whose instances are units (laid out together
@@ -136,6 +156,11 @@ class ZeroConfig:
     gradient_accumulation_steps: int = 1
     allow_untested_optimizer: bool = False
     whole_parameter_optimizers: list[str] = field(default_factory=list)
+    quantized_weights: str = "none"
+    quantized_gradients: str = "none"
+    quantization_block: int = 256
+    hpz_partition_size: int = 1
+    node_size: int | None = None
     debug_collectives: bool = False
     unit_classes: list[str] | None = None
     prefetch_bytes: int | None = None
@@ -182,6 +207,19 @@ class ZeroConfig:
             )
             or []
         )
+        self.quantized_weights = _check_choice("quantized_weights", self.quantized_weights, QUANTIZATIONS)
+        self.quantized_gradients = _check_choice(
+            "quantized_gradients", self.quantized_gradients, QUANTIZATIONS
+        )
+        self.quantization_block = _check_int("quantization_block", self.quantization_block, 16, 4096)
+        if self.quantization_block & (self.quantization_block - 1):
+            raise ValueError(
+                f"ZeroConfig.quantization_block={self.quantization_block} is not allowed: expected a power of "
+                "two from 16 to 4096 (256 is a good default)"
+            )
+        self.hpz_partition_size = _check_int("hpz_partition_size", self.hpz_partition_size, minimum=1)
+        if self.node_size is not None:
+            self.node_size = _check_int("node_size", self.node_size, minimum=1)
         self.debug_collectives = _check_bool("debug_collectives", self.debug_collectives)
         self.unit_classes = _check_names("unit_classes", self.unit_classes)
         if self.prefetch_bytes is not None:
@@ -210,6 +248,28 @@ class ZeroConfig:
                 f"ZeroConfig.offload_params={self.offload_params!r} is not allowed with offload_optimizer='none': "
                 "the fp32 masters and optimizer state (12-16 bytes per parameter) would stay on the GPU while "
                 "the 16-bit shards (2 bytes) leave it; set offload_optimizer='cpu' (or 'nvme') as well"
+            )
+        if self.quantized_weights != "none" and self.stage != 3:
+            raise ValueError(
+                f"ZeroConfig.quantized_weights={self.quantized_weights!r} is not allowed with stage={self.stage}: "
+                "only stage 3 gathers weights; set stage=3 or quantized_weights='none'"
+            )
+        if self.hpz_partition_size > 1 and self.stage != 3:
+            raise ValueError(
+                f"ZeroConfig.hpz_partition_size={self.hpz_partition_size} is not allowed with stage={self.stage}: "
+                "the secondary partition serves stage 3's backward gathers; set stage=3 or hpz_partition_size=1"
+            )
+        if self.hpz_partition_size > 1 and self.offload_params != "none":
+            raise ValueError(
+                f"ZeroConfig.hpz_partition_size={self.hpz_partition_size} is not allowed with offload_params="
+                f"{self.offload_params!r}: the secondary partition would keep on the GPU the weights offloading "
+                "moves off it; set hpz_partition_size=1 or offload_params='none'"
+            )
+        if self.quantized_gradients != "none" and self.stage not in (2, 3):
+            raise ValueError(
+                f"ZeroConfig.quantized_gradients={self.quantized_gradients!r} is not allowed with stage="
+                f"{self.stage}: gradients are reduced during backward at stages 2 and 3 only; set stage=2 or 3, "
+                "or quantized_gradients='none'"
             )
         uses_nvme = "nvme" in (self.offload_optimizer, self.offload_params)
         if uses_nvme and not self.nvme_path:

@@ -60,3 +60,5 @@ def gathered_parameters(params: Iterable[torch.Tensor], modifier_rank: int | Non
         for unit in pinned:
             gatherer.pinned.discard(unit)
             gatherer.release(unit)
+        if gatherer is not None:
+            gatherer.weights_changed()

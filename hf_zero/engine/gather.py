@@ -46,6 +46,7 @@ from ..config.zero_config import MIN_PREFETCH_BYTES
 from ..core.distributed import Collectives
 from ..core.flat_group import FlatParamGroup
 from ..core.units import Unit
+from .zeropp import ZeroPlusPlus, _AfterWait
 
 
 def _in_backward() -> bool:
@@ -138,8 +139,13 @@ class UnitGatherer:
         prefetch_bytes: int | None = None,
         on_unit_end: Callable[[int], None] | None = None,
         reader: Any = None,
+        zeropp: ZeroPlusPlus | None = None,
     ) -> None:
         self.units = list(units)
+        # ZeRO++ (`zeropp.py`): forward gathers in int8 (qwZ), backward gathers from the node's
+        # secondary copy (hpZ).
+        self.quantized = zeropp.weight_gather if zeropp is not None else None
+        self.secondary = zeropp.secondary if zeropp is not None else None
         # offload_params="nvme": the swap file's reader (`NvmeSwapper`), which reads the shards of the
         # unit after the prefetched ones ahead, while the units before it compute.
         self.reader = reader
@@ -186,27 +192,41 @@ class UnitGatherer:
 
     # ---- gathering ------------------------------------------------------------------------------
 
-    def issue(self, unit: int) -> None:
+    def issue(self, unit: int, use: str = "exact") -> None:
         """Start gathering unit `unit` (a no-op for segments already gathered or under way)."""
-        self.issue_together([unit])
+        self.issue_together([unit], use)
 
-    def issue_together(self, units: Sequence[int]) -> None:
+    def issue_together(self, units: Sequence[int], use: str = "exact") -> None:
         """Start gathering `units` in one all-gather (per dtype), whatever their param groups and
-        buckets (segments already gathered or under way are left out)."""
+        buckets (segments already gathered or under way are left out).
+
+        `use` says what for: "forward" (a forward walk's gather: int8 with qwZ, except the root
+        unit, which stays gathered for the backward too), "backward" (from the node's secondary
+        copy with hpZ, where it is fresh) or "exact" (the 16-bit weights, for the user's calls)."""
         todo = [(unit, [s for s in self.segments[unit] if not s.gathered]) for unit in units]
         todo = [(unit, segments) for unit, segments in todo if segments]
         if not todo:
             return
-        pairs = [pair for _, segments in todo for segment in segments for pair in segment.gather()]
-        works = self.comm.all_gather_many(pairs, todo[0][0])
+        segments = [segment for _, unit_segments in todo for segment in unit_segments]
+        pairs = [pair for segment in segments for pair in segment.gather()]
+        secondary = self.secondary
+        if use == "backward" and secondary is not None and secondary.holds(segments):
+            works = secondary.all_gather(segments, todo[0][0])
+        elif use == "forward" and self.quantized is not None and not self.units[todo[0][0]].is_root:
+            fill = (lambda: secondary.fill(segments)) if secondary is not None else None
+            works = self.quantized.all_gather_many(pairs, todo[0][0], then=fill)
+        else:
+            works = self.comm.all_gather_many(pairs, todo[0][0])
+            if secondary is not None:
+                works = [_AfterWait(works, lambda: secondary.fill(segments))]
         for unit, segments in todo:
             self.in_flight.setdefault(unit, []).extend(works)  # (waiting twice on a handle is free)
             self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
 
-    def gather(self, unit: int) -> None:
-        """Make unit `unit`'s parameters whole (a no-op if they are)."""
-        self.issue(unit)
+    def gather(self, unit: int, use: str = "exact") -> None:
+        """Make unit `unit`'s parameters whole (a no-op if they are); `use` as in `issue_together`."""
+        self.issue(unit, use)
         for work in self.in_flight.pop(unit, []):
             work.wait()
 
@@ -220,6 +240,12 @@ class UnitGatherer:
             if segment.gathered:
                 self.gathered_bytes -= segment.flat.numel() * segment.flat.element_size()
                 segment.release()
+
+    def weights_changed(self) -> None:
+        """The shards changed (a step, a write-back): hpZ's secondary copy serves no backward gather
+        until forward gathers refill it."""
+        if self.secondary is not None:
+            self.secondary.stale()
 
     def release_all(self) -> None:
         for unit in self.units:
@@ -239,7 +265,7 @@ class UnitGatherer:
                     stacklevel=3,
                 )
             walk.used.add(unit)
-            self.gather(unit)
+            self.gather(unit, "backward" if backward else "forward")
             self._prefetch(walk)
             return
         walk.used.add(unit)
@@ -255,7 +281,7 @@ class UnitGatherer:
             if backward:
                 self._end_open_unit(reduce)
             unit = walk.step()
-            self.gather(unit)
+            self.gather(unit, "backward" if backward else "forward")
             self._prefetch(walk)
             if backward:
                 self.open_unit = unit
@@ -290,7 +316,7 @@ class UnitGatherer:
             ahead += self.unit_bytes[upcoming]
             walk.issued += 1
         self.prefetched_units += len(batch)
-        self.issue_together(batch)
+        self.issue_together(batch, "backward" if walk is self.backward_walk else "forward")
         self._read_ahead(walk)
 
     def _read_ahead(self, walk: _Walk) -> None:
@@ -355,7 +381,7 @@ class UnitGatherer:
                 # (the hook on its output gathered it), or else (checkpointing wrapped the whole
                 # call) a use of its own, done when its inputs have their gradients.
                 if self.holds[unit]:
-                    self.gather(unit)
+                    self.gather(unit, "backward")
                     return None
                 self._acquire(unit)
             else:

@@ -49,6 +49,9 @@ class GradientReducer:
     ) -> None:
         self.groups = groups
         self.comm = comm
+        # What reduce-scatters the gradient buckets at stages 2-3: `comm`, or ZeRO++'s int8
+        # hierarchical reduction (`zeropp.py`).
+        self.scatter_comm: Any = comm
         # ZeroConfig.reduce_dtype="fp32": gradients are summed (within a pass and over ranks) in fp32.
         self.reduce_fp32 = reduce_fp32
         self.grads: list[torch.Tensor] = []
@@ -345,7 +348,7 @@ class BackwardReduceScatter(GradientReducer):
             out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
             pairs.append((out, staging))
             landings.append((out, target, staging, g))  # staging stays alive until it lands
-        works = self.comm.reduce_scatter_many(pairs, unit=self.groups[self.buckets[ks[0]][0]].unit)
+        works = self.scatter_comm.reduce_scatter_many(pairs, unit=self.groups[self.buckets[ks[0]][0]].unit)
         self.in_flight.append((works, landings))
         while len(self.in_flight) > self.max_in_flight:
             self._complete(self.in_flight.popleft())

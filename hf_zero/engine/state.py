@@ -165,6 +165,8 @@ class ShardedState:
         breakdown["peak_staging"] = getattr(self.grad_sync, "peak_staged_bytes", 0)
         breakdown["peak_gathered"] = self.gatherer.peak_gathered_bytes if self.gatherer is not None else 0
         breakdown["pinned"] = self.device_ops.pinned_bytes
+        secondary = self.zeropp.secondary if self.zeropp is not None else None
+        breakdown["hpz_secondary"] = secondary.nbytes if secondary is not None else 0
         return breakdown
 
     @_engine_call("load_full_state_dict")

@@ -409,14 +409,15 @@ class OptimizerStep:
         self.last_step_skipped = skipped
         self.step_state = StepState()
         self.global_steps += 1
-        self.comm.check_fingerprint()
-        self.last_step_comm_bytes = self.comm.bytes_sent
-        self.comm.bytes_sent = 0
         if self.gatherer is not None:
             self.gatherer.release_all()  # anything still gathered now holds the old weights
-            self.gather_comm.check_fingerprint()
-            self.last_step_comm_bytes += self.gather_comm.bytes_sent
-            self.gather_comm.bytes_sent = 0
+            self.gatherer.weights_changed()
+        self.last_step_comm_bytes_by_communicator = {}
+        for comm in self.communicators:
+            comm.check_fingerprint()
+            self.last_step_comm_bytes_by_communicator[comm.name] = comm.bytes_sent
+            comm.bytes_sent = 0
+        self.last_step_comm_bytes = sum(self.last_step_comm_bytes_by_communicator.values())
         if self.swapper is not None:
             self.swapper.settle_params()  # offload_params="nvme": the new weights go to the file
         self.watch.end("step")

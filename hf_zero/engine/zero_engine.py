@@ -51,6 +51,7 @@ from .segments import SegmentSetup, check_available, take_pending_weights
 from .state import ShardedState
 from .step import OptimizerStep, StepState
 from .teardown import leave_group, release, release_before_teardown
+from .zeropp import ZeroPlusPlus
 
 
 def engine_of(module: nn.Module) -> ZeroEngine | None:
@@ -196,6 +197,12 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
                 second_group(self.ctx), fingerprint=config.debug_collectives, name="gather"
             )
             self.gather_comm.watch = self.watch
+        self.communicators = [self.comm] + ([self.gather_comm] if config.stage == 3 else [])
+        # ZeRO++ (`zeropp.py`): node-local communicators of its own, made after the gather group.
+        self.zeropp = ZeroPlusPlus.build(
+            self.ctx, config, self.communicators, self.grad_sync, self.groups + self.frozen, self.units
+        )
+        if config.stage == 3:
             end_unit = self.grad_sync.end_unit if isinstance(self.grad_sync, UnitReduceScatter) else None
             self.gatherer = UnitGatherer(
                 self.units,
@@ -204,6 +211,7 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
                 config.prefetch_bytes,
                 on_unit_end=end_unit if config.overlap_comm else None,
                 reader=self.swapper if config.offload_params == "nvme" else None,
+                zeropp=self.zeropp,
             )
             self._hooks.extend(self.gatherer.install(module))
 
@@ -220,11 +228,12 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         self.step_state = StepState()
         self.last_grad_norm: torch.Tensor | None = None
         self.last_step_comm_bytes = 0
+        self.last_step_comm_bytes_by_communicator: dict[str, int] = {}
         self.global_steps = 0
         self.comm.bytes_sent = 0
         # Threads and the swap file end with the engine, at the interpreter's exit at the latest (see
         # `teardown.py`). Nothing the finalizer holds may lead back to the engine.
-        comms = [self.comm] + ([self.gather_comm] if config.stage == 3 else [])
+        comms = list(self.communicators)
         swap_file = self.swapper.file if self.swapper is not None else None
         self._release = weakref.finalize(self, release, comms, self._delayed, swap_file)
         release_before_teardown(self._release)
@@ -341,9 +350,8 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         communicators in one list: `(operation, communicator, bytes, unit)` in issue order (see
         `rules_of_order.py`). Returns the list, which keeps growing; call again for a fresh one."""
         trace: list[tuple[str, str, int, int | None]] = []
-        self.comm.trace = trace
-        if self.gatherer is not None:
-            self.gather_comm.trace = trace
+        for comm in self.communicators:
+            comm.trace = trace
         return trace
 
     def zero_grad(self, set_to_none: bool = True) -> None:

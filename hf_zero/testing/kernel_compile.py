@@ -9,7 +9,8 @@ JIT sees on real calls (flat shards are padded to 64 elements, `layout.ALIGN`, a
 allocations are 16-byte aligned), then
 
 - counts the global loads and stores in the PTX by width: 128-bit vector accesses against scalar
-  ones, apart from the few one-value reads per launch (the unscale factor, the skip flag);
+  ones, apart from the few one-value reads per launch (the unscale factor, the skip flag) and the
+  per-program ones (a reduction's partial sums, the quantization scales);
 - runs `ptxas -v` on the PTX for the registers each thread uses and the bytes it spills.
 
     python -m hf_zero.testing.kernel_compile [--arch 80 90] [--all]    # one JSON line per variant
@@ -46,8 +47,13 @@ class Variant:
     constexprs: dict = field(hash=False)
     # Loads of one value per launch (scale, skip flag): scalar by nature.
     per_launch_loads: int = 0
-    # Stores of one value per program (a reduction's partial sums): scalar by nature.
+    # Stores of one value per program (a reduction's partial sums, quantization scales): scalar by nature.
     per_program_stores: int = 0
+    # Loads of one value per program and loop pass (the quantization scales of dequantization).
+    per_program_loads: int = 0
+    num_warps: int = 8
+    # Off where a kernel must round each product before adding it, as its reference does.
+    fp_fusion: bool = True
 
     @property
     def label(self) -> str:
@@ -74,7 +80,8 @@ class Report:
 def _kernel_modules():
     # By module path: `hf_zero.kernels` exports functions under the names of their modules.
     return tuple(
-        importlib.import_module(f"hf_zero.kernels.{name}") for name in ("adamw", "grad_stats", "sgd")
+        importlib.import_module(f"hf_zero.kernels.{name}")
+        for name in ("adamw", "grad_stats", "sgd", "quantize")
     )
 
 
@@ -99,8 +106,9 @@ def variants(full: bool = False) -> list[Variant]:
     """The variants of each kernel to compile: with `full`, every combination the engine can launch
     (grad dtype × 16-bit copy × skip flag × gradient reset × unscale factor, and for SGD × momentum
     state: 291); otherwise a covering set of 39 in which every value of every flag is compiled. The
-    flags that only change arithmetic (Adam's decoupled decay, SGD's Nesterov) alternate."""
-    adamw, grad_stats, sgd = _kernel_modules()
+    flags that only change arithmetic (Adam's decoupled decay, SGD's Nesterov) alternate. Then the
+    quantization kernels' variants (`quantize_variants`: 18 with `full`, else 6)."""
+    adamw, grad_stats, sgd, _ = _kernel_modules()
     found: list[Variant] = []
     for i, (grad, out, skip, zero_grad, scale, _) in enumerate(_flag_settings(full, 1)):
         constexprs = {"DECOUPLED": i // 8 % 2 == 0, "HAS_SCALE": scale, "HAS_SKIP": skip,
@@ -118,13 +126,63 @@ def variants(full: bool = False) -> list[Variant]:
         found.append(
             Variant("grad_stats", grad, "none", {"BLOCK": grad_stats.BLOCK_SIZE}, per_program_stores=2)
         )
+    return found + quantize_variants(full)
+
+
+# Quantization block sizes compiled: many blocks per tile, few, and one block filling the tile.
+QUANT_BLOCKS = (64, 512, 4096)
+
+
+def quantize_variants(full: bool = False) -> list[Variant]:
+    """Quantization per input dtype and dequantization per output dtype, with the tile plan the
+    launchers take for long rows: with `full` at every block size of QUANT_BLOCKS, otherwise at
+    each in turn (6 variants)."""
+    quantize = _kernel_modules()[3]
+    found = []
+    for kernel, dtypes in (("quantize", _DTYPES), ("dequantize", ("fp32", "bf16", "fp16"))):
+        pairs = enumerate(dtypes) if not full else itertools.product(range(len(QUANT_BLOCKS)), dtypes)
+        for i, dtype in pairs:
+            block = QUANT_BLOCKS[i % len(QUANT_BLOCKS)]
+            qb, nb_tile, _, warps = quantize._plan(1 << 20, block)
+            constexprs = {"QBLOCK": block, "QB": qb, "NB": nb_tile}
+            if kernel == "quantize":
+                found.append(
+                    Variant(kernel, dtype, "int8", constexprs, per_program_stores=1, num_warps=warps)
+                )
+            else:
+                constexprs["OUT_MODE"] = 1 if dtype == "bf16" else 2
+                # Without fp fusion, as the launcher: each product is rounded before it is added.
+                options = {"per_program_loads": 1, "num_warps": warps, "fp_fusion": False}
+                found.append(Variant(kernel, "int8", dtype, constexprs, **options))
     return found
 
 
 def _signature(variant: Variant) -> tuple[object, dict[str, str], set[int]]:
     """The kernel object, its argument types, and which arguments the JIT would see as 16-byte
     divisible (pointers, and the element count of padded shards)."""
-    adamw, grad_stats, sgd = _kernel_modules()
+    adamw, grad_stats, sgd, quantize = _kernel_modules()
+    if variant.kernel == "quantize":
+        # x, q, scales; n, blocks per row, tiles per row. Rows padded to 16 elements.
+        kernel, pointers, scalars = (
+            quantize._quantize_kernel,
+            ["*" + variant.grad_dtype, "*i8", "*fp32"],
+            ["i32"] * 3,
+        )
+        divisible = {0, 1, 2, 3}
+    elif variant.kernel == "dequantize":
+        # q, scales, out; n, blocks per row, tiles per row, K, q's and scales' strides along K.
+        kernel, pointers, scalars = (
+            quantize._dequantize_kernel,
+            ["*i8", "*fp32", "*" + variant.out],
+            ["i32"] * 6,
+        )
+        divisible = {0, 1, 2, 3, 7}
+    if variant.kernel in ("quantize", "dequantize"):
+        types = pointers + scalars
+        signature = {
+            name: types[i] if i < len(types) else "constexpr" for i, name in enumerate(kernel.arg_names)
+        }
+        return kernel, signature, divisible
     grad = "*" + _DTYPES[variant.grad_dtype]
     # Without a copy the kernel is handed the fp32 parameter in the copy's place.
     out = "*" + ("fp32" if variant.out == "none" else _DTYPES[variant.out])
@@ -193,7 +251,9 @@ def compile_variant(variant: Variant, capability: int) -> Report:
         kernel, signature, dict(variant.constexprs), {(i,): [["tt.divisibility", 16]] for i in divisible}
     )
     target = GPUTarget("cuda", capability, 32)
-    options = make_backend(target).parse_options({"num_warps": 8})
+    options = make_backend(target).parse_options(
+        {"num_warps": variant.num_warps, "enable_fp_fusion": variant.fp_fusion}
+    )
     compiled = triton.compile(source, target=target, options=options.__dict__)
     ptx = compiled.asm["ptx"]
     registers, spill_bytes = _ptxas_usage(ptx, capability)
@@ -204,7 +264,9 @@ def compile_variant(variant: Variant, capability: int) -> Report:
         registers=registers,
         spill_bytes=spill_bytes,
         **counts,
-        unexpected_scalar_loads=max(0, counts["scalar_loads"] - variant.per_launch_loads),
+        unexpected_scalar_loads=max(
+            0, counts["scalar_loads"] - variant.per_launch_loads - variant.per_program_loads
+        ),
         unexpected_scalar_stores=max(0, counts["scalar_stores"] - variant.per_program_stores),
     )
 

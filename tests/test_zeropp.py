@@ -1,0 +1,151 @@
+"""ZeRO++ (qwZ, hpZ, qgZ) on 4 gloo ranks as 2 nodes × 2: bytes per communicator against the
+formulas, what the forward computes on, gradients and training against the exact runs, and the
+rules of order. One launch (`hf_zero.testing.zeropp_checks`) runs every case."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hf_zero import ZeroConfig
+from hf_zero.testing.launch import torchrun
+from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE
+
+WORLD = 4
+NODES = WORLD // NODE_SIZE
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zeropp") / "report.json"
+    torchrun("hf_zero.testing.zeropp_checks", WORLD, [str(out)])
+    return json.loads(out.read_text())
+
+
+def _buckets(case: dict, root: bool | None = None) -> list[int]:
+    """The chunk size of every bucket (of root segments, layer segments, or all)."""
+    return [
+        chunk for is_root, chunks in case["segments"] if root is None or is_root == root for chunk in chunks
+    ]
+
+
+def _blocks(chunk: int) -> int:
+    return math.ceil(chunk / BLOCK)
+
+
+def test_every_rank_issues_the_same_collectives_in_every_case(report):
+    assert set(report) == set(CASES)
+    for name, case in report.items():
+        assert case["traces_agree"], f"{name}: {case['first_difference']}"
+
+
+def test_int8_weights_halve_the_forward_gathers_and_the_forward_sees_the_int8_round_trip(report):
+    exact, qwz = report["exact-3"], report["qwz"]
+    full = MICRO_BATCH * sum(WORLD * chunk * 2 for chunk in _buckets(exact))
+    assert exact["bytes"]["gather:forward_gather"] == full
+    # The root unit (gathered once for both passes) stays 16-bit; layer units send int8 + fp32 scales.
+    quantized = MICRO_BATCH * (
+        sum(WORLD * chunk * 2 for chunk in _buckets(qwz, root=True))
+        + sum(WORLD * (chunk + 4 * _blocks(chunk)) for chunk in _buckets(qwz, root=False))
+    )
+    assert qwz["bytes"]["gather:forward_gather"] == quantized
+    layers16 = MICRO_BATCH * sum(WORLD * chunk * 2 for chunk in _buckets(qwz, root=False))
+    assert quantized - (full - layers16) <= 0.54 * layers16  # int8 + one scale per 64: 17/32
+    assert qwz["bytes"]["gather:backward_gather"] == exact["bytes"]["gather:backward_gather"]
+    # What the layer computed on: each rank's chunk through the int8 round trip, not the exact weights.
+    assert qwz["forward_gather"]["to_reference"] == 0.0
+    assert qwz["forward_gather"]["to_exact"] > 0.0
+    assert exact["forward_gather"]["to_exact"] == 0.0
+
+
+def test_hpz_keeps_backward_gathers_inside_the_node_and_changes_no_number(report):
+    exact, hpz = report["exact-3"], report["hpz"]
+    backward = MICRO_BATCH * sum(WORLD * chunk * 2 for chunk in _buckets(exact, root=False))
+    assert exact["bytes"]["gather:backward_gather"] == backward
+    assert "gather:backward_gather" not in hpz["bytes"]  # nothing of the backward crosses nodes
+    assert hpz["bytes"]["hpz:backward_gather"] == backward
+    assert hpz["bytes_sent"]["hpz"] == backward * (NODE_SIZE - 1) // NODE_SIZE
+    assert hpz["bytes_sent"]["gather"] == exact["bytes"]["gather:forward_gather"] * (WORLD - 1) // WORLD
+    secondary = sum(WORLD * chunk * 2 for chunk in _buckets(hpz, root=False)) // NODE_SIZE
+    assert hpz["memory"]["hpz_secondary"] == secondary
+    assert exact["memory"]["hpz_secondary"] == 0
+    # The secondary copy holds exactly the gathered 16-bit weights: training is bit-identical.
+    assert hpz["losses"] == exact["losses"]
+    assert hpz["max_weight_difference"] == 0.0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_int8_gradients_go_through_the_node_then_across_nodes_in_a_quarter_of_the_bytes(report, stage):
+    exact, qgz = report[f"exact-{stage}"], report[f"qgz-{stage}"]
+    chunks = _buckets(exact)
+    assert exact["bytes"]["main:reduce_scatter"] == MICRO_BATCH * sum(WORLD * c * 2 for c in chunks)
+    assert "main:reduce_scatter" not in qgz["bytes"]
+    intra = MICRO_BATCH * sum(WORLD * (c + 4 * _blocks(c)) for c in chunks)
+    inter = MICRO_BATCH * sum(NODES * (c + 4 * _blocks(c)) for c in chunks)
+    assert qgz["bytes"]["qgz_intra:all_to_all"] == intra
+    assert qgz["bytes"]["qgz_inter:all_to_all"] == inter
+    assert qgz["bytes_sent"]["qgz_intra"] == intra * (NODE_SIZE - 1) // NODE_SIZE
+    assert qgz["bytes_sent"]["qgz_inter"] == inter * (NODES - 1) // NODES
+    # Cross-node bytes per rank: a 16-bit reduce-scatter sends its chunks to the W - L ranks of other
+    # nodes; qgZ sends one int8 chunk (and its scales) to each other node.
+    exact_cross = MICRO_BATCH * sum((WORLD - NODE_SIZE) * c * 2 for c in chunks)
+    assert qgz["bytes_sent"]["qgz_inter"] <= 0.27 * exact_cross
+    # Gradients from the same weights: off by int8 rounding (two roundings), not more.
+    assert 0.0 < qgz["grad_error"] <= 0.025
+
+
+def test_every_option_trains_as_the_exact_run_does(report):
+    def last_step(losses: list[float]) -> float:
+        return sum(losses[-MICRO_BATCH:]) / MICRO_BATCH
+
+    for stage in (2, 3):
+        exact = report[f"exact-{stage}"]["losses"]
+        assert last_step(exact) < 0.65 * exact[0]  # the loss really moves
+    for name, case in report.items():
+        exact = report["exact-2" if name.endswith("-2") else "exact-3"]["losses"]
+        if "qwz" not in name and "all" not in name:  # exact weights in the first forward
+            assert case["losses"][0] == exact[0], name
+        assert abs(last_step(case["losses"]) - last_step(exact)) <= 0.03 * last_step(exact), name
+
+
+def test_deepspeed_zeropp_keys_map_onto_the_config():
+    config = ZeroConfig.from_deepspeed(
+        {
+            "zero_optimization": {
+                "stage": 3,
+                "zero_quantized_weights": True,
+                "zero_hpz_partition_size": 8,
+                "zero_quantized_gradients": True,
+            }
+        }
+    )
+    assert (config.quantized_weights, config.hpz_partition_size, config.quantized_gradients) == (
+        "int8",
+        8,
+        "int8",
+    )
+    off = ZeroConfig.from_deepspeed({"zero_optimization": {"stage": 3, "zero_quantized_weights": False}})
+    assert (off.quantized_weights, off.hpz_partition_size, off.quantized_gradients) == ("none", 1, "none")
+    with pytest.raises(ValueError, match="zero_quantized_gradients' must be true or false"):
+        ZeroConfig.from_deepspeed({"zero_optimization": {"stage": 2, "zero_quantized_gradients": "yes"}})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"stage": 2, "quantized_weights": "int8"}, "only stage 3 gathers weights"),
+        ({"stage": 2, "hpz_partition_size": 2}, "serves stage 3's backward gathers"),
+        ({"stage": 1, "quantized_gradients": "int8"}, "stages 2 and 3 only"),
+        (
+            {"stage": 3, "hpz_partition_size": 2, "offload_params": "cpu", "offload_optimizer": "cpu"},
+            "keep on the GPU the weights offloading",
+        ),
+        ({"stage": 3, "quantization_block": 100}, "power of two"),
+        ({"stage": 3, "quantized_weights": "int4"}, "quantized_weights"),
+    ],
+)
+def test_bad_zeropp_settings_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ZeroConfig(**settings)
