@@ -34,7 +34,13 @@ def test_ranks_on_different_paths_issue_the_same_collectives_in_the_same_interle
         assert result["difference"] is None, f"{name}: {result['difference']}"
         trace = result["traces"][0]
         communicators = {communicator for _, communicator, _, _ in trace}
-        assert communicators == ({"main", "gather"} if "stage3" in name else {"main"}), name
+        expected = {"main", "gather"} if "stage3" in name else {"main"}
+        if "zeropp" in name:  # gradients reduce in the node's int8 all-to-all; backward gathers there too
+            expected = {"gather", "hpz", "qgz_intra"} if "stage3" in name else {"main", "qgz_intra"}
+        assert communicators == expected, name
+        if "zeropp" in name:
+            assert not any(op == "reduce_scatter" for op, _, _, _ in trace), name
+            continue
         # At stage 3, 3 steps reduce every unit's gradients: 6 blocks and the root, at least once
         # each; at stage 2 the segments span the units (all labelled with the root's).
         reduced = {unit for op, _, _, unit in trace if op == "reduce_scatter"}

@@ -11,7 +11,8 @@ Three models of six layer units each (`Block`), with an embedding and a head in 
 - `skip`: rank 1's data skip blocks 2 and 3 altogether.
 Each trains 3 steps of 2 micro-batches at stage 2 and stage 3, with `overlap_comm` on and off, and at
 stage 3 with prefetching on and off, recording every collective (`ZeroEngine.trace_collectives`);
-`last-branch` and `moe` also with Muon for the blocks' matrices (its all-to-alls in the step).
+`last-branch` and `moe` also with Muon for the blocks' matrices (its all-to-alls in the step), and
+each scenario with ZeRO++'s options (`ZEROPP`).
 Rank 0 writes, per case, every rank's trace and where the traces first differ
 (`rules_of_order.first_difference`).
 """
@@ -98,6 +99,14 @@ def _batch(rank: int, step: int, scenario: str) -> tuple[torch.Tensor, torch.Ten
     return ids, torch.tensor([rank % 2])
 
 
+# ZeRO++ on 2 ranks of one node (LOCAL_WORLD_SIZE=2): int8 gradients reduce inside it; at stage 3,
+# int8 forward gathers and the secondary partition too.
+ZEROPP = {
+    2: {"quantized_gradients": "int8", "quantization_block": 16},
+    3: {"quantized_gradients": "int8", "quantized_weights": "int8", "hpz_partition_size": 2, "quantization_block": 16},
+}
+
+
 def trace_case(scenario: str, zero: dict, muon: bool = False) -> list:
     """This rank's collectives over 3 steps of 2 micro-batches of `scenario` under `zero` (with
     `muon`, Muon for the blocks' weight matrices and AdamW for the rest)."""
@@ -135,6 +144,10 @@ CASES = {
 } | {
     f"{scenario}-stage{stage}-muon": (scenario, {"stage": stage, "precision": "fp32"}, True)
     for scenario in ("last-branch", "moe")
+    for stage in (2, 3)
+} | {
+    f"{scenario}-stage{stage}-zeropp": (scenario, {"stage": stage, "precision": "fp32", **ZEROPP[stage]}, False)
+    for scenario in ("last-branch", "moe", "skip")
     for stage in (2, 3)
 }
 
