@@ -11,7 +11,7 @@ import pytest
 
 from hf_zero import ZeroConfig
 from hf_zero.testing.launch import torchrun
-from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE
+from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE, STEPS
 
 WORLD = 4
 NODES = WORLD // NODE_SIZE
@@ -31,13 +31,17 @@ def _buckets(case: dict, root: bool | None = None) -> list[int]:
     ]
 
 
+def _cases(report: dict) -> list[tuple[str, dict]]:
+    return [(name, case) for name, case in report.items() if name != "resumed"]
+
+
 def _blocks(chunk: int) -> int:
     return math.ceil(chunk / BLOCK)
 
 
 def test_every_rank_issues_the_same_collectives_in_every_case(report):
-    assert set(report) == set(CASES)
-    for name, case in report.items():
+    assert set(report) == set(CASES) | {"resumed"}
+    for name, case in _cases(report):
         assert case["traces_agree"], f"{name}: {case['first_difference']}"
 
 
@@ -103,11 +107,24 @@ def test_every_option_trains_as_the_exact_run_does(report):
     for stage in (2, 3):
         exact = report[f"exact-{stage}"]["losses"]
         assert last_step(exact) < 0.65 * exact[0]  # the loss really moves
-    for name, case in report.items():
+    for name, case in _cases(report):
         exact = report["exact-2" if name.endswith("-2") else "exact-3"]["losses"]
         if "qwz" not in name and "all" not in name:  # exact weights in the first forward
             assert case["losses"][0] == exact[0], name
         assert abs(last_step(case["losses"]) - last_step(exact)) <= 0.03 * last_step(exact), name
+
+
+def test_checkpoints_resume_with_the_options_on_and_off(report):
+    resumed, half = report["resumed"], (STEPS // 2) * MICRO_BATCH
+    # Saved with every option on, resumed the same way: the run continues bit for bit.
+    assert resumed["all-3-resumed"]["load_difference"] == 0.0
+    assert resumed["all-3-resumed"]["losses"] == report["all-3"]["losses"][half:]
+    # Saved with the options on, resumed without (and the other way): the same weights, and training
+    # goes on from where it was.
+    for name, source in (("exact-3-from-all-3", "all-3"), ("qgz-2-from-exact-2", "exact-2")):
+        assert resumed[name]["load_difference"] == 0.0, name
+        first = report[source]["losses"][half]
+        assert abs(resumed[name]["losses"][0] - first) <= 0.01 * first, name
 
 
 def test_deepspeed_zeropp_keys_map_onto_the_config():

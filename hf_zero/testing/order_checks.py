@@ -103,7 +103,12 @@ def _batch(rank: int, step: int, scenario: str) -> tuple[torch.Tensor, torch.Ten
 # int8 forward gathers and the secondary partition too.
 ZEROPP = {
     2: {"quantized_gradients": "int8", "quantization_block": 16},
-    3: {"quantized_gradients": "int8", "quantized_weights": "int8", "hpz_partition_size": 2, "quantization_block": 16},
+    3: {
+        "quantized_gradients": "int8",
+        "quantized_weights": "int8",
+        "hpz_partition_size": 2,
+        "quantization_block": 16,
+    },
 }
 
 
@@ -130,26 +135,34 @@ def trace_case(scenario: str, zero: dict, muon: bool = False) -> list:
     return trace
 
 
-CASES = {
-    f"{scenario}-stage{stage}-overlap{int(overlap)}{'' if prefetch is None else '-prefetch0'}": (
-        scenario,
-        {"stage": stage, "precision": "fp32", "overlap_comm": overlap}
-        | ({} if prefetch is None else {"prefetch_bytes": prefetch}),
-        False,
-    )
-    for scenario in ("last-branch", "moe", "skip")
-    for stage in (2, 3)
-    for overlap in (True, False)
-    for prefetch in ((None, 0) if stage == 3 else (None,))
-} | {
-    f"{scenario}-stage{stage}-muon": (scenario, {"stage": stage, "precision": "fp32"}, True)
-    for scenario in ("last-branch", "moe")
-    for stage in (2, 3)
-} | {
-    f"{scenario}-stage{stage}-zeropp": (scenario, {"stage": stage, "precision": "fp32", **ZEROPP[stage]}, False)
-    for scenario in ("last-branch", "moe", "skip")
-    for stage in (2, 3)
-}
+CASES = (
+    {
+        f"{scenario}-stage{stage}-overlap{int(overlap)}{'' if prefetch is None else '-prefetch0'}": (
+            scenario,
+            {"stage": stage, "precision": "fp32", "overlap_comm": overlap}
+            | ({} if prefetch is None else {"prefetch_bytes": prefetch}),
+            False,
+        )
+        for scenario in ("last-branch", "moe", "skip")
+        for stage in (2, 3)
+        for overlap in (True, False)
+        for prefetch in ((None, 0) if stage == 3 else (None,))
+    }
+    | {
+        f"{scenario}-stage{stage}-muon": (scenario, {"stage": stage, "precision": "fp32"}, True)
+        for scenario in ("last-branch", "moe")
+        for stage in (2, 3)
+    }
+    | {
+        f"{scenario}-stage{stage}-zeropp": (
+            scenario,
+            {"stage": stage, "precision": "fp32", **ZEROPP[stage]},
+            False,
+        )
+        for scenario in ("last-branch", "moe", "skip")
+        for stage in (2, 3)
+    }
+)
 
 
 def main() -> None:

@@ -10,12 +10,15 @@ rank's final fp32 weights are gathered and compared with it. Rank 0 writes, per 
 communicator and operation (forward and backward gathers told apart by the trace's position before
 or after the first reduction), the layout sizes the byte formulas need, the largest weight
 difference to the exact run, the losses, whether all ranks' traces agree, and the memory breakdown.
+Two cases save a checkpoint halfway, which `RESUMED` loads with the options on and off (under
+"resumed": the losses after loading and the largest difference of the loaded weights to the saved).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,6 +48,14 @@ CASES = {
     },
     "exact-2": {"stage": 2},
     "qgz-2": {"stage": 2, "quantized_gradients": "int8"},
+}
+
+# Checkpoints: saved halfway by these cases, then resumed with the options on and off.
+SAVED = ("all-3", "exact-2")
+RESUMED = {
+    "all-3-resumed": ("all-3", CASES["all-3"]),
+    "exact-3-from-all-3": ("all-3", CASES["exact-3"]),
+    "qgz-2-from-exact-2": ("exact-2", CASES["qgz-2"]),
 }
 
 
@@ -90,8 +101,7 @@ def _forward_gather_against_reference(engine, model, batch) -> dict[str, float]:
     return {"to_reference": to_reference, "to_exact": to_exact}
 
 
-def run_case(name: str, settings: dict) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _engine(settings: dict):
     model = build_model("gpt2")
     config = {
         "precision": "bf16",
@@ -102,10 +112,25 @@ def run_case(name: str, settings: dict) -> dict:
         **settings,
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    engine = hf_zero.initialize(model, optimizer, config)
+    return model, optimizer, hf_zero.initialize(model, optimizer, config)
+
+
+def _weights(engine) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights on rank 0 (every rank takes part in gathering them)."""
+    weights = engine.full_state_dict(keep=dist.get_rank() == 0)
+    return {k: v.float() for k, v in weights.items()} if dist.get_rank() == 0 else None
+
+
+def run_case(name: str, settings: dict, checkpoints: Path) -> dict:
+    """Train a case; one of `SAVED` saves a checkpoint halfway, into `checkpoints / name`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, optimizer, engine = _engine(settings)
     samples = make_samples("gpt2", MICRO_BATCH * world * 2)
-    losses, trace, forwards = [], [], []
+    losses, trace, forwards, saved = [], [], [], None
     for step in range(STEPS):
+        if step == STEPS // 2 and name in SAVED:
+            engine.save_checkpoint(checkpoints / name)
+            saved = _weights(engine)
         if step == STEPS - 1:
             trace = engine.trace_collectives()
         for micro in range(MICRO_BATCH):
@@ -125,7 +150,7 @@ def run_case(name: str, settings: dict) -> dict:
     gather_check = _forward_gather_against_reference(engine, model, batch) if settings["stage"] == 3 else None
     everyone = [None] * world
     dist.all_gather_object(everyone, trace)
-    weights = engine.full_state_dict()  # fp32 masters, gathered (every rank takes part)
+    weights = _weights(engine)
     result = {
         "losses": losses,
         "bytes": _by_communicator(trace, forwards),
@@ -138,7 +163,8 @@ def run_case(name: str, settings: dict) -> dict:
             [engine.units[g.unit].is_root, [b.chunk for b in g.layout.buckets]]
             for g in engine.groups + engine.frozen
         ],
-        "weights": {k: v.float() for k, v in weights.items()} if rank == 0 else None,
+        "weights": weights,
+        "saved_weights": saved,
         "first_grads": {k: v.cpu() for k, v in first_grads.items()} if rank == 0 else None,
         "forward_gather": gather_check,
     }
@@ -146,11 +172,43 @@ def run_case(name: str, settings: dict) -> dict:
     return result
 
 
+def resume_case(settings: dict, checkpoint: Path) -> dict:
+    """Load `checkpoint` (saved halfway by a case of `SAVED`) under `settings` and train the rest of
+    the way: the weights right after loading and the losses of the steps after it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, optimizer, engine = _engine(settings)
+    engine.load_checkpoint(checkpoint)
+    loaded = _weights(engine)
+    samples = make_samples("gpt2", MICRO_BATCH * world * 2)
+    losses = []
+    for _step in range(STEPS // 2, STEPS):
+        for micro in range(MICRO_BATCH):
+            loss = model(**slice_samples(samples, (micro * world + rank) * 2, 2)).loss
+            engine.backward(loss)
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.close()
+    return {"loaded_weights": loaded, "losses": losses}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
-    results = {name: run_case(name, settings) for name, settings in CASES.items()}
+    checkpoints = Path(out).parent / "checkpoints"
+    results = {name: run_case(name, settings, checkpoints) for name, settings in CASES.items()}
+    resumed = {
+        name: resume_case(settings, checkpoints / source) for name, (source, settings) in RESUMED.items()
+    }
     if dist.get_rank() == 0:
-        report = {}
+        report: dict = {"resumed": {}}
+        for name, result in resumed.items():
+            saved = results[RESUMED[name][0]]["saved_weights"]
+            report["resumed"][name] = {
+                "losses": result["losses"],
+                "load_difference": max(
+                    (result["loaded_weights"][k] - saved[k]).abs().max().item() for k in saved
+                ),
+            }
         references = {stage: results[f"exact-{stage}"]["weights"] for stage in (2, 3)}
         references_grads = {stage: results[f"exact-{stage}"]["first_grads"] for stage in (2, 3)}
         for name, result in results.items():
@@ -165,7 +223,7 @@ def main(out: str) -> None:
                 (result["first_grads"][key] - grads[key]).abs().max().item() / grads[key].abs().max().item()
                 for key in grads
             )
-            del result["weights"], result["first_grads"]
+            del result["weights"], result["first_grads"], result["saved_weights"]
             report[name] = result
         with open(out, "w") as handle:
             json.dump(report, handle, indent=1)
