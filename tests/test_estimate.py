@@ -26,6 +26,7 @@ from hf_zero.cli.estimate import (
     estimate_command,
     model_shape,
     parse_size,
+    zeropp_estimates,
 )
 from hf_zero.testing.estimate_checks import BATCH, CASES, SEQ, TOLERANCE, tiny_config
 
@@ -263,9 +264,35 @@ def test_command_with_muon_shows_its_matrices_balance_and_exchange(config_dir, c
         estimate(shape, 2, "optimizer", gpus=3, optimizer="muon")
 
 
+def test_zeropp_rows_cut_what_crosses_nodes(shapes):
+    shape = shapes["llama"]
+    rows = {row.label: row for row in zeropp_estimates(shape, gpus=8, nodes=4, block=256)}
+    P, R = shape.parameters, shape.root_parameters
+    E, f = shape.input_embedding, 31 / 32
+    none = rows["none"]
+    assert none.forward_gather == round(2 * P * f)
+    assert none.backward_gather == round(2 * (P - R - E) * f)
+    assert none.reduce == round(2 * P * f)
+    assert none.node_network == pytest.approx(none.total_bytes, abs=2)  # every collective spans the nodes
+    # qwZ: int8 plus a 4-byte scale per 256 for all but the root.
+    assert rows["qwZ"].forward_gather == round((2 * R + (1 + 4 / 256) * (P - R)) * f)
+    # hpZ: backward gathers inside the node (7/8 of them sent), the network carries none of them.
+    assert rows["hpZ"].backward_gather == round(2 * (P - R - E) * 7 / 8)
+    assert rows["hpZ"].node_network == pytest.approx(none.node_network - none.backward_gather, abs=2)
+    assert rows["hpZ"].secondary_bytes == 2 * (P - R) // 8
+    # qgZ: the network carries the node's int8 sums, one per other node.
+    qgz = rows["qgZ"]
+    network = none.forward_gather + none.backward_gather + (1 + 4 / 256) * P * 3 / 4
+    assert qgz.node_network == pytest.approx(network, abs=2)
+    everything = rows["qwZ+hpZ+qgZ"]
+    assert everything.node_network < 0.35 * none.node_network
+    assert everything.inter_seconds < 0.35 * none.inter_seconds
+
+
 def test_command_shows_what_going_multi_node_costs(config_dir, capsys):
     assert estimate_command([str(config_dir), "--gpus", "8"]) == 0
-    one_node = table_rows(capsys.readouterr().out, "communication")
+    one_out = capsys.readouterr().out
+    one_node = table_rows(one_out, "communication")
     assert estimate_command([str(config_dir), "--gpus", "8", "--nodes", "2", "--inter-gbps", "50"]) == 0
     out = capsys.readouterr().out
     two_nodes = table_rows(out, "communication")
@@ -277,6 +304,10 @@ def test_command_shows_what_going_multi_node_costs(config_dir, capsys):
         assert two_nodes[stage,][5] != "-" and two_nodes[stage,][6] == two_nodes[stage,][5]
     # Twice the ranks send a little more each: (W-1)/W grows from 7/8 to 15/16.
     assert float(two_nodes["0",][3]) > float(one_node["0",][3])
+    # On several nodes, stage 3 with each ZeRO++ option (one node has nothing to save between nodes).
+    assert "Stage 3 with ZeRO++" in out and "ZeRO++" not in one_out
+    zeropp = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("none ", "qwZ"))}
+    assert float(zeropp["qwZ+hpZ+qgZ"][6]) < 0.35 * float(zeropp["none"][6])  # node network
 
 
 @pytest.mark.parametrize(

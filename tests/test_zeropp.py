@@ -10,7 +10,9 @@ import math
 import pytest
 
 from hf_zero import ZeroConfig
+from hf_zero.cli.estimate import model_shape, zeropp_estimate
 from hf_zero.testing.launch import torchrun
+from hf_zero.testing.tiny_models import build_model
 from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE, STEPS
 
 WORLD = 4
@@ -125,6 +127,32 @@ def test_checkpoints_resume_with_the_options_on_and_off(report):
         assert resumed[name]["load_difference"] == 0.0, name
         first = report[source]["losses"][half]
         assert abs(resumed[name]["losses"][0] - first) <= 0.01 * first, name
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("exact-3", ()),
+        ("qwz", ("qwz",)),
+        ("hpz", ("hpz",)),
+        ("qgz-3", ("qgz",)),
+        ("all-3", ("qwz", "hpz", "qgz")),
+    ],
+)
+def test_the_estimate_predicts_each_communicators_bytes(report, name, options):
+    shape = model_shape(build_model("gpt2").config)
+    predicted = zeropp_estimate(
+        shape, options, gpus=NODE_SIZE, nodes=NODES, grad_accum=MICRO_BATCH, block=BLOCK
+    )
+    sent = report[name]["bytes_sent"]
+    pairs = [
+        (predicted.forward_gather + (0 if "hpz" in options else predicted.backward_gather), sent["gather"]),
+        (predicted.reduce, sent.get("qgz_intra", 0) + sent.get("qgz_inter", 0) + sent["main"]),
+    ]
+    if "hpz" in options:
+        pairs.append((predicted.backward_gather, sent["hpz"]))
+    for estimated, measured in pairs:  # (the estimate leaves out the padding of flat buffers)
+        assert abs(estimated - measured) <= 0.02 * measured, (name, estimated, measured)
 
 
 def test_deepspeed_zeropp_keys_map_onto_the_config():

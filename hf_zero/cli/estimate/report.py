@@ -1,13 +1,15 @@
 """The tables `hf-zero estimate` prints: memory per GPU and host for each stage and offload choice,
-and the communication per step."""
+and the communication per step (with ZeRO++'s options too, on several nodes)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
+from ...config.zero_config import ZeroConfig
 from ...core.owners import balance_owners, newton_schulz_cost, owner_spread
 from .formulas import OFFLOAD_LABELS, PRECISION_BYTES, Estimate, ModelShape
+from .zeropp import zeropp_estimates
 
 
 def _unit_for(largest: float) -> tuple[str, float]:
@@ -138,7 +140,44 @@ def format_report(shape: ModelShape, estimates: Sequence[Estimate], options: arg
             if slower
             else "the intra-node links bound the step's communication"
         )
+    if options.nodes > 1:
+        lines += ["", *_zeropp_lines(shape, options)]
     return "\n".join(lines)
+
+
+def _zeropp_lines(shape: ModelShape, options: argparse.Namespace) -> list[str]:
+    """Stage 3's communication with each ZeRO++ option (`zeropp.py`), for more than one node."""
+    rows = zeropp_estimates(
+        shape,
+        gpus=options.gpus,
+        nodes=options.nodes,
+        precision=options.precision,
+        grad_accum=options.grad_accum,
+        intra_gbps=options.intra_gbps,
+        inter_gbps=options.inter_gbps,
+    )
+    name, size = _unit_for(max(max(row.total_bytes, row.node_network) for row in rows))
+    header = ["ZeRO++", "fwd gather", "bwd gather", "reduce", "total/GPU", "in node", "node network"]
+    header += ["hpZ copy/GPU", "intra-node", "inter-node", "time"]
+    table = [
+        [
+            row.label,
+            *(f"{value / size:.2f}" for value in (row.forward_gather, row.backward_gather, row.reduce)),
+            *(f"{value / size:.2f}" for value in (row.total_bytes, row.node_local, row.node_network)),
+            f"{row.secondary_bytes / size:.2f}",
+            _seconds(row.intra_seconds),
+            _seconds(row.inter_seconds),
+            _seconds(row.seconds),
+        ]
+        for row in rows
+    ]
+    return [
+        f"Stage 3 with ZeRO++ (ZeroConfig quantized_weights, hpz_partition_size={options.gpus}, "
+        f"quantized_gradients; int8 blocks of {ZeroConfig.quantization_block}), per optimizer step in {name}:",
+        *_table(header, table),
+        "in node: sent only inside the node (hpZ's backward gathers, qgZ's first all-to-all); node network: "
+        "what each node's network carries",
+    ]
 
 
 def _muon_line(shape: ModelShape, world: int) -> str:
