@@ -31,6 +31,8 @@ OVERFLOW = {"steps": 6, "overflow_at": {"3": 1, "4": 1}}  # two overflows in a r
 # Started far above fp16's range with hysteresis 1, the scale halves on each overflow until it settles.
 SETTLE = {"steps": 16, "config": {"initial_scale_power": 26, "hysteresis": 1, "loss_scale_window": 1000}}
 
+QGZ = {"node_size": 2, "quantized_gradients": "int8", "quantization_block": 64}
+
 LAUNCHES = {
     1: [{"name": "settle", "stage": 0, "micro_batch": 8, **SETTLE}],  # the global batch of 4 ranks
     2: [
@@ -62,6 +64,15 @@ LAUNCHES = {
         {"name": "s1_settle", "stage": 1, **SETTLE},
         {"name": "s2_settle", "stage": 2, **SETTLE},
         {"name": "s3_settle", "stage": 3, **SETTLE},
+        # ZeRO++ on 2 nodes x 2: an inf reaches its owner through the int8 all-to-alls (a NaN scale).
+        {"name": "s2_overflow_qgz", "stage": 2, "steps": 6, "overflow_at": {"3": 3, "4": 2}, "config": QGZ},
+        {
+            "name": "s3_overflow_zeropp",
+            "stage": 3,
+            "steps": 6,
+            "overflow_at": {"3": 3, "4": 2},
+            "config": {**QGZ, "quantized_weights": "int8", "hpz_partition_size": 2},
+        },
     ],
 }
 
@@ -140,6 +151,8 @@ def test_fp16_training_matches_fp32_within_fp16_rounding(runs, world, name, opti
         (2, "s2_overflow_muon"),
         (2, "s3_overflow_adafactor"),
         (4, "s2_overflow"),
+        (4, "s2_overflow_qgz"),
+        (4, "s3_overflow_zeropp"),
     ],
 )
 def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(runs, world, name):
