@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_zero.cli import main
-from hf_zero.cli.recipes import Recipe, muon_settings, training_arguments
+from hf_zero.cli.recipes import Recipe, build_model, muon_settings, training_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
@@ -28,6 +28,13 @@ def test_shipped_recipe_loads_and_overrides_apply():
     assert recipe.training["max_steps"] == 7
     assert recipe.zero["stage"] == 1 and recipe.zero["overlap_comm"] is False
     assert recipe.model["config"]["n_layer"] == 1
+
+
+def test_the_recipes_seed_fixes_the_models_initialisation():
+    recipe = Recipe.load(RECIPE, ["model.config.n_layer=1", "model.config.n_embd=32"])
+    first, again, other = (build_model(recipe, seed=seed).state_dict() for seed in (0, 0, 1))
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
 
 
 @pytest.mark.parametrize(

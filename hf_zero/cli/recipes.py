@@ -294,10 +294,15 @@ def model_type_of(recipe: Recipe) -> str:
     return str(recipe.model["architecture"])
 
 
-def build_model(recipe: Recipe, tokenizer=None):
+def build_model(recipe: Recipe, tokenizer=None, seed: int | None = None):
     """The recipe's model: randomly initialised from its config, or loaded with
-    `hf_zero.from_pretrained` (at stage 3 each rank reads only its shard)."""
+    `hf_zero.from_pretrained` (at stage 3 each rank reads only its shard). With `seed` (the
+    recipe's `training.seed`), the random initialisation is that seed's, so a run repeats; the
+    Trainer seeds only once the model exists."""
     import transformers
+
+    if seed is not None:
+        transformers.set_seed(seed)
 
     from ..hub.loading import from_pretrained
 
@@ -509,7 +514,7 @@ def run_recipe(recipe: Recipe) -> RecipeResult:
         data = prepare_data(
             recipe.model, recipe.data, args.output_dir, main, not args.disable_tqdm, resuming_from
         )
-    model = build_model(recipe, data.tokenizer)
+    model = build_model(recipe, data.tokenizer, args.seed)
     if main:  # said once the model exists: its size counts the vocabulary the tokenizer reached
         print(f"hf-zero train: {describe_run(recipe, model.config, args)}", flush=True)
     evaluating = data.evaluation is not None
