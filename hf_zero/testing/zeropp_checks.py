@@ -47,7 +47,12 @@ CASES = {
         "quantized_gradients": "int8",
     },
     # int8 gathers of parameter shards that live in host memory (uploaded, then quantized)
-    "qwz-offload": {"stage": 3, "quantized_weights": "int8", "offload_params": "cpu", "offload_optimizer": "cpu"},
+    "qwz-offload": {
+        "stage": 3,
+        "quantized_weights": "int8",
+        "offload_params": "cpu",
+        "offload_optimizer": "cpu",
+    },
     "exact-2": {"stage": 2},
     "qgz-2": {"stage": 2, "quantized_gradients": "int8"},
 }
