@@ -45,6 +45,8 @@ def test_every_rank_issues_the_same_collectives_in_every_case(report):
     assert set(report) == set(CASES) | {"resumed"}
     for name, case in _cases(report):
         assert case["traces_agree"], f"{name}: {case['first_difference']}"
+        # What the communicators count is what reached torch.distributed.
+        assert case["spied"] == sum(case["bytes_sent"].values()), name
 
 
 def test_int8_weights_halve_the_forward_gathers_and_the_forward_sees_the_int8_round_trip(report):

@@ -5,7 +5,8 @@ communicator, the weights against exact training, and the rules of order, with e
 
 Each case trains the tiny GPT-2 (`tiny_models`) in bf16 for `STEPS` steps of 2 micro-batches, every
 rank on its own samples, recording every collective (`ZeroEngine.trace_collectives`) and the
-bytes each communicator sent in the last step. The exact case (no option) is the reference; every
+bytes each communicator sent in the last step (and, from `CollectiveSpy`, the bytes of the tensors
+the step really handed to `torch.distributed`). The exact case (no option) is the reference; every
 rank's final fp32 weights are gathered and compared with it. Rank 0 writes, per case: the bytes by
 communicator and operation (forward and backward gathers told apart by the trace's position before
 or after the first reduction), the layout sizes the byte formulas need, the largest weight
@@ -27,6 +28,7 @@ import hf_zero
 from hf_zero.engine.rules_of_order import first_difference
 from hf_zero.kernels import dequantize_int8_reference, quantize_int8_reference
 
+from .engine_matrix import SPY
 from .launch import exit_cleanly
 from .tiny_models import build_model, make_samples, slice_samples
 
@@ -140,6 +142,7 @@ def run_case(name: str, settings: dict, checkpoints: Path) -> dict:
             saved = _weights(engine)
         if step == STEPS - 1:
             trace = engine.trace_collectives()
+            SPY.take()
         for micro in range(MICRO_BATCH):
             start = (micro * world + rank) * 2  # the same batches every step: the loss falls fast
             batch = slice_samples(samples, start, 2)
@@ -153,6 +156,7 @@ def run_case(name: str, settings: dict, checkpoints: Path) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     trace = list(trace)  # the last step's collectives, not the gathers of the weights below
+    spied = SPY.take()
     batch = slice_samples(samples, 0, 2)
     gather_check = _forward_gather_against_reference(engine, model, batch) if settings["stage"] == 3 else None
     everyone = [None] * world
@@ -162,6 +166,7 @@ def run_case(name: str, settings: dict, checkpoints: Path) -> dict:
         "losses": losses,
         "bytes": _by_communicator(trace, forwards),
         "bytes_sent": dict(engine.last_step_comm_bytes_by_communicator),
+        "spied": spied,
         "traces_agree": all(other == everyone[0] for other in everyone),
         "first_difference": first_difference(everyone),
         "memory": engine.memory_breakdown(),
@@ -201,6 +206,7 @@ def resume_case(settings: dict, checkpoint: Path) -> dict:
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
+    SPY.install()
     checkpoints = Path(out).parent / "checkpoints"
     results = {name: run_case(name, settings, checkpoints) for name, settings in CASES.items()}
     resumed = {
