@@ -30,6 +30,10 @@ gather issued before the unit's kernels are queued overlaps them, and waiting on
 the compute stream after it, without blocking the host. With the shards in an NVMe swap file,
 the file's reader is also asked to read the shards of the unit after the prefetched ones ahead
 (`reader`).
+
+ZeRO++ (`zeropp.py`): with `quantized_weights`, a forward walk's gathers travel as int8; with
+`hpz_partition_size`, the weights each gather brings are also kept, split over the node, and the
+backward walk's gathers come from that copy, inside the node.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from ..config.zero_config import MIN_PREFETCH_BYTES
 from ..core.distributed import Collectives
 from ..core.flat_group import FlatParamGroup
 from ..core.units import Unit
-from .zeropp import ZeroPlusPlus, _AfterWait
+from .zeropp import AfterWait, ZeroPlusPlus
 
 
 def _in_backward() -> bool:
@@ -208,6 +212,7 @@ class UnitGatherer:
         if not todo:
             return
         segments = [segment for _, unit_segments in todo for segment in unit_segments]
+        # (gives each segment its storage back; the pairs gather from the primary shards)
         pairs = [pair for segment in segments for pair in segment.gather()]
         secondary = self.secondary
         if use == "backward" and secondary is not None and secondary.holds(segments):
@@ -218,7 +223,7 @@ class UnitGatherer:
         else:
             works = self.comm.all_gather_many(pairs, todo[0][0])
             if secondary is not None:
-                works = [_AfterWait(works, lambda: secondary.fill(segments))]
+                works = [AfterWait(works, lambda: secondary.fill(segments))]
         for unit, segments in todo:
             self.in_flight.setdefault(unit, []).extend(works)  # (waiting twice on a handle is free)
             self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)

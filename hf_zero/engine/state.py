@@ -136,7 +136,8 @@ class ShardedState:
         `offloaded` counts what lives in host memory instead: masters, optimizer state and the host
         gradient and weight buffers; with NVMe offload, the step's host buffers, and `nvme` the
         swap file (masters and optimizer state). `pinned` is the host memory of those that is
-        page-locked on a GPU (on the CPU: what would be)."""
+        page-locked on a GPU (on the CPU: what would be). `hpz_secondary` is ZeRO++ hpZ's copy of
+        the layer units' 16-bit weights, split over the node."""
         breakdown = {"weights": 0, "masters": 0, "offloaded": 0}
         for group in self.groups + self.frozen:
             for kind, size in group.state_bytes().items():

@@ -227,6 +227,8 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
         self.last_step_skipped = False
         self.step_state = StepState()
         self.last_grad_norm: torch.Tensor | None = None
+        # Bytes this rank sent in the last step's collectives (ring model, `Collectives`), in all
+        # and by communicator (main, gather, hpz, qgz_intra, qgz_inter).
         self.last_step_comm_bytes = 0
         self.last_step_comm_bytes_by_communicator: dict[str, int] = {}
         self.global_steps = 0

@@ -39,7 +39,7 @@ def _blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-class _AfterWait:
+class AfterWait:
     """Work handles that count as done once `finish` ran after all of them completed (once)."""
 
     def __init__(self, works: Sequence, finish: Callable[[], None]) -> None:
@@ -90,7 +90,7 @@ class QuantizedAllGather:
             if then is not None:
                 then()
 
-        return [_AfterWait(works, finish)]
+        return [AfterWait(works, finish)]
 
 
 class SecondaryPartition:
