@@ -1,12 +1,14 @@
 """Nothing grows with every step: resident memory (and, on a GPU, allocated device memory) stays
-flat over 60 training steps after 40 of warm-up, each with an evaluation forward, at every stage, under
+flat over 36 training steps after 24 of warm-up, each with an evaluation forward, at every stage, under
 activation checkpointing and with offload, on 2 gloo ranks (`hf_zero.testing.memory_growth`).
 
-The bound, 32 KiB per step, is above the noise of a flat run (at most about 6 KiB per step here,
-measured after `malloc_trim`, with glibc's mmap threshold fixed so megabyte temporaries do not
-move the heap) and below the leak stage 3 had on this model (about 310 KiB per step,
-100 KiB under reentrant checkpointing: each forward's autograd graph kept alive by the
-multi-gradient hooks on the units' inputs).
+The bound, 64 KiB per step, is twice what a run without a leak gains while it settles (measured
+after `malloc_trim`, with glibc's mmap threshold fixed so megabyte temporaries do not move the
+heap): stages 0-2 about 6 KiB per step, stage 3 about 30 KiB over its first hundred steps, falling
+to about 1 KiB by its 250th as the allocator's arenas and caches fill (so a longer warm-up would
+only cost time). It is below the leaks stage 3 had on this model: about 310 KiB per step, 100 KiB
+under reentrant checkpointing (each forward's autograd graph kept alive by the multi-gradient
+hooks on the units' inputs).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import json
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.memory_growth import CASES, growth_per_step
 
-STEPS = 60
-BOUND = 32 * 2**10  # bytes per step
+STEPS = 36
+BOUND = 64 * 2**10  # bytes per step
 
 
 def test_growth_per_step_is_robust_to_a_few_outliers():
