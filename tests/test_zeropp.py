@@ -11,6 +11,7 @@ import pytest
 
 from hf_zero import ZeroConfig
 from hf_zero.cli.estimate import model_shape, zeropp_estimate
+from hf_zero.core.topology import Topology, node_size_from
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model
 from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE, STEPS
@@ -196,3 +197,17 @@ def test_deepspeed_zeropp_keys_map_onto_the_config():
 def test_bad_zeropp_settings_are_refused_by_name(settings, message):
     with pytest.raises(ValueError, match=message):
         ZeroConfig(**settings)
+
+
+def test_nodes_are_runs_of_consecutive_ranks_sized_by_the_config_or_the_launcher(monkeypatch):
+    topology = Topology(world_size=8, node_size=4, rank=6)
+    assert (topology.nodes, topology.node, topology.local_rank) == (2, 1, 2)
+    assert topology.node_ranks(1) == [4, 5, 6, 7]
+    assert topology.peer_ranks(2) == [2, 6]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert node_size_from(None, 8) == 4
+    assert node_size_from(2, 8) == 2  # the config wins
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert node_size_from(None, 8) == 8  # no launcher: one node
+    with pytest.raises(ValueError, match="3 ranks per node do not divide the world size 8"):
+        Topology(world_size=8, node_size=3, rank=0)
