@@ -57,9 +57,10 @@ LAUNCHES = {
         },
         {"name": "s1_static", "stage": 1, "steps": 4, "overflow_at": {"2": 0}, "config": {"loss_scale": 256}},
     ],
+    # On 4 ranks the fp16 comparison runs at stage 2 only: stage 3 reduces through the same
+    # reducer (its buckets launched per unit) with the same pre-divided loss, which 2 ranks compare.
     4: [
         {"name": "s2_clip", "stage": 2, **COMPARED, "clipping": 1.0},
-        {"name": "s3", "stage": 3, **COMPARED},
         {"name": "s2_overflow", "stage": 2, "steps": 6, "overflow_at": {"3": 3, "4": 2}},
         {"name": "s1_settle", "stage": 1, **SETTLE},
         {"name": "s2_settle", "stage": 2, **SETTLE},
@@ -123,7 +124,6 @@ def _relative_weight_error(got: dict, want: dict) -> float:
         (2, "s3", "adamw", 0.0, 0.06),
         (2, "s2_sgd", "sgd", 0.0, 0.005),
         (4, "s2_clip", "adamw", 1.0, 0.06),
-        (4, "s3", "adamw", 0.0, 0.06),
     ],
 )
 def test_fp16_training_matches_fp32_within_fp16_rounding(runs, world, name, optimizer, clipping, weight_tol):
