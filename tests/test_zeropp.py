@@ -13,8 +13,7 @@ from hf_zero import ZeroConfig
 from hf_zero.cli.estimate import model_shape, zeropp_estimate
 from hf_zero.core.topology import Topology, node_size_from
 from hf_zero.testing.launch import torchrun
-from hf_zero.testing.tiny_models import build_model
-from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE, STEPS
+from hf_zero.testing.zeropp_checks import BLOCK, CASES, MICRO_BATCH, NODE_SIZE, STEPS, zeropp_model
 
 WORLD = 4
 NODES = WORLD // NODE_SIZE
@@ -143,7 +142,7 @@ def test_checkpoints_resume_with_the_options_on_and_off(report):
     ],
 )
 def test_the_estimate_predicts_each_communicators_bytes(report, name, options):
-    shape = model_shape(build_model("gpt2").config)
+    shape = model_shape(zeropp_model().config)
     predicted = zeropp_estimate(
         shape, options, gpus=NODE_SIZE, nodes=NODES, grad_accum=MICRO_BATCH, block=BLOCK
     )

@@ -38,6 +38,7 @@ backward walk's gathers come from that copy, inside the node.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -218,15 +219,15 @@ class UnitGatherer:
         if use == "backward" and secondary is not None and secondary.holds(segments):
             works = secondary.all_gather(segments, todo[0][0])
         elif use == "forward" and self.quantized is not None and not self.units[todo[0][0]].is_root:
-            fill = (lambda: secondary.fill(segments)) if secondary is not None else None
+            fill = functools.partial(secondary.fill, segments) if secondary is not None else None
             works = self.quantized.all_gather_many(pairs, todo[0][0], then=fill)
         else:
             works = self.comm.all_gather_many(pairs, todo[0][0])
             if secondary is not None:
-                works = [AfterWait(works, lambda: secondary.fill(segments))]
-        for unit, segments in todo:
+                works = [AfterWait(works, functools.partial(secondary.fill, segments))]
+        for unit, unit_segments in todo:
             self.in_flight.setdefault(unit, []).extend(works)  # (waiting twice on a handle is free)
-            self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in segments)
+            self.gathered_bytes += sum(s.flat.numel() * s.flat.element_size() for s in unit_segments)
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
 
     def gather(self, unit: int, use: str = "exact") -> None:

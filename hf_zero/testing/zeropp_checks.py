@@ -3,7 +3,7 @@ communicator, the weights against exact training, and the rules of order, with e
 
     torchrun --nproc_per_node 4 -m hf_zero.testing.zeropp_checks OUT.json
 
-Each case trains the tiny GPT-2 (`tiny_models`) in bf16 for `STEPS` steps of 2 micro-batches, every
+Each case trains a tiny GPT-2 of 4 layers (`zeropp_model`), prefetching as by default, in bf16 for `STEPS` steps of 2 micro-batches, every
 rank on its own samples, recording every collective (`ZeroEngine.trace_collectives`) and the
 bytes each communicator sent in the last step (and, from `CollectiveSpy`, the bytes of the tensors
 the step really handed to `torch.distributed`). The exact case (no option) is the reference; every
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import GPT2LMHeadModel
 
 import hf_zero
 from hf_zero.engine.rules_of_order import first_difference
@@ -104,14 +105,22 @@ def _forward_gather_against_reference(engine, model, batch) -> dict[str, float]:
     return {"to_reference": to_reference, "to_exact": to_exact}
 
 
+def zeropp_model() -> GPT2LMHeadModel:
+    """The tiny GPT-2 of `tiny_models` with 4 layers: the default prefetch budget then gathers
+    several units in one collective (the last three in forward, three in backward)."""
+    config = build_model("gpt2").config
+    config.n_layer = 4
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config)
+
+
 def _engine(settings: dict):
-    model = build_model("gpt2")
+    model = zeropp_model()
     config = {
         "precision": "bf16",
         "node_size": NODE_SIZE,
         "quantization_block": BLOCK,
         "reduce_bucket_size": 2_000,
-        "prefetch_bytes": 0,
         **settings,
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
