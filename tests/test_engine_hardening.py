@@ -126,6 +126,10 @@ def test_stage3_generates_as_unsharded_and_edits_reach_every_rank(tmp_path):
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
+    # model.save_pretrained, called on every rank of a plain loop, writes the same weights and the config.
+    via_model = AutoModelForCausalLM.from_pretrained(tmp_path / "save_pretrained").state_dict()
+    assert via_model.keys() == expected.keys()
+    assert all(torch.equal(via_model[key], value) for key, value in expected.items())
     # Rank 0 never held more than one unit and one output file's worth on the host.
     assert saved["peak_host_bytes"] <= max(report["unit_fp32_bytes"]) + report["shard_bytes"]
     assert saved["peak_host_bytes"] < saved["total_size"]

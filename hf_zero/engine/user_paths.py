@@ -15,13 +15,16 @@ below would otherwise silently do nothing or be undone at the next step:
   `clip_grad_value_` on managed parameters is refused;
 - at stage 3, `model.generate(...)` gathers the whole model once for the call when it fits (see
   `ZeroConfig.generate_gather`), else keeps every rank's forward passes in step (`synced_gpus`),
-  since each one gathers units with the other ranks.
+  since each one gathers units with the other ranks;
+- at stage 3, a transformers model's `model.save_pretrained(folder)` writes the full fp32 weights
+  unit by unit (`hub/saving.py`, as `trainer.save_model` does) and the config, from rank 0; the
+  model's own would read the parameters' empty storage.
 
 These are every call hf_zero reroutes but one: torch's `env://` rendezvous, wrapped on import
 for workers that torchrun restarts (`core/distributed.py`, `_restart_safe_env_rendezvous`).
 
 `install` records each function it replaces on the user's objects (`zero_grad`, `add_param_group`,
-a chained optimizer's `step`, `generate`) in a `Patches`, and `engine.close()` puts them all back
+a chained optimizer's `step`, `generate`, `save_pretrained`) in a `Patches`, and `engine.close()` puts them all back
 together; torch's clipping functions are replaced once per process while any engine is open, and
 restored when the last one closes (they behave as torch's own for parameters no engine manages).
 The engine's own module and optimizer hooks (gradient, step, stage-3 gathers) are not patches and
@@ -31,6 +34,7 @@ stay with the model.
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from typing import Any
 
@@ -98,6 +102,7 @@ def install(engine: EngineView, patches: Patches) -> list:
     handles.append(engine.module.register_forward_hook(_end_forward_label(reference)))
     if engine.config.stage == 3:
         _route_generate(engine, patches)
+        _route_save_pretrained(engine, patches)
     return handles
 
 
@@ -142,6 +147,55 @@ def _route_generate(engine: EngineView, patches: Patches) -> None:
         generate = functools.wraps(original)(generate)
         generate._hf_zero_route = True
         patches.replace(module, "generate", generate)
+
+
+def _route_save_pretrained(engine: EngineView, patches: Patches) -> None:
+    """Stage 3: `save_pretrained` on a transformers model (not a PEFT wrapper, which saves adapters
+    its own way) writes the full weights through the engine. Every rank must call it (each takes
+    part in the gathers); rank 0 writes, unless the caller says it is not the main process. With
+    `state_dict=` given, the model's own `save_pretrained` runs unchanged."""
+    module = engine.module
+    # (by name: the engine imports no transformers)
+    if not any(cls.__name__ == "PreTrainedModel" for cls in type(module).__mro__):
+        return
+    original = module.save_pretrained
+    reference = weakref.ref(engine)
+
+    def save_pretrained(
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        engine = reference()
+        if engine is None or state_dict is not None:
+            return original(
+                save_directory,
+                is_main_process=is_main_process,
+                state_dict=state_dict,
+                max_shard_size=max_shard_size,
+                safe_serialization=safe_serialization,
+                **kwargs,
+            )
+        if not safe_serialization or kwargs.get("push_to_hub"):
+            raise ValueError(
+                "at stage 3, model.save_pretrained writes safetensors to a folder only; save there, then "
+                "upload the folder (huggingface_hub.upload_folder), or pass state_dict=engine.full_state_dict()"
+            )
+        from ..hub.saving import save_full_weights  # (imports transformers, which the engine does not)
+
+        writes = is_main_process and engine.rank == 0
+        with engine.watch.engine_call("save_pretrained"):
+            save_full_weights(engine, save_directory, keep=writes, max_shard_size=max_shard_size)
+        if writes:
+            module.config.save_pretrained(save_directory)
+            if module.can_generate() and module.generation_config is not None:
+                module.generation_config.save_pretrained(save_directory)
+
+    save_pretrained = functools.wraps(original)(save_pretrained)
+    patches.replace(module, "save_pretrained", save_pretrained)
 
 
 def _generate(engine: EngineView, original, args: tuple, kwargs: dict) -> Any:

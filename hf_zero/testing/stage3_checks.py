@@ -91,6 +91,7 @@ def main(argv: list[str]) -> None:
     report["saved"] = save_full_weights(engine, out / "saved", keep, max_shard_size=SHARD_SIZE)
     report["shard_bytes"] = convert_file_size_to_int(SHARD_SIZE)
     report["unit_fp32_bytes"] = [4 * sum(p.numel() for p in unit.params) for unit in engine.units]
+    model.save_pretrained(out / "save_pretrained")  # every rank, as a plain loop would call it
     if keep:
         model.config.save_pretrained(out / "saved")
         save_file({k: v.clone() for k, v in full.items()}, str(out / "expected.safetensors"))
