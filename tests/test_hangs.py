@@ -41,6 +41,15 @@ def _reports(stderr: str) -> dict[int, str]:
             "generate",
             {0: "#\\d+ on 'gather'.*, in generate", 1: "in full_state_dict"},
         ),
+        # the same, rank 0 starting its wait later: rank 1 times out first and leaves, which breaks
+        # rank 0's wait; rank 0 reports the hang all the same
+        (
+            "late",
+            {
+                0: "until a rank that timed out left, in all_reduce #\\d+ on 'gather'.*, in generate",
+                1: "in full_state_dict",
+            },
+        ),
         # rank 0 saves while rank 1 steps: both wait in their call's first collective
         ("save", {0: "in save_checkpoint", 1: "in (forward|backward|step)"}),
         # rank 0's host waits for its device in a step (NCCL's hang), rank 1 waits in a collective

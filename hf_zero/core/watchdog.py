@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 HANG_EXIT_STATUS = 75
 _KEY = "hf_zero/watch/{rank}"
+_HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank that reports a hang, just before it exits
 
 
 class CollectiveWatch:
@@ -99,6 +100,11 @@ class CollectiveWatch:
         except RuntimeError as error:
             if not name_errors:
                 raise
+            if not self.reported and _peer_reported_hang(self):
+                # The peer timed out first (its wait began earlier) and left: this rank's wait is the
+                # same hang, so it reports it too, rather than a peer gone for an unknown reason.
+                self.reported = True
+                _report_and_exit(self, after_peer=True)
             message = (
                 f"{self.label}: rank {self.rank}'s {describe(record)} failed (another rank may have died "
                 f"or left this collective): {error}"
@@ -217,11 +223,30 @@ def _read(rank: int) -> dict[str, Any] | None:
         return None
 
 
-def _report_and_exit(watch: CollectiveWatch) -> None:
-    """Tell what this rank waits in and what every rank last did; end the process."""
+def _peer_reported_hang(watch: CollectiveWatch) -> bool:
+    """Whether another rank reported a hang (and so left, breaking this rank's collective)."""
+    store = launcher_store()
+    if store is None:
+        return False
+    others = [_HUNG_KEY.format(rank=rank) for rank in range(watch.world_size) if rank != watch.rank]
+    try:
+        return any(store.check([key]) for key in others)
+    except Exception:  # a store gone with the launcher: nothing to tell
+        return False
+
+
+def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
+    """Tell what this rank waits in and what every rank last did; end the process. `after_peer`:
+    the wait ended early, broken by a rank that reported first and left."""
+    waited = (
+        f"{time.monotonic() - watch.waiting['since']:.1f} s, until a rank that timed out left,"
+        if after_peer and watch.waiting is not None
+        else f"{watch.timeout:g} s (ZeroConfig.collective_timeout)"
+    )
     _publish(watch)
-    # The other ranks' waits began about when this one's did: give them a moment to publish theirs.
-    time.sleep(min(2.0, max(0.5, watch.timeout / 2)))
+    if not after_peer:  # (after a peer's report, its launcher is already ending this process: no wait)
+        # The other ranks' waits began about when this one's did: give them a moment to publish theirs.
+        time.sleep(min(2.0, max(0.5, watch.timeout / 2)))
     waiting = watch.waiting or {}
     cause = (
         "a collective queued on the device has not finished: the ranks disagree about which collectives "
@@ -230,8 +255,7 @@ def _report_and_exit(watch: CollectiveWatch) -> None:
         else "the ranks disagree about which collectives come next."
     )
     lines = [
-        f"{watch.label}: rank {watch.rank} waited {watch.timeout:g} s (ZeroConfig.collective_timeout) "
-        f"in {describe(waiting or watch.last)}; {cause}",
+        f"{watch.label}: rank {watch.rank} waited {waited} in {describe(waiting or watch.last)}; {cause}",
         "What each rank last issued:",
     ]
     now = time.time()
@@ -257,4 +281,8 @@ def _report_and_exit(watch: CollectiveWatch) -> None:
     # and print's separate writes of text and newline let the reports run into each other.
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
+    store = launcher_store()
+    with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
+        if store is not None:
+            store.set(_HUNG_KEY.format(rank=watch.rank), "1")
     os._exit(HANG_EXIT_STATUS)
