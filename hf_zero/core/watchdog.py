@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 HANG_EXIT_STATUS = 75
 _KEY = "hf_zero/watch/{rank}"
-_HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank that reports a hang, just before it exits
+_HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank as it starts reporting a hang (then it exits)
 
 
 class CollectiveWatch:
@@ -100,7 +100,11 @@ class CollectiveWatch:
         except RuntimeError as error:
             if not name_errors:
                 raise
-            if not self.reported and _peer_reported_hang(self):
+            if self.reported:
+                # This rank timed out too, and the monitor thread is writing its report: let it end
+                # the process (it does within seconds) rather than this error overtaking it.
+                time.sleep(10.0)
+            elif _peer_reported_hang(self):
                 # The peer timed out first (its wait began earlier) and left: this rank's wait is the
                 # same hang, so it reports it too, rather than a peer gone for an unknown reason.
                 self.reported = True
@@ -244,9 +248,15 @@ def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
         else f"{watch.timeout:g} s (ZeroConfig.collective_timeout)"
     )
     _publish(watch)
-    if not after_peer:  # (after a peer's report, its launcher is already ending this process: no wait)
-        # The other ranks' waits began about when this one's did: give them a moment to publish theirs.
-        time.sleep(min(2.0, max(0.5, watch.timeout / 2)))
+    store = launcher_store()
+    with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
+        if store is not None:  # (first: a peer whose wait this rank's exit breaks then reports too)
+            store.set(_HUNG_KEY.format(rank=watch.rank), "1")
+    # The other ranks' waits began about when this one's did: give them a moment to publish theirs,
+    # unless one is reporting already (once the first rank leaves, the launcher ends the others).
+    deadline = time.monotonic() + min(2.0, max(0.5, watch.timeout / 2))
+    while not after_peer and time.monotonic() < deadline and not _peer_reported_hang(watch):
+        time.sleep(0.05)
     waiting = watch.waiting or {}
     cause = (
         "a collective queued on the device has not finished: the ranks disagree about which collectives "
@@ -281,8 +291,4 @@ def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
     # and print's separate writes of text and newline let the reports run into each other.
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
-    store = launcher_store()
-    with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
-        if store is not None:
-            store.set(_HUNG_KEY.format(rank=watch.rank), "1")
     os._exit(HANG_EXIT_STATUS)
