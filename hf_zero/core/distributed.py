@@ -24,11 +24,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .arena import merge_adjacent
 from .watchdog import CollectiveWatch
 
 # torch >= 2.12 renamed the single-tensor collectives; older releases only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# gloo's own reduce-scatter and all-gather are slow on large messages: on the project's CPU machine
+# (2-4 ranks, 8-80 MiB) they took 1.3-2.6x the time of an all-reduce of the same tensor, and
+# the all-gather 1.5-3.8x that of one broadcast per rank (RESULTS.md, "gloo's collectives").
+# A coalesced batch of at least this many bytes (its full-size side) takes that route on gloo:
+# a reduce-scatter as an all-reduce of its input, an all-gather as a broadcast from each rank.
+# Smaller ones stay gloo's own, which are as fast there. The byte counts and the trace still
+# describe the collective asked for (the all-reduce sends twice a reduce-scatter's bytes).
+GLOO_REROUTE_BYTES = 4 * 2**20
 
 
 def _restart_safe_env_rendezvous() -> None:
@@ -199,6 +209,25 @@ class _Done:
         return True
 
 
+class _Then:
+    """One collective made of several work handles: `wait` waits for them all, then runs `finish`
+    (which puts the result where the caller expects it) once."""
+
+    def __init__(self, works: list, finish: Callable[[], None] | None = None) -> None:
+        self.works, self.finish = works, finish
+
+    def wait(self) -> bool:
+        for work in self.works:
+            work.wait()
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            finish()
+        return True
+
+    def is_completed(self) -> bool:
+        return self.finish is None and all(work.is_completed() for work in self.works)
+
+
 class _Watched:
     """A collective's work handle whose `wait` the rank's `CollectiveWatch` sees."""
 
@@ -219,7 +248,8 @@ class Collectives:
     The count follows the ring algorithms NCCL and gloo use for large messages: a reduce-scatter
     or all-gather over n elements sends (W-1)/W of them, an all-reduce twice that. So one
     all-reduce of the gradients costs what a reduce-scatter plus an all-gather of them costs,
-    which is the claim ZeRO stages 1 and 2 rest on.
+    which is the claim ZeRO stages 1 and 2 rest on. On gloo a large reduce-scatter or all-gather
+    travels another way (`GLOO_REROUTE_BYTES`), but is counted and traced as what was asked for.
 
     With `fingerprint=True` every call is also folded into a running digest of (operation,
     element count, dtype); `check_fingerprint()` compares it across ranks, so collectives that
@@ -245,6 +275,7 @@ class Collectives:
         self._calls = 0
         # Broadcasts name their source by global rank; rank 0 of a sub-group need not be global rank 0.
         self._source = dist.get_global_rank(ctx.group, 0) if ctx.world_size > 1 else 0
+        self._on_gloo = ctx.world_size > 1 and dist.get_backend(ctx.group) == "gloo"
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -316,7 +347,8 @@ class Collectives:
         self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], unit: int | None = None
     ) -> list:
         """`reduce_scatter(output, input)` for each pair, as one collective per dtype; returns the
-        work handles, not waited (one per collective)."""
+        work handles, not waited (one per collective). The inputs are scratch: what they hold
+        afterwards is unspecified (on gloo a large batch is summed in them, see `GLOO_REROUTE_BYTES`)."""
         return self._coalesced("reduce_scatter", _reduce_scatter_single, pairs, unit, inputs=True)
 
     def all_gather_many(
@@ -345,6 +377,10 @@ class Collectives:
             # Bytes and trace follow the full-size side: the input of a reduce-scatter, the output
             # of an all-gather.
             record = self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
+            if self._reroute(batch, inputs):
+                reroute = self._reduce_scatter_by_all_reduce if inputs else self._all_gather_by_broadcasts
+                works.append(self._watched(reroute(batch), record))
+                continue
             if len(batch) == 1:
                 works.append(self._watched(function(*batch[0], group=self.group, async_op=True), record))
                 continue
@@ -354,6 +390,53 @@ class Collectives:
                     function(output, input, group=self.group)
             works.append(self._watched(manager, record))
         return works
+
+    def _reroute(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]], inputs: bool) -> bool:
+        """Whether `batch` takes gloo's faster route (`GLOO_REROUTE_BYTES`)."""
+        full = sum(pair[1 if inputs else 0].numel() * pair[0].element_size() for pair in batch)
+        return self._on_gloo and full >= GLOO_REROUTE_BYTES
+
+    def _reduce_scatter_by_all_reduce(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> _Then:
+        """gloo: sum the inputs in place over ranks and copy this rank's chunk of each to its output
+        when waited. Inputs that sit end to end (stage 1's buckets) go as one tensor: gloo's
+        coalesced all-reduce copies its inputs into one and back, and took several times as long."""
+        rank = dist.get_rank(self.group)
+        spans = [row[0] for row in merge_adjacent([(input,) for _, input in batch])]
+        if len(spans) == 1:
+            works = [dist.all_reduce(spans[0], group=self.group, async_op=True)]
+        else:
+            with dist._coalescing_manager(group=self.group, async_ops=True) as manager:
+                for span in spans:
+                    dist.all_reduce(span, group=self.group)
+            works = [manager]
+
+        def finish() -> None:
+            for output, input in batch:
+                chunk = input[rank * output.numel() : (rank + 1) * output.numel()]
+                if output.data_ptr() != chunk.data_ptr():
+                    output.copy_(chunk)
+
+        return _Then(works, finish)
+
+    def _all_gather_by_broadcasts(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> _Then:
+        """gloo: each rank broadcasts its chunk of every output in turn, straight into the others'
+        outputs (rank order, the same on every rank)."""
+        rank = dist.get_rank(self.group)
+        for output, input in batch:
+            own = output[rank * input.numel() : (rank + 1) * input.numel()]
+            if own.data_ptr() != input.data_ptr():
+                own.copy_(input)
+        works = [
+            dist.broadcast(
+                output[source * input.numel() : (source + 1) * input.numel()],
+                src=dist.get_global_rank(self.group, source),
+                group=self.group,
+                async_op=True,
+            )
+            for source in range(self.world_size)
+            for output, input in batch
+        ]
+        return _Then(works)
 
     def all_to_all(
         self,
