@@ -2,22 +2,23 @@
 through the step hooks hf_zero installs on the user's optimizer.
 
 Before the optimizer's own step: reduce the gradients, measure them in one read (norm and fp16
-overflow, `kernels/grad_stats.py`), clip, then update each segment where its pieces live: on the
-device with the fused kernels, on the host with CPU offload (`offload/host_staging.py`), through
-the NVMe swapper, on a background thread for `offload_overlap="delayed"`, Muon's groups by
-`matrix_step.py` (Newton–Schulz at each matrix's owner), those of optimizers that need whole
-tensors by `whole_step.py` (each parameter at its owner), or by the optimizer's own step for what
-the fused kernels do not cover. After it: round the masters the optimizer's own
-step updated, all-gather the new weights, and undo a step fp16 skipped. What one step found and
-did lives in one `StepState`, replaced at each step.
+overflow, `kernels/grad_stats.py`), clip, then take every segment through one loop whose body is
+the same wherever the segment lives: a param group the fused kernels cover gets its update, one
+on torch's path its scaled gradient, for the optimizer's own step (which skips gradient-less
+params), Muon's (`matrix_step.py`) and those of optimizers that need whole tensors
+(`whole_step.py`) stepped at each parameter's owner. The engine's place (`step_places.py`:
+on the device, CPU offload's host staging, the NVMe swap, the delayed host update) decides only
+where each segment's pieces live while it is stepped and when its update is launched. After the
+optimizer's own step: round the masters it updated, all-gather the new weights, and undo a step
+fp16 skipped. What one step found and did lives in one `StepState`, replaced at each step.
 
 `OptimizerStep` is a part of `ZeroEngine` (a mixin).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,27 +26,12 @@ from torch import nn
 
 from ..core.arena import merge_adjacent
 from ..core.chained_optimizer import owner_of_group
-from ..core.flat_group import FlatParamGroup
 from ..kernels.grad_stats import grad_stats
-from .fused_step import fused_step, supports_fused_step
+from .fused_step import supports_fused_step
 from .matrix_step import MatrixStep, is_muon
 from .optim import is_whole_parameter
+from .step_places import DelayedPlace, DevicePlace, HostPlace, Place, StepState, SwapPlace
 from .whole_step import WholeParameterStep
-
-
-@dataclass
-class StepState:
-    """What this step has found and done so far (a fresh one after each step and `zero_grad`)."""
-
-    grads_reduced: bool = False
-    clipped: bool = False
-    grad_scale: torch.Tensor | None = None  # the clip coefficient, on the device
-    stats: torch.Tensor | None = None  # [sum of squares, non-finite count]: see `_gradient_stats`
-    found_inf: torch.Tensor | None = None  # fp16: nonzero when this step overflowed, on the device
-    skipped_on_host: bool | None = None  # `found_inf` once the host has read it
-    zeroed_in_kernel: set[int] = field(default_factory=set)  # segments whose gradient the kernel zeroed
-    fused_groups: set[int] = field(default_factory=set)  # segments the fused kernels updated
-    undo_if_skipped: list = field(default_factory=list)  # the fused steps' host bookkeeping
 
 
 class OptimizerStep:
@@ -180,160 +166,58 @@ class OptimizerStep:
                 )
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        """Reduce and clip, then update Adam/SGD groups with the fused kernels; the rest get their
-        gradient and are updated by the optimizer's own step, which skips gradient-less params.
+        """Reduce and clip, then step every segment where it lives (`step_places.py`): fused
+        updates for the param groups the kernels cover; the rest get their gradient and are
+        updated by the optimizer's own step, which skips gradient-less params.
 
         Under fp16 the overflow flag stays on the device for the fused kernels (which then change
-        nothing); only groups on torch's path make the host read it here, to withhold their
-        gradients from a skipped step."""
+        nothing); only groups on torch's path, or an update on the host, make the host read it
+        here, to withhold their gradients from a skipped step or leave it undone."""
         self.watch.begin("step")
         self._check_parameters_in_place()
         self._reduce_grads("the optimizer step")
         if self.config.gradient_clipping > 0 and not self.step_state.clipped:
             self.clip_grad_norm_(self.config.gradient_clipping)
-        found_inf = self.step_state.found_inf = (
-            self._gradient_stats()[1:] if self.loss_scaler is not None else None
-        )
-        scale = self._step_scale()
-        host_scale, skipped = None, False
-        torch_path = [
-            group
-            for group in self.groups
-            if not group.offloaded
-            and not supports_fused_step(optimizer, optimizer.param_groups[group.optimizer_group])
-        ]
-        if any(group.offloaded for group in self.groups):
-            # The host update needs both on the host: read them in one wait, before any copy is
-            # queued (a later read would wait for those copies too).
-            host_scale, skipped = self._read_scale_and_flag(scale, found_inf)
-        elif torch_path and found_inf is not None:
-            # Torch's own update must not see a skipped step's gradients: one read for all groups.
-            skipped = self._read_skip_flag(found_inf)
-        if self._delayed is not None:
-            self._start_delayed_update(optimizer, host_scale, skipped)
-        elif self.config.offload_optimizer == "nvme":
-            self.swapper.step(
-                list(enumerate(self.groups)),
-                lambda g, group: self._swapped_step(
-                    optimizer, g, group, optimizer.param_groups[group.optimizer_group], host_scale, skipped
-                ),
-            )
-        host_path: list[FlatParamGroup] = []  # torch-path groups whose gradients are coming down
-        matrix_grads: dict[int, torch.Tensor] = {}  # Muon's segments: their gradient shards
-        whole_grads: dict[int, torch.Tensor] = {}  # those stepped by whole parameter
-        fused: dict[tuple[int, bool], list] = {}  # (param group, zero the gradient) -> its parts
-        # In arena order: each param group's segments end to end, stepped in one launch.
-        for g in self.arena_order:
-            group = self.groups[g]
-            param_group = optimizer.param_groups[group.optimizer_group]
-            if group.offloaded:
-                on_host = group.offload == "cpu" and self._delayed is None
-                if on_host and self._host_step(optimizer, g, group, param_group, host_scale, skipped):
-                    host_path.append(group)
-            elif supports_fused_step(optimizer, param_group):
-                zero = self.grad_sync.kernel_zeroes(g)
-                pieces = [
-                    (run.shard_start, run.length, self.grad_sync.run_grad(g, run), group.flat_run(run))
-                    for run in group.runs
-                ]
-                fused.setdefault((group.optimizer_group, zero), []).append((group.master, pieces))
-                group.master.grad = None
-                self.step_state.fused_groups.add(g)
-                if zero:
-                    self.step_state.zeroed_in_kernel.add(g)
-            elif skipped:
-                group.master.grad = None  # torch's optimizers leave gradient-less parameters alone
-            else:
-                grad = torch.empty_like(group.master.data)
-                for run in group.runs:
-                    grad[run.shard_start : run.shard_start + run.length].copy_(
-                        self.grad_sync.run_grad(g, run)
-                    )
-                grad = grad if scale is None else grad.mul_(scale)
-                # Stepped below; the optimizer's own step skips a shard without a gradient.
-                if self.matrix_step is not None and g in self.matrix_step.segments:
-                    matrix_grads[g] = grad
-                elif self.whole_step is not None and g in self.whole_step.segments:
-                    whole_grads[g] = grad
+        state = self.step_state
+        state.found_inf = self._gradient_stats()[1:] if self.loss_scaler is not None else None
+        state.scale = self._step_scale()
+        place = self._place(optimizer)
+        place.read_flags()
+        # In arena order: each param group's segments end to end, so a batched update is one launch.
+        walk = place.walk(self.arena_order)
+        try:
+            for g in walk:
+                group = self.groups[g]
+                param_group = optimizer.param_groups[group.optimizer_group]
+                if place.fuses(param_group):
+                    group.master.grad = None
+                    state.fused_groups.add(g)
+                    place.update(g, group, param_group)
+                elif state.skipped:
+                    group.master.grad = None  # torch's optimizers leave gradient-less parameters alone
                 else:
-                    group.master.grad = grad
-        for plan, grads in ((self.matrix_step, matrix_grads), (self.whole_step, whole_grads)):
-            if grads:
-                groups = {g: optimizer.param_groups[self.groups[g].optimizer_group] for g in grads}
-                plan.step(optimizer, groups, grads)
-        for (index, zero), parts in fused.items():
-            self.step_state.undo_if_skipped.append(
-                fused_step(optimizer, optimizer.param_groups[index], parts, scale, zero, found_inf)
+                    place.gradient(g, group)
+        except BaseException as error:
+            # The walk hears of it where it stopped (the NVMe swap records it: its file is now
+            # partly written), and it goes on up.
+            walk.throw(error)
+            raise
+        place.finish()
+
+    def _place(self, optimizer: torch.optim.Optimizer) -> Place:
+        """Where this engine's step finds each segment's pieces (a fresh place per step)."""
+        parts = (optimizer, self.groups, self.step_state, self.grad_sync, self.device_ops)
+        if self._delayed is not None:
+            return DelayedPlace(
+                *parts,
+                wait_previous=lambda: self._wait_delayed_update(upload=True),
+                submit=self._submit_delayed_update,
             )
-        if host_path:
-            self.device_ops.synchronize()  # every torch-path download has landed: one wait for all
-            for group in host_path:
-                group.master.grad = (
-                    group.host_grad if host_scale is None else group.host_grad.mul_(host_scale)
-                )
-
-    def _read_scale_and_flag(
-        self, scale: torch.Tensor | None, found_inf: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, bool]:
-        """The step's gradient factor and skip flag on the host, in one wait for the device."""
-        wanted = [t.reshape(1).float() for t in (scale, found_inf) if t is not None]
-        if not wanted:
-            return None, False
-        host = self.device_ops.to_host(torch.cat(wanted))
-        host_scale = host[:1].reshape(()) if scale is not None else None
-        skipped = found_inf is not None and bool(host[-1])
-        if found_inf is not None:
-            self.step_state.skipped_on_host = skipped
-        return host_scale, skipped
-
-    def _read_skip_flag(self, found_inf: torch.Tensor) -> bool:
-        """Whether this step overflowed (fp16), read on the host once per step."""
-        if self.step_state.skipped_on_host is None:
-            self.step_state.skipped_on_host = bool(self.device_ops.read(found_inf))
-        return self.step_state.skipped_on_host
-
-    def _host_step(
-        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
-    ) -> bool:
-        """CPU optimizer offload: stream this rank's reduced gradient to the host chunk by chunk,
-        update the host masters there with the fused step's CPU path, and stream the new weights
-        back (`host_staging.py`); optimizers on torch's own path get the whole shard's gradient,
-        whose download this queues: returns True when the caller must wait for it and hand it to
-        the master (once for all such groups). The clip coefficient, unscale and overflow flag
-        were computed on the device and come along (the host must wait for the gradient anyway).
-        A skipped step moves and changes nothing."""
-        group.master.grad = None
-        if supports_fused_step(optimizer, param_group):
-            self.step_state.fused_groups.add(g)
-            if not skipped:
-                pieces = self.staging.pieces(group, lambda run: self.grad_sync.run_grad(g, run))
-                self.step_state.undo_if_skipped.append(
-                    fused_step(optimizer, param_group, [(group.master, pieces)], scale, False)
-                )
-            return False
-        if skipped:
-            return False
-        group.ensure_host_buffers()
-        group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
-        return True
-
-    def _swapped_step(
-        self, optimizer, g: int, group: FlatParamGroup, param_group: dict, scale, skipped: bool
-    ) -> None:
-        """NVMe optimizer offload, for one segment the swapper has brought in (its master, state and
-        buffers): bring the gradient down into the buffer, update, send the new weights back (a
-        skipped step does none of it). Only fused updates: see `_open_swap`."""
-        group.master.grad = None
-        self.step_state.fused_groups.add(g)
-        if skipped:
-            return
-        group.download_grads(lambda run: self.grad_sync.run_grad(g, run))
-        # This segment's download has landed (the swapper brings segments in one after another).
-        self.device_ops.record().synchronize()
-        self.step_state.undo_if_skipped.append(
-            fused_step(optimizer, param_group, [(group.master, group.host_pieces())], scale, False)
-        )
-        group.upload_weights()
+        if self.config.offload_optimizer == "nvme":
+            return SwapPlace(*parts, swapper=self.swapper)
+        if self.config.offload_optimizer == "cpu":
+            return HostPlace(*parts, staging=self.staging)
+        return DevicePlace(*parts, matrix_step=self.matrix_step, whole_step=self.whole_step)
 
     def _check_delayed_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
@@ -344,29 +228,8 @@ class OptimizerStep:
                     "offload_overlap='exact'"
                 )
 
-    def _start_delayed_update(self, optimizer, scale, skipped: bool) -> None:
-        """Give the device the weights the previous step's host update made, then start this step's
-        update on the host, to finish while the next step computes."""
-        self._wait_delayed_update(upload=True)
-        for g, group in enumerate(self.groups):
-            group.ensure_host_buffers()
-            group.download_grads(lambda run, g=g: self.grad_sync.run_grad(g, run))
-            group.master.grad = None
-            self.step_state.fused_groups.add(g)
-        # The gradients have landed and the uploads have left `host_copy`, which the update rewrites.
-        self.device_ops.synchronize()
-        if skipped:
-            return  # nothing to update: the device keeps its weights, the host its state
-        # The update must not see what the LR scheduler sets for the next step meanwhile.
-        jobs = []
-        for group in self.groups:
-            param_group = optimizer.param_groups[group.optimizer_group]
-            jobs.append((owner_of_group(optimizer, param_group), dict(param_group), group))
-
-        def update() -> None:
-            for owner, hyperparameters, group in jobs:
-                fused_step(owner, hyperparameters, [(group.master, group.host_pieces())], scale, False)
-
+    def _submit_delayed_update(self, update: Callable[[], None]) -> None:
+        """Start this step's host update (`DelayedPlace`), to finish while the next step computes."""
         self._delayed_update = self._delayed.submit(update)
 
     def _wait_delayed_update(self, upload: bool) -> bool:
@@ -402,7 +265,7 @@ class OptimizerStep:
         self.grad_sync.clear_after_step(self.step_state.zeroed_in_kernel)
         # The one host read of the overflow flag, after every kernel and collective was issued
         # (unless the step read it before it queued them).
-        skipped = self.step_state.found_inf is not None and self._read_skip_flag(self.step_state.found_inf)
+        skipped = self.step_state.found_inf is not None and self.step_state.read_skipped(self.device_ops)
         if skipped:
             for undo in self.step_state.undo_if_skipped:
                 undo()

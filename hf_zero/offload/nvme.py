@@ -11,7 +11,7 @@ Between steps a segment's master and state tensors stay the same tensor objects 
 state dict keys them) but are bound to a shared memory map of their region of the file, so
 everything that reads or writes them outside the step (checkpoints, `state_dict`, loading
 weights) works unchanged, through the page cache, and holds no memory of its own. The step binds
-them to a pool buffer instead (`NvmeSwapper.step`): while one segment is updated the next is read
+them to a pool buffer instead (`NvmeSwapper.walk`): while one segment is updated the next is read
 ahead and the previous one written back, and host memory holds `nvme_buffer_count` buffers of
 the largest segment whatever the model's size.
 
@@ -33,7 +33,7 @@ import shutil
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,18 +448,23 @@ class NvmeSwapper:
                 "partly written: restart from the last checkpoint",
             )
 
-    def step(
-        self, groups: Sequence[tuple[int, FlatParamGroup]], update: Callable[[int, FlatParamGroup], None]
-    ) -> None:
-        """Run `update(g, group)` for each swapped group with its master and state bound to a pool
-        buffer and its `host_grad`/`host_copy` there too; reads run ahead, writes behind."""
+    def walk(self, segments: Sequence[tuple[int, FlatParamGroup]]) -> Iterator[int]:
+        """Yield the index of each segment of `segments` the file holds, in the file's order, while
+        its master and state are bound to a pool buffer and its `host_grad`/`host_copy` lie there
+        too; reads run ahead, writes behind. Whatever stops the walk early, an error of its own or
+        one the caller throws in at the yield (its work on the segment failed), is recorded:
+        the file may then hold a half-written step (`check_usable`)."""
         self.check_usable()
-        todo = [(g, group) for g, group in groups if id(group) in self.regions]
+        # Front to back through the file, as the segments were adopted.
+        todo = sorted(
+            ((g, group) for g, group in segments if id(group) in self.regions),
+            key=lambda item: self.regions[id(item[1])].offset,
+        )
         try:
             self._allocate()
             loaded: deque[_Resident] = deque()
             ahead = 0
-            for g, group in todo:
+            for g, _ in todo:
                 while ahead < len(todo) and (
                     not loaded or (len(loaded) < self.buffer_count - 1 and self._free)
                 ):
@@ -467,10 +472,14 @@ class NvmeSwapper:
                     ahead += 1
                 resident = loaded.popleft()
                 self._enter(resident)
-                update(g, group)
+                yield g
                 self._swap_out(resident)
             while self._writing:
                 self._release(self._writing.popleft())
+        except GeneratorExit:
+            # Closed (not thrown into) with a segment still bound to a pool buffer, its step unfinished.
+            self.error = SwapFailedError(errno.ECANCELED, "the step stopped with a segment swapped in")
+            raise
         except BaseException as error:
             self.error = error
             raise
