@@ -44,6 +44,11 @@ class CollectiveSpy:
         self.world = 1
 
     def install(self) -> None:
+        """Count from now on. The checks that count compare with the ring model of NCCL's
+        collectives, which gloo's own follow: gloo's rerouted large ones (an all-reduce for a
+        reduce-scatter, `core/distributed.py`) carry other bytes, so they are turned off here."""
+        hf_dist.GLOO_REROUTE_BYTES = sys.maxsize
+
         def counting(function, factor, pick):
             def wrapped(*args, **kwargs):
                 if not self.paused:
