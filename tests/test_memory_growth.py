@@ -1,10 +1,10 @@
 """Nothing grows with every step: resident memory (and, on a GPU, allocated device memory) stays
-flat over 36 training steps after 24 of warm-up, each with an evaluation forward, at every stage, under
+flat over 36 training steps after 24 of warm-up, each with an evaluation forward, at stages 1-3, under
 activation checkpointing and with offload, on 2 gloo ranks (`hf_zero.testing.memory_growth`).
 
 The bound, 64 KiB per step, is twice what a run without a leak gains while it settles (measured
 after `malloc_trim`, with glibc's mmap threshold fixed so megabyte temporaries do not move the
-heap): stages 0-2 about 6 KiB per step, stage 3 about 30 KiB over its first hundred steps, falling
+heap): stages 1-2 about 6 KiB per step, stage 3 about 30 KiB over its first hundred steps, falling
 to about 1 KiB by its 250th as the allocator's arenas and caches fill (so a longer warm-up would
 only cost time). It is below the leaks stage 3 had on this model: about 310 KiB per step, 100 KiB
 under reentrant checkpointing (each forward's autograd graph kept alive by the multi-gradient

@@ -392,9 +392,13 @@ class Collectives:
         return works
 
     def _reroute(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]], inputs: bool) -> bool:
-        """Whether `batch` takes gloo's faster route (`GLOO_REROUTE_BYTES`)."""
+        """Whether `batch` takes gloo's faster route (`GLOO_REROUTE_BYTES`). An all-gather of
+        many small tensors stays one coalesced exchange: it would be a broadcast per tensor and
+        rank, each costing gloo a round trip (32 stage-3 units of 0.26 MB gathered by broadcasts
+        took 2.4x DDP's step instead of 1.6x)."""
         full = sum(pair[1 if inputs else 0].numel() * pair[0].element_size() for pair in batch)
-        return self._on_gloo and full >= GLOO_REROUTE_BYTES
+        many_small = not inputs and full < GLOO_REROUTE_BYTES * len(batch) / 4
+        return self._on_gloo and full >= GLOO_REROUTE_BYTES and not many_small
 
     def _reduce_scatter_by_all_reduce(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> _Then:
         """gloo: sum the inputs in place over ranks and copy this rank's chunk of each to its output
