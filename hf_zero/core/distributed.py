@@ -32,8 +32,9 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 # gloo's own reduce-scatter and all-gather are slow on large messages: on the project's CPU machine
-# (2-4 ranks, 8-80 MiB) they took 1.3-2.6x the time of an all-reduce of the same tensor, and
-# the all-gather 1.5-3.8x that of one broadcast per rank (RESULTS.md, "gloo's collectives").
+# (2-4 ranks, 8-40 MiB) the reduce-scatter took 1.3-2.1x the time of an all-reduce of the same
+# tensor, and the all-gather up to 3x that of one broadcast per rank (RESULTS.md, "gloo's large
+# collectives rerouted").
 # A coalesced batch of at least this many bytes (its full-size side) takes that route on gloo:
 # a reduce-scatter as an all-reduce of its input, an all-gather as a broadcast from each rank.
 # Smaller ones stay gloo's own, which are as fast there. The byte counts and the trace still
@@ -395,7 +396,7 @@ class Collectives:
         """Whether `batch` takes gloo's faster route (`GLOO_REROUTE_BYTES`). An all-gather of
         many small tensors stays one coalesced exchange: it would be a broadcast per tensor and
         rank, each costing gloo a round trip (32 stage-3 units of 0.26 MB gathered by broadcasts
-        took 2.4x DDP's step instead of 1.6x)."""
+        took 2.4x DDP's step instead of 1.8x)."""
         full = sum(pair[1 if inputs else 0].numel() * pair[0].element_size() for pair in batch)
         many_small = not inputs and full < GLOO_REROUTE_BYTES * len(batch) / 4
         return self._on_gloo and full >= GLOO_REROUTE_BYTES and not many_small

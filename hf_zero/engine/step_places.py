@@ -69,23 +69,16 @@ class StepState:
         return self.skipped_on_host
 
 
+@dataclass
 class Place:
     """Where segments are stepped; the base walks them in the order given, lets the fused kernels
     update the param groups they cover, and needs nothing read before or done after the loop."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: list[FlatParamGroup],
-        state: StepState,
-        grad_sync: GradientReducer,
-        ops: DeviceOps,
-    ) -> None:
-        self.optimizer = optimizer
-        self.groups = groups
-        self.state = state
-        self.grad_sync = grad_sync
-        self.ops = ops
+    optimizer: torch.optim.Optimizer
+    groups: list[FlatParamGroup]
+    state: StepState
+    grad_sync: GradientReducer
+    ops: DeviceOps
 
     def read_flags(self) -> None:
         """Read on the host, before the walk, what the loop needs there."""
@@ -114,6 +107,7 @@ class Place:
         return lambda run: self.grad_sync.run_grad(g, run)
 
 
+@dataclass
 class DevicePlace(Place):
     """No offload: masters, state, gradients and new weights all live on the device. Walked in arena
     order, a param group's segments sit end to end, so their fused updates are batched per (param
@@ -121,22 +115,12 @@ class DevicePlace(Place):
     Muon's segments and those stepped by whole parameter get an assembled gradient and are stepped
     at their owners after the loop, before the fused launches."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: list[FlatParamGroup],
-        state: StepState,
-        grad_sync: GradientReducer,
-        ops: DeviceOps,
-        matrix_step: MatrixStep | None,
-        whole_step: WholeParameterStep | None,
-    ) -> None:
-        super().__init__(optimizer, groups, state, grad_sync, ops)
-        self.matrix_step = matrix_step
-        self.whole_step = whole_step
-        self.batches: dict[tuple[int, bool], list[Part]] = {}  # (param group, zero the gradient) -> parts
-        self.matrix_grads: dict[int, torch.Tensor] = {}  # Muon's segments: their gradient shards
-        self.whole_grads: dict[int, torch.Tensor] = {}  # those stepped by whole parameter
+    matrix_step: MatrixStep | None
+    whole_step: WholeParameterStep | None
+    # (param group, zero the gradient) -> its parts
+    batches: dict[tuple[int, bool], list[Part]] = field(default_factory=dict, init=False)
+    matrix_grads: dict[int, torch.Tensor] = field(default_factory=dict, init=False)  # Muon's segments
+    whole_grads: dict[int, torch.Tensor] = field(default_factory=dict, init=False)  # by whole parameter
 
     def read_flags(self) -> None:
         """Torch's own update must not see a skipped step's gradients: one read for all groups."""
@@ -188,6 +172,7 @@ class DevicePlace(Place):
             )
 
 
+@dataclass
 class OffloadedPlace(Place):
     """Masters and state off the device, updated by the host: the clip coefficient, unscale and
     overflow flag computed on the device come along (the host waits for the gradient anyway), and
@@ -206,6 +191,7 @@ class OffloadedPlace(Place):
             state.skipped_on_host = bool(host[-1])
 
 
+@dataclass
 class HostPlace(OffloadedPlace):
     """CPU optimizer offload: masters and state live in host memory. A fused update streams the
     gradient down and the new weights up chunk by chunk through host staging's buffers, whose
@@ -213,18 +199,8 @@ class HostPlace(OffloadedPlace):
     path gets the whole shard's gradient in `host_grad`: its downloads are queued, and `finish`
     waits once for all of them."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: list[FlatParamGroup],
-        state: StepState,
-        grad_sync: GradientReducer,
-        ops: DeviceOps,
-        staging: HostStaging,
-    ) -> None:
-        super().__init__(optimizer, groups, state, grad_sync, ops)
-        self.staging = staging
-        self.downloading: list[FlatParamGroup] = []
+    staging: HostStaging
+    downloading: list[FlatParamGroup] = field(default_factory=list, init=False)
 
     def update(self, g: int, group: FlatParamGroup, param_group: dict) -> None:
         if self.state.skipped:
@@ -248,6 +224,7 @@ class HostPlace(OffloadedPlace):
                 group.master.grad = group.host_grad if scale is None else group.host_grad.mul_(scale)
 
 
+@dataclass
 class SwapPlace(OffloadedPlace):
     """NVMe optimizer offload: masters and state live in the swap file. The walk binds each segment's
     master, state and host buffers to a pool buffer while the body runs (`NvmeSwapper.walk`: the
@@ -255,17 +232,7 @@ class SwapPlace(OffloadedPlace):
     gradient comes down into the buffer, the weights go back up from it. Only fused updates:
     `_open_swap` admits nothing else, and torch's own step would run after the buffers left."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: list[FlatParamGroup],
-        state: StepState,
-        grad_sync: GradientReducer,
-        ops: DeviceOps,
-        swapper: NvmeSwapper,
-    ) -> None:
-        super().__init__(optimizer, groups, state, grad_sync, ops)
-        self.swapper = swapper
+    swapper: NvmeSwapper
 
     def walk(self, order: Sequence[int]) -> Iterator[int]:
         yield from self.swapper.walk([(g, self.groups[g]) for g in order])
@@ -286,6 +253,7 @@ class SwapPlace(OffloadedPlace):
         group.upload_weights()
 
 
+@dataclass
 class DelayedPlace(OffloadedPlace):
     """`offload_overlap="delayed"`: masters and state live in host memory, with each segment's whole
     gradient and new weights in its host buffers. The walk first gives the device the weights the
@@ -293,20 +261,9 @@ class DelayedPlace(OffloadedPlace):
     all have landed, hands every update to a background thread as one job, to finish while the
     next step computes. Only fused updates (`_check_delayed_optimizer`)."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        groups: list[FlatParamGroup],
-        state: StepState,
-        grad_sync: GradientReducer,
-        ops: DeviceOps,
-        wait_previous: Callable[[], object],
-        submit: Callable[[Callable[[], None]], None],
-    ) -> None:
-        super().__init__(optimizer, groups, state, grad_sync, ops)
-        self.wait_previous = wait_previous  # waits for the update in flight and uploads its weights
-        self.submit = submit  # starts the job on the background thread
-        self.jobs: list[tuple[torch.optim.Optimizer, dict, FlatParamGroup]] = []
+    wait_previous: Callable[[], object]  # waits for the update in flight and uploads its weights
+    submit: Callable[[Callable[[], None]], None]  # starts the job on the background thread
+    jobs: list[tuple[torch.optim.Optimizer, dict, FlatParamGroup]] = field(default_factory=list, init=False)
 
     def walk(self, order: Sequence[int]) -> Iterator[int]:
         self.wait_previous()
