@@ -275,7 +275,9 @@ class Collectives:
         self._fingerprint = hashlib.blake2b(digest_size=8) if fingerprint else None
         self._calls = 0
         # Broadcasts name their source by global rank; rank 0 of a sub-group need not be global rank 0.
-        self._source = dist.get_global_rank(ctx.group, 0) if ctx.world_size > 1 else 0
+        self._global_ranks = (
+            [dist.get_global_rank(ctx.group, r) for r in range(ctx.world_size)] if ctx.world_size > 1 else [0]
+        )
         self._on_gloo = ctx.world_size > 1 and dist.get_backend(ctx.group) == "gloo"
 
     @property
@@ -434,7 +436,7 @@ class Collectives:
         works = [
             dist.broadcast(
                 output[source * input.numel() : (source + 1) * input.numel()],
-                src=dist.get_global_rank(self.group, source),
+                src=self._global_ranks[source],
                 group=self.group,
                 async_op=True,
             )
@@ -475,7 +477,7 @@ class Collectives:
         self.bytes_sent += tensor.numel() * tensor.element_size()
         if self.trace is not None:
             self.trace.append(("broadcast", self.name, tensor.numel() * tensor.element_size(), None))
-        source = self._source if src == 0 else dist.get_global_rank(self.group, src)
+        source = self._global_ranks[src]
         with self._waiting(self._issue("broadcast")):
             dist.broadcast(tensor, src=source, group=self.group)
 
@@ -485,7 +487,7 @@ class Collectives:
             return value
         holder = [value]
         with self._waiting(self._issue("broadcast_object")):
-            dist.broadcast_object_list(holder, src=self._source, group=self.group)
+            dist.broadcast_object_list(holder, src=self._global_ranks[0], group=self.group)
         return holder[0]
 
     def all_gather_object(self, value: object) -> list:
