@@ -22,8 +22,9 @@ import time
 
 import torch
 
+from hf_zero.core.device import DeviceOps
 from hf_zero.kernels.adamw import AdamHyperparams, adam_step, adam_step_reference
-from hf_zero.offload.nvme import SwapFile, aligned_buffer
+from hf_zero.offload.nvme import SwapFile
 
 FLOOR_BYTES_PER_ELEMENT = 28
 
@@ -78,7 +79,8 @@ def bench_swap(folder: str, gigabytes: float) -> None:
     nbytes = int(gigabytes * 1e9) // (16 << 20) * (16 << 20)
     swap = SwapFile(folder, rank=0)
     offset = swap.reserve(nbytes)
-    buffer = aligned_buffer(nbytes, pin=torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    buffer = DeviceOps.for_device(device).host_empty(nbytes, torch.uint8)  # page-locked on a GPU
     buffer.random_(0, 255)
     # The first write fills blocks reserved but never written; training rewrites them every step.
     for what, move in (

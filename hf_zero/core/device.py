@@ -11,7 +11,9 @@ the device, as a GPU would pay for it:
   of a device value on the host (`read`, `to_host`), each a full stop of the host's run-ahead;
 - `event_waits`: waits of the host for one recorded point (`Event.synchronize`), which leave
   later work queued;
-- `pinned_bytes`: page-locked host memory allocated (on the CPU: what a GPU run would lock).
+- `pinned_bytes`: page-locked host memory allocated (on the CPU: what a GPU run would lock), in
+  whole pages: each host buffer is a mapping of its own, locked with `cudaHostRegister` on a GPU
+  (`host_memory.py`), not a block of torch's page-locked allocator rounded up to a power of two.
 
 The engine reads the counters per step (`ZeroEngine.device_counts`) and `memory_breakdown()`
 reports `pinned`.
@@ -29,6 +31,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .host_memory import Lock, Unlock, mapped_buffer, mapped_length
+
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 
 
 class Event:
@@ -75,19 +81,15 @@ class DeviceOps:
         """The implementation for `device`: CUDA, or the CPU one for anything else."""
         return CudaOps(device) if device.type == "cuda" else HostOps(device)
 
-    @property
-    def pins(self) -> bool:
-        """Whether host buffers are page-locked (they are on a GPU, for asynchronous copies)."""
-        raise NotImplementedError
-
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A host buffer that copies to and from the device can leave asynchronously."""
-        self.pinned_bytes += numel * dtype.itemsize
-        return torch.empty(numel, dtype=dtype, pin_memory=self.pins)
+        """A host buffer that copies to and from the device can leave asynchronously: whole pages of
+        its own, starting on a page boundary (`host_memory.mapped_buffer`)."""
+        self.pinned_bytes += mapped_length(numel * dtype.itemsize)
+        return mapped_buffer(numel, dtype, *self._page_lock())
 
-    def note_pinned(self, tensor: torch.Tensor) -> None:
-        """Count a page-locked buffer allocated elsewhere (with `pin_memory=self.pins`)."""
-        self.pinned_bytes += tensor.untyped_storage().nbytes()
+    def _page_lock(self) -> tuple[Lock | None, Unlock | None]:
+        """How a host buffer's pages are locked and unlocked (on the CPU: they are not)."""
+        return None, None
 
     def host_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """`host_empty`, zeroed."""
@@ -125,9 +127,22 @@ class DeviceOps:
 class CudaOps(DeviceOps):
     """A CUDA device: page-locked buffers, CUDA events, real waits."""
 
-    @property
-    def pins(self) -> bool:
-        return True
+    def _page_lock(self) -> tuple[Lock, Unlock]:
+        cudart = torch.cuda.cudart()
+
+        def lock(address: int, length: int) -> None:
+            try:  # portable: page-locked for every CUDA context, as torch's own pinned memory
+                torch.cuda.check_error(cudart.cudaHostRegister(address, length, _HOST_REGISTER_PORTABLE))
+            except RuntimeError as error:
+                raise MemoryError(
+                    f"could not page-lock {length / 2**20:.1f} MiB of host memory ({error}); free host "
+                    "memory, or offload less (offload_optimizer / offload_params)"
+                ) from error
+
+        def unlock(address: int) -> None:
+            torch.cuda.check_error(cudart.cudaHostUnregister(address))
+
+        return lock, unlock
 
     def record(self) -> Event:
         event = torch.cuda.Event()
@@ -142,10 +157,6 @@ class CudaOps(DeviceOps):
 
 class HostOps(DeviceOps):
     """The CPU: the same calls and counts; nothing is queued, so nothing is waited for."""
-
-    @property
-    def pins(self) -> bool:
-        return False
 
     def record(self) -> Event:
         return Event(self, None)

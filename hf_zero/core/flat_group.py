@@ -86,7 +86,7 @@ class FlatParamGroup(HostPlacement):
         )
         # fp32 at stage 3: the engine may give the same tensor as master and shard (`into`).
         self.master_is_shard = self.trainable and into[0] is not None and into[0] is into[1]
-        host, pin = torch.device("cpu"), self.offload == "cpu" and ops.pins
+        host = torch.device("cpu")
         if offload_params != "none" and not sharded_params:
             raise ValueError("FlatParamGroup offloads parameter shards only at stage 3 (sharded_params)")
         # "cpu": the 16-bit shard in host memory; "nvme": too, until `nvme.py` maps it to a swap file.
@@ -109,13 +109,15 @@ class FlatParamGroup(HostPlacement):
         devices = [host if self.offloaded else device] * with_master + [
             host if self.params_offloaded else device
         ] * sharded_params
-        pin16 = offload_params == "cpu" and ops.pins
-        pins = [pin] * with_master + [pin16] * sharded_params
+        # CPU offload keeps the shards in host buffers that copies leave asynchronously (NVMe's
+        # move into the swap file's maps instead); an arena given in `into` was made that way.
+        pinned = [self.offload == "cpu"] * with_master + [offload_params == "cpu"] * sharded_params
         given = [into[0]] * with_master + [into[1]] * sharded_params
-        shards = layout.shards_of(read, self.rank, dtypes, devices, pins, given)
-        for shard, pinned, out in zip(shards, pins, given, strict=True):
-            if pinned and out is None:  # (an arena given in `into` was counted where it was made)
-                ops.note_pinned(shard)
+        given = [
+            ops.host_zeros(layout.shard_numel, dtype) if pin and out is None else out
+            for dtype, pin, out in zip(dtypes, pinned, given, strict=True)
+        ]
+        shards = layout.shards_of(read, self.rank, dtypes, devices, given)
         master = shards[0] if with_master else None
         self.shard16 = shards[-1] if sharded_params else None
         self.flat = torch.zeros(layout.numel, dtype=compute_dtype, device=device)

@@ -148,20 +148,17 @@ class FlatLayout:
         rank: int,
         dtypes: Sequence[torch.dtype],
         device: torch.device | Sequence[torch.device],
-        pinned: Sequence[bool] = (),
         into: Sequence[torch.Tensor | None] = (),
     ) -> list[torch.Tensor]:
         """Rank `rank`'s shard in each of `dtypes`, of the values `read(slot, begin, length)` gives
         (elements `begin .. begin + length` of slot `slot`'s flattened parameter). Each span is read
         once, however many dtypes are asked for; padding is zero. `device` is one device for all, or
-        one per dtype; `pinned` says which (host) shards get page-locked memory; `into` gives, per
-        dtype, a zeroed tensor of the shard's size to fill instead of allocating one (None: allocate)."""
+        one per dtype; `into` gives, per dtype, a zeroed tensor of the shard's size to fill instead of allocating one (None: allocate)."""
         devices = [device] * len(dtypes) if isinstance(device, torch.device) else list(device)
-        pins = list(pinned) or [False] * len(dtypes)
         given = list(into) or [None] * len(dtypes)
         shards = [
-            torch.zeros(self.shard_numel, dtype=dtype, device=where, pin_memory=pin) if out is None else out
-            for dtype, where, pin, out in zip(dtypes, devices, pins, given, strict=True)
+            torch.zeros(self.shard_numel, dtype=dtype, device=where) if out is None else out
+            for dtype, where, out in zip(dtypes, devices, given, strict=True)
         ]
         for shard, dtype in zip(shards, dtypes, strict=True):
             if shard.numel() != self.shard_numel or shard.dtype != dtype:

@@ -43,6 +43,7 @@ import torch
 from ..core.chained_optimizer import owner_of_group
 from ..core.device import DeviceOps, Event
 from ..core.flat_group import FlatParamGroup
+from ..core.host_memory import mapped_buffer
 
 ALIGN = 4096  # O_DIRECT wants buffers, offsets and lengths in multiples of the disk's block size
 IO_BLOCK = 16 << 20  # bytes per preadv/pwritev call: big enough for the disk, small enough to spread
@@ -55,13 +56,6 @@ class SwapFailedError(OSError):
 
 def _padded(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
-
-
-def aligned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """`nbytes` uint8 host memory starting on an `ALIGN` boundary (page-locked with `pin`)."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    skip = -raw.data_ptr() % ALIGN
-    return raw[skip : skip + nbytes]
 
 
 def _gb(nbytes: int) -> str:
@@ -129,7 +123,7 @@ class SwapFile:
             fd = os.open(self.path, os.O_RDWR | flag)
         except OSError:
             return self.fd, False
-        probe = aligned_buffer(ALIGN, pin=False)
+        probe = mapped_buffer(ALIGN, torch.uint8)  # page-aligned, as O_DIRECT wants
         try:
             os.pwritev(fd, [memoryview(probe.numpy())], 0)  # some filesystems only refuse here
             os.ftruncate(self.fd, 0)
@@ -490,9 +484,8 @@ class NvmeSwapper:
         size = max((region.buffer_bytes for region in self.regions.values()), default=0)
         if self._buffers and self._buffers[0].numel() >= size:
             return
-        self._buffers = [aligned_buffer(size, self.ops.pins) for _ in range(self.buffer_count)]
-        for buffer in self._buffers:
-            self.ops.note_pinned(buffer)
+        # Page-aligned (`host_empty`), as O_DIRECT wants.
+        self._buffers = [self.ops.host_empty(size, torch.uint8) for _ in range(self.buffer_count)]
         self._free = list(self._buffers)
 
     def _acquire(self) -> torch.Tensor:
