@@ -114,3 +114,14 @@ def test_nvme_parameter_shards_are_read_ahead_one_unit_past_the_prefetch(counts)
     assert deep["event_waits"] == 2 * deep["segments"] + deep["uploads"]
     # The default budget gathers these tiny units all at once: nothing is left to read ahead.
     assert _depths(counts, "stage3-nvme-params")[1]["read_ahead"] == 0
+
+
+def test_nvme_parameter_shards_are_read_ahead_as_far_as_the_prefetch_budget(counts):
+    """With four layers' budget the gatherer issues units several at a time (once half the budget
+    is free); the reader reads all the units the budget covers ahead, not only the first of the
+    next batch: again every layer added is read ahead in both passes."""
+    shallow, deep = _depths(counts, "stage3-nvme-params-four-ahead")
+    assert 0 < shallow["read_ahead"] < shallow["uploads"]
+    assert deep["read_ahead"] - shallow["read_ahead"] == deep["uploads"] - shallow["uploads"] > 0
+    assert deep["uploads"] == 2 * deep["segments"] - 2 and deep["host_syncs"] == 1
+    assert deep["event_waits"] == 2 * deep["segments"] + deep["uploads"]

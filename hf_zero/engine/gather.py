@@ -28,8 +28,9 @@ stay within `prefetch_bytes`. Issuing follows the walk, so every rank still issu
 gathers in the same order. On a GPU the collectives run on the process group's own stream: a
 gather issued before the unit's kernels are queued overlaps them, and waiting on it only orders
 the compute stream after it, without blocking the host. With the shards in an NVMe swap file,
-the file's reader is also asked to read the shards of the unit after the prefetched ones ahead
-(`reader`).
+the file's reader is also asked to read ahead the shards of the units after the prefetched ones,
+as many as the prefetch budget holds (at least one), so that the next batch's uploads find them
+read (`reader`).
 
 ZeRO++ (`zeropp.py`): with `quantized_weights`, a forward walk's gathers travel as int8; with
 `hpz_partition_size`, the weights each gather brings are also kept, split over the node, and the
@@ -326,9 +327,18 @@ class UnitGatherer:
         self._read_ahead(walk)
 
     def _read_ahead(self, walk: _Walk) -> None:
-        """Have the reader start on the shards of the unit the walk will prefetch next."""
-        if self.reader is not None and walk.issued < len(walk.order):
-            for segment in self.segments[walk.order[walk.issued]]:
+        """Have the reader start on the shards of the units the walk will prefetch next: the next
+        one, and those after it within the prefetch budget (a batch may issue several at once,
+        and each read ahead spares the training thread a disk read)."""
+        if self.reader is None:
+            return
+        upcoming = walk.order[walk.issued :]
+        within = 0
+        for index, unit in enumerate(upcoming):
+            within += self.unit_bytes[unit]
+            if index and within > self.prefetch_bytes:
+                break
+            for segment in self.segments[unit]:
                 self.reader.read_ahead(segment)
 
     def _restart(self, walk: _Walk) -> None:

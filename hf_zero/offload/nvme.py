@@ -16,9 +16,10 @@ ahead and the previous one written back, and host memory holds `nvme_buffer_coun
 the largest segment whatever the model's size.
 
 With `offload_params="nvme"` the 16-bit parameter shards live in the file too. A gathered unit's
-shard goes up through one of two page-locked bounce buffers (`upload_params`); the stage-3
-gatherer asks for the shards of the unit after the ones it prefetches to be read ahead into the
-other buffer on the IO threads (`read_ahead`), so the disk read overlaps compute. Shards change
+shard goes up through a page-locked bounce buffer (`upload_params`); the stage-3 gatherer asks for
+the shards of the units after the ones it prefetches, within its prefetch budget, to be read ahead
+into other bounce buffers on the IO threads (`read_ahead`), so the disk reads overlap compute.
+There are as many bounce buffers as the reads ahead and the upload under way hold at once. Shards change
 only at the step, between passes: what a pass read ahead and left unused is dropped when the next
 pass begins and at the step (`forget_read_ahead`).
 """
@@ -293,8 +294,10 @@ class NvmeSwapper:
         self._buffers: list[torch.Tensor] = []
         self._free: list[torch.Tensor] = []
         self._writing: deque[_Resident] = deque()
-        # offload_params: page-locked buffers the shards go up through, each with its last upload,
-        # and the shards read ahead into some of them: id(group) -> (buffer, the read).
+        # offload_params: page-locked buffers the shards go up through (all of them, and the free
+        # ones, each with its last upload), and the shards read ahead into the others:
+        # id(group) -> (buffer, the read).
+        self._bounce_pool: list[torch.Tensor] = []
         self._bounces: deque[tuple[torch.Tensor, Event | None]] = deque()
         self._ahead: dict[int, tuple[torch.Tensor, Future]] = {}
         self.read_ahead_hits = 0  # uploads whose shard was already read ahead
@@ -349,7 +352,7 @@ class NvmeSwapper:
         """`group`'s 16-bit shard, from the file to a new device tensor, without synchronising the
         device: a copy from the map (pageable memory) would make the host wait for every queued
         kernel first, once per unit gathered. The shard is read into a page-locked bounce buffer
-        (its pages then dropped) and copied up asynchronously; two bounce buffers take turns, and
+        (its pages then dropped) and copied up asynchronously; bounce buffers take turns, and
         reusing one waits only for its own last upload. A shard read ahead (`read_ahead`) is taken
         from its buffer once that read is done."""
         region = self.param_regions[id(group)]
@@ -371,14 +374,15 @@ class NvmeSwapper:
         return on_device
 
     def read_ahead(self, group: FlatParamGroup) -> None:
-        """Start reading `group`'s 16-bit shard into a free bounce buffer on the IO threads, so that
-        the disk read overlaps the units computing before it; a no-op for a group without a shard
-        in the file, one already read ahead, or when no bounce buffer is free. The stage-3 gatherer
-        calls it for the unit after the ones it prefetches, within one pass: the shards do not
-        change before their upload (`forget_read_ahead` drops what a pass left unused)."""
+        """Start reading `group`'s 16-bit shard into a bounce buffer on the IO threads, so that the
+        disk read overlaps the units computing before it; a no-op for a group without a shard in
+        the file or one already read ahead. With no bounce buffer free, one more is made: the
+        gatherer bounds what it reads ahead by its prefetch budget. It calls this for the units
+        after the ones it prefetches, within one pass: the shards do not change before their
+        upload (`forget_read_ahead` drops what a pass left unused)."""
         region = self.param_regions.get(id(group))
-        if region is None or id(group) in self._ahead or (self._ahead and not self._bounces):
-            return  # (no bounce buffer free: the reads ahead hold them all)
+        if region is None or id(group) in self._ahead:
+            return
         buffer, uploaded = self._free_bounce()
         wait = uploaded.wait_later() if uploaded is not None else None
 
@@ -398,15 +402,18 @@ class NvmeSwapper:
             self._bounces.append((buffer, None))
 
     def _free_bounce(self) -> tuple[torch.Tensor, Event | None]:
-        """A bounce buffer no read ahead holds, with its last upload (made on first use)."""
-        if not self._bounces and not self._ahead:
-            size = max(r.nbytes for r in self.param_regions.values())
-            self._bounces = deque((self.ops.host_empty(size, torch.uint8), None) for _ in range(2))
-        if not self._bounces:  # every buffer holds a shard read ahead: give one up
-            _, (buffer, read) = self._ahead.popitem()
-            read.result()
-            return buffer, None
+        """A bounce buffer no read ahead holds, with its last upload; one more is made if none is
+        free (uploads give theirs back at once, so there are at most one more than the gatherer
+        reads ahead)."""
+        if not self._bounces:
+            self._add_bounce()
         return self._bounces.popleft()
+
+    def _add_bounce(self) -> None:
+        """One more bounce buffer, of the largest shard's size, free and never uploaded from."""
+        buffer = self.ops.host_empty(max(r.nbytes for r in self.param_regions.values()), torch.uint8)
+        self._bounce_pool.append(buffer)
+        self._bounces.append((buffer, None))
 
     @staticmethod
     def _stage(buffer: torch.Tensor, region: _ParamRegion) -> None:
@@ -430,9 +437,9 @@ class NvmeSwapper:
     @property
     def host_bytes(self) -> int:
         """The host memory the step's buffers take (allocated at the first step), and the bounce
-        buffers of parameter shards (at the first gather)."""
+        buffers of parameter shards (from the first gather)."""
         largest = max((region.buffer_bytes for region in self.regions.values()), default=0)
-        return largest * self.buffer_count + sum(buffer.numel() for buffer, _ in self._bounces)
+        return largest * self.buffer_count + sum(buffer.numel() for buffer in self._bounce_pool)
 
     def check_usable(self) -> None:
         if self.error is not None:

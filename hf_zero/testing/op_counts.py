@@ -9,7 +9,8 @@ launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launc
 device layer's `host_syncs` and `event_waits` (`ZeroEngine.device_counts`). Cases (`CASES`): the
 stages in fp32, and the host waits of bf16, fp16, CPU offload (AdamW, and RMSprop on torch's own
 path), NVMe offload, and NVMe offload of the parameters too (`uploads`: shards brought up from the
-file). Rank 0 writes `{"CASE-layersL": counts}`.
+file; `read_ahead`: those of them read ahead of their gather), with prefetch budgets of one unit and
+of four layers. Rank 0 writes `{"CASE-layersL": counts}`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ CASES = {
         "adamw",
         {"offload_optimizer": "nvme", "offload_params": "nvme", "prefetch_bytes": 1},
     ),
+    # A budget of four layers' bf16 weights: the gatherer issues several units at a time.
+    "stage3-nvme-params-four-ahead": (
+        3,
+        "bf16",
+        "adamw",
+        {"offload_optimizer": "nvme", "offload_params": "nvme", "prefetch_layers": 4},
+    ),
 }
 
 
@@ -83,6 +91,9 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
     optimizer_class = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.RMSprop
     optimizer = optimizer_class(groups, lr=1e-3)
     config = {"stage": stage, "precision": precision, "gradient_clipping": 1.0, **extra}
+    if "prefetch_layers" in config:  # a budget in layers: their 16-bit bytes
+        layer_bytes = 2 * sum(p.numel() for p in model.model.layers[0].parameters())
+        config["prefetch_bytes"] = config.pop("prefetch_layers") * layer_bytes
     if "nvme" in (config.get("offload_optimizer"), config.get("offload_params")):
         config["nvme_path"] = swap
     engine = hf_zero.initialize(model, optimizer, config)
