@@ -1,14 +1,14 @@
 """Nothing grows with every step: resident memory (and, on a GPU, allocated device memory) stays
-flat over 36 training steps after 24 of warm-up, each with an evaluation forward, at stages 1-3, under
+flat over 24 training steps after 12 of warm-up, each with an evaluation forward, at stages 1-3, under
 activation checkpointing and with offload, on 2 gloo ranks (`hf_zero.testing.memory_growth`).
 
 The bound, 64 KiB per step, is twice what a run without a leak gains while it settles (measured
 after `malloc_trim`, with glibc's mmap threshold fixed so megabyte temporaries do not move the
-heap): stages 1-2 about 6 KiB per step, stage 3 about 30 KiB over its first hundred steps, falling
-to about 1 KiB by its 250th as the allocator's arenas and caches fill (so a longer warm-up would
+heap): over those steps stages 1-2 up to 11 KiB per step, stage 3 up to 30 KiB (2026-12-07), falling
+to about 1 KiB by its 250th step as the allocator's arenas and caches fill (so a longer warm-up would
 only cost time). It is below the leaks stage 3 had on this model: about 310 KiB per step, 100 KiB
 under reentrant checkpointing (each forward's autograd graph kept alive by the multi-gradient
-hooks on the units' inputs).
+hooks on the units' inputs); evaluation logits kept alive by the engine read 145-160 KiB per step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.memory_growth import CASES, growth_per_step
 
-STEPS = 36
+STEPS = 24
 BOUND = 64 * 2**10  # bytes per step
 
 

@@ -8,8 +8,9 @@ evaluation forward (in eval mode, under `torch.no_grad()` as in `Trainer.evaluat
 `malloc_trim`, so freed heap pages do not count) and, on a GPU, the allocated device memory every
 `EVERY` steps after the warm-up. Rank 0 writes, for every rank and case, the growth per step of
 each (the median slope between samples, robust to a few noisy samples). A stage-3 forward that kept its autograd graph alive through the gather hooks
-grew about 310 KiB per step here; a run without a leak gains about 6 KiB per step at stages 1-2
-and about 30 KiB at stage 3 while its allocator settles (down to about 1 KiB by step 250).
+grew about 310 KiB per step here; a run without a leak gains up to about 11 KiB per step at stages
+1-2 and 30 KiB at stage 3 over its first 36 steps, while its allocator settles (down to about 1 KiB
+by step 250).
 
 Cases: stages 1-3, stage 3 under activation checkpointing (reentrant and not), stage 3 with its
 evaluation forwards under autograd (no backward follows them), stage 3 with the optimizer and the
@@ -33,7 +34,7 @@ import hf_zero
 from .launch import exit_cleanly
 from .tiny_models import VOCAB, llama_config
 
-WARMUP = 24
+WARMUP = 12
 EVERY = 1
 # Stage 0 reduces through the same whole-gradient reducer as stage 1, and stage 2's optimizer
 # offload streams through the same host staging as stage 3's: neither has a case of its own.
