@@ -1,7 +1,11 @@
 """ZeroTrainer on 2 gloo ranks (through torchrun) against the plain Trainer on one process.
 
 The runs train on Markov-chain sequences, where the loss really falls, and the checks compare
-weights as well as losses. Each launch is shared by several tests through a module fixture.
+weights as well as losses. Starting a process costs more than a run trains, so the runs share three
+launches (`trainer_run many`): one process for every plain Trainer run, one 2-rank torchrun for
+every 2-rank ZeroTrainer run (after the plain one: two of its runs resume plain checkpoints), and
+the 1-rank run that resumes stage 2's checkpoint. Each launch runs only the runs the selected tests
+use; each run is a module fixture, `(OUT_DIR, report)`.
 """
 
 from __future__ import annotations
@@ -30,15 +34,116 @@ HALFWAY = "checkpoint-3"  # trainer_run trains 6 steps and checkpoints after 3
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def _plain(out: Path, *options: str) -> dict:
-    command = [sys.executable, "-m", "hf_zero.testing.trainer_run", "plain", str(out), *options]
-    subprocess.run(command, check=True, capture_output=True, timeout=600)
-    return json.loads((out / "report.json").read_text())
+# The plain Trainer's runs, one process: name -> trainer_run options.
+PLAIN_RUNS = {
+    "plain_fp32": [],
+    "plain_muon": ["--muon"],  # hf_zero's optimizer factory, `MuonWithAdamW`
+    "plain_bf16": ["--precision", "bf16"],
+    "plain_lora": ["--lora"],
+}
+# ZeroTrainer's runs on 2 ranks, one torchrun launch: name -> options, and the plain run (if any)
+# whose halfway checkpoint it also resumes (`--from-plain`).
+ZERO_RUNS = {
+    "zero_stage1": (["--stage", "1"], None),
+    # Stage 2, plus resuming (its own checkpoint, the plain Trainer's) and load_best_model_at_end.
+    "zero_stage2": (["--stage", "2", "--resume"], "plain_fp32"),
+    # Stage 3 (parameters sharded), plus resuming its own checkpoint and load_best_model_at_end.
+    "zero_stage3": (["--stage", "3", "--resume"], None),
+    # Stage 3 on the same GPT-2 loaded with hf_zero.from_pretrained: each rank reads its shard.
+    "zero_stage3_from_pretrained": (["--stage", "3", "--from-pretrained"], None),
+    # Stage 3 with `optimizer_cls_and_kwargs=(torch.optim.Muon, ...)`, and resuming.
+    "zero_muon": (["--muon", "--stage", "3", "--resume-same"], None),
+    "zero_bf16": (["--stage", "2", "--precision", "bf16"], None),
+    "zero_lora": (["--stage", "2", "--lora", "--resume"], "plain_lora"),
+}
 
 
-def _zero(out: Path, *options: str, nproc: int = 2) -> dict:
-    torchrun("hf_zero.testing.trainer_run", nproc, ["zero", str(out), *options])
-    return json.loads((out / "report.json").read_text())
+def _launch_many(kind: str, jobs: dict[str, list[str]], folder: Path) -> dict[str, tuple[Path, dict]]:
+    """Run `jobs` (name -> trainer_run command line) one after another in one launch: a plain
+    process, or `kind` "zero" on 2 torchrun ranks; each job's (OUT_DIR, report) by name."""
+    if not jobs:
+        return {}
+    jobs_file = folder / f"{kind}_jobs.json"
+    jobs_file.write_text(json.dumps(list(jobs.values())))
+    # A wide margin: on this 2-core machine, loaded, the 7 two-rank jobs took 60-100 s together.
+    timeout = 300 + 120 * len(jobs)
+    if kind == "plain":
+        command = [sys.executable, "-m", "hf_zero.testing.trainer_run", "many", str(jobs_file)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(command)} failed with exit code {result.returncode}\n"
+                f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
+            )
+    else:
+        torchrun("hf_zero.testing.trainer_run", 2, ["many", str(jobs_file)], timeout=timeout)
+    return {name: _report(Path(line[1])) for name, line in jobs.items()}
+
+
+def _report(out: Path) -> tuple[Path, dict]:
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs_in_use(request) -> set[str]:
+    """The runs the selected tests of this file use: as fixtures, or named by a parameter (for
+    `request.getfixturevalue`), and the plain runs whose checkpoints those resume."""
+    names = set()
+    for item in request.session.items:
+        if item.path == request.path:
+            names.update(item.fixturenames)
+            if hasattr(item, "callspec"):
+                names.update(value for value in item.callspec.params.values() if isinstance(value, str))
+    names.update(ZERO_RUNS[name][1] for name in names & ZERO_RUNS.keys() if ZERO_RUNS[name][1])
+    return names
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory, runs_in_use) -> dict[str, tuple[Path, dict]]:
+    """The plain Trainer's runs the selected tests use, in one process."""
+    jobs = {
+        name: ["plain", str(tmp_path_factory.mktemp(name)), *options]
+        for name, options in PLAIN_RUNS.items()
+        if name in runs_in_use
+    }
+    return _launch_many("plain", jobs, tmp_path_factory.mktemp("plain_launch"))
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory, runs_in_use, plain_runs) -> dict[str, tuple[Path, dict]]:
+    """ZeroTrainer's 2-rank runs the selected tests use, in one torchrun launch."""
+    jobs = {}
+    for name, (options, from_plain) in ZERO_RUNS.items():
+        if name in runs_in_use:
+            resumes = ["--from-plain", str(plain_runs[from_plain][0] / "run" / HALFWAY)] if from_plain else []
+            jobs[name] = ["zero", str(tmp_path_factory.mktemp(name)), *options, *resumes]
+    return _launch_many("zero", jobs, tmp_path_factory.mktemp("zero_launch"))
+
+
+def _run(launch: str, name: str):
+    """The module fixture `name`: that run's (OUT_DIR, report) from the launch fixture `launch`."""
+
+    @pytest.fixture(scope="module", name=name)
+    def run(request) -> tuple[Path, dict]:
+        runs = request.getfixturevalue(launch)
+        if name not in runs:
+            raise LookupError(f"run {name} was not launched: name it as a fixture or a parameter value")
+        return runs[name]
+
+    return run
+
+
+plain_fp32 = _run("plain_runs", "plain_fp32")
+plain_muon = _run("plain_runs", "plain_muon")
+plain_bf16 = _run("plain_runs", "plain_bf16")
+plain_lora = _run("plain_runs", "plain_lora")
+zero_stage1 = _run("zero_runs", "zero_stage1")
+zero_stage2 = _run("zero_runs", "zero_stage2")
+zero_stage3 = _run("zero_runs", "zero_stage3")
+zero_stage3_from_pretrained = _run("zero_runs", "zero_stage3_from_pretrained")
+zero_muon = _run("zero_runs", "zero_muon")
+zero_bf16 = _run("zero_runs", "zero_bf16")
+zero_lora = _run("zero_runs", "zero_lora")
 
 
 def _assert_same_tensors(actual: dict, expected: dict, atol: float) -> None:
@@ -65,45 +170,16 @@ def _assert_training_worked(report: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def plain_fp32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain_fp32")
-    return out, _plain(out)
-
-
-@pytest.fixture(scope="module")
-def zero_stage1(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero_stage1")
-    return out, _zero(out, "--stage", "1")
-
-
-@pytest.fixture(scope="module")
-def zero_stage2(tmp_path_factory, plain_fp32):
-    """Stage 2, plus resuming (its own checkpoint, the plain Trainer's) and load_best_model_at_end."""
-    out = tmp_path_factory.mktemp("zero_stage2")
-    plain_checkpoint = plain_fp32[0] / "run" / HALFWAY
-    return out, _zero(out, "--stage", "2", "--resume", "--from-plain", str(plain_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def zero_stage3(tmp_path_factory):
-    """Stage 3 (parameters sharded), plus resuming its own checkpoint and load_best_model_at_end."""
-    out = tmp_path_factory.mktemp("zero_stage3")
-    return out, _zero(out, "--stage", "3", "--resume")
-
-
-@pytest.fixture(scope="module")
 def zero_one_process_from_two(tmp_path_factory, zero_stage2):
-    """One process at stage 1 resuming stage 2's 2-process checkpoint."""
+    """One process at stage 1 resuming stage 2's 2-process checkpoint (its own 1-rank launch)."""
     out = tmp_path_factory.mktemp("zero_one_process")
     checkpoint = zero_stage2[0] / "run" / HALFWAY
-    return out, _zero(out, "--stage", "1", "--resume-elsewhere", str(checkpoint), nproc=1)
-
-
-@pytest.fixture(scope="module")
-def zero_stage3_from_pretrained(tmp_path_factory):
-    """Stage 3 on the same GPT-2 loaded with hf_zero.from_pretrained: each rank reads its shard."""
-    out = tmp_path_factory.mktemp("zero_stage3_from_pretrained")
-    return out, _zero(out, "--stage", "3", "--from-pretrained")
+    torchrun(
+        "hf_zero.testing.trainer_run",
+        1,
+        ["zero", str(out), "--stage", "1", "--resume-elsewhere", str(checkpoint)],
+    )
+    return _report(out)
 
 
 @pytest.mark.parametrize("run", ["zero_stage1", "zero_stage2", "zero_stage3"])
@@ -223,20 +299,6 @@ def _checkpoint_weights(folder) -> dict[str, torch.Tensor]:
 # ---- Muon for the hidden matrices, AdamW for the rest ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def plain_muon(tmp_path_factory):
-    """The plain Trainer with hf_zero's optimizer factory, `MuonWithAdamW`."""
-    out = tmp_path_factory.mktemp("plain_muon")
-    return out, _plain(out, "--muon")
-
-
-@pytest.fixture(scope="module")
-def zero_muon(tmp_path_factory):
-    """ZeroTrainer at stage 3 with `optimizer_cls_and_kwargs=(torch.optim.Muon, ...)`, and resuming."""
-    out = tmp_path_factory.mktemp("zero_muon")
-    return out, _zero(out, "--muon", "--stage", "3", "--resume-same")
-
-
 def test_zero_trainer_with_muon_tracks_the_plain_trainer(plain_muon, zero_muon):
     (plain_dir, plain), (zero_dir, zero) = plain_muon, zero_muon
     _assert_training_worked(zero)
@@ -258,9 +320,8 @@ def test_zero_trainer_with_muon_tracks_the_plain_trainer(plain_muon, zero_muon):
 # ---- full model, bf16 -----------------------------------------------------------------------------
 
 
-def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
-    plain = _plain(tmp_path / "plain", "--precision", "bf16")
-    zero = _zero(tmp_path / "zero", "--stage", "2", "--precision", "bf16")
+def test_zero_trainer_bf16_tracks_plain_trainer(plain_bf16, zero_bf16):
+    (plain_dir, plain), (zero_dir, zero) = plain_bf16, zero_bf16
     _assert_training_worked(zero)
     # The plain Trainer autocasts fp32 weights; hf_zero computes on bf16 weights with fp32 masters.
     _assert_curves_close(zero, plain, rtol=5e-3)
@@ -268,8 +329,8 @@ def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
     # Both took the same steps: the weights moved by the same amounts, up to bf16 rounding (a few
     # percent of the update; an optimizer that did not step would be 100% off).
     initial = build_model("gpt2").state_dict()
-    zero_weights = load_file(tmp_path / "zero" / "final" / "model.safetensors")
-    plain_weights = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    zero_weights = load_file(zero_dir / "final" / "model.safetensors")
+    plain_weights = load_file(plain_dir / "final" / "model.safetensors")
     error = norm = 0.0
     for key, value in plain_weights.items():
         assert zero_weights[key].dtype == torch.float32, key
@@ -277,24 +338,11 @@ def test_zero_trainer_bf16_tracks_plain_trainer(tmp_path):
         norm += (value - initial[key]).square().sum().item()
     assert (error / norm) ** 0.5 < 0.1
     # The folder says what it holds: from_pretrained's default gives back the fp32 masters.
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "zero" / "final")
+    reloaded = AutoModelForCausalLM.from_pretrained(zero_dir / "final")
     assert reloaded.transformer.h[0].mlp.c_fc.weight.dtype == torch.float32
 
 
 # ---- PEFT (LoRA), fp32 ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def plain_lora(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain_lora")
-    return out, _plain(out, "--lora")
-
-
-@pytest.fixture(scope="module")
-def zero_lora(tmp_path_factory, plain_lora):
-    out = tmp_path_factory.mktemp("zero_lora")
-    plain_checkpoint = plain_lora[0] / "run" / HALFWAY
-    return out, _zero(out, "--stage", "2", "--lora", "--resume", "--from-plain", str(plain_checkpoint))
 
 
 def test_zero_trainer_trains_and_saves_a_lora_adapter(plain_lora, zero_lora):

@@ -3,6 +3,15 @@
     python -m hf_zero.testing.trainer_run plain OUT_DIR [--precision bf16] [--lora]
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.trainer_run zero OUT_DIR --stage 2 \\
         [--lora] [--resume] [--from-plain PLAIN_OUT_DIR/run/checkpoint-3] [--from-pretrained]
+    python -m hf_zero.testing.trainer_run many JOBS.json    (or under torchrun)
+
+`many` runs several jobs one after another in one process (one launch), JOBS.json being a list of
+the jobs' command lines (`[["plain", "OUT_A"], ["plain", "OUT_B", "--lora"]]`): starting a process
+that imports torch, transformers and hf_zero costs seconds of CPU, far more than a job trains.
+Each job does exactly what it does alone: before each one the process is put back as it was when
+`main` started (RNG states, environment, torch's default dtype and flags, Accelerate's shared
+state, transformers' verbosity), and after each one the engines it built are closed (which puts
+back what they patched, see `hf_zero.engine.user_paths`).
 
 Both see the same global batch per step (the plain run uses a per-device batch `world` times
 larger) of sequences from a Markov chain, so the loss has somewhere to fall. The run trains
@@ -26,13 +35,19 @@ each rank reads only its shard of it). Rank 0 writes OUT_DIR/report.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import random
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging as transformers_logging
 
 from ..cli.data import markov_corpus
 from ..hub.loading import from_pretrained
@@ -47,6 +62,8 @@ EVAL_SAMPLES = 8
 LEARNING_RATE = {"full": 2e-3, "lora": 3e-2}  # LoRA moves few weights: a larger step shows its progress
 LORA_TARGETS = ["c_attn", "c_fc"]
 MUON = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.01}
+
+_BUILT: list[Trainer] = []  # every trainer the running job built: their engines end with the job
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -165,7 +182,7 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
         cls = SaveRecordingZeroTrainer
         kwargs["zero_config"] = {"stage": options.stage, "reduce_bucket_size": 6000}
     train, held_out = _datasets(options.steps)
-    return cls(
+    trainer = cls(
         model=_model(options, args),
         args=args,
         train_dataset=train,
@@ -173,6 +190,8 @@ def _trainer(options, name: str, recorder: LogRecorder, **extra):
         callbacks=[recorder],
         **kwargs,
     )
+    _BUILT.append(trainer)
+    return trainer
 
 
 def _model(options, args: TrainingArguments) -> torch.nn.Module:
@@ -215,8 +234,8 @@ def _resume_without_optimizer_state(options, checkpoint: Path) -> str:
     return ""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hf_zero.testing.trainer_run")
     parser.add_argument("mode", choices=["plain", "zero"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--stage", type=int, default=2)
@@ -235,7 +254,14 @@ def main() -> None:
     parser.add_argument(
         "--resume-elsewhere", type=Path, help="a ZeroTrainer checkpoint of another run to resume"
     )
-    options = parser.parse_args()
+    return parser
+
+
+def parse_job(argv: list[str]) -> argparse.Namespace:
+    """One job's options from its command line (`plain OUT_DIR ...` or `zero OUT_DIR ...`, as in
+    the module docstring); exits with a usage message for a command line that does not fit."""
+    parser = _parser()
+    options = parser.parse_args(argv)
     if options.mode == "plain" and (
         options.resume
         or options.resume_same
@@ -246,7 +272,19 @@ def main() -> None:
         parser.error(
             "--resume, --from-plain and --from-pretrained are checks of ZeroTrainer runs (mode zero)"
         )
+    return options
 
+
+def run_job(options: argparse.Namespace) -> None:
+    """Train, resume and save as `options` say, write OUT_DIR/report.json from rank 0, then close
+    the engines of every trainer the job built. Every rank runs it."""
+    _run_job(options)
+    # Not after an error: closing a stage-3 engine destroys its group, which waits for collectives
+    # the other ranks may never finish (see `hf_zero.engine.teardown`); the launch must fail instead.
+    _close_built_trainers()
+
+
+def _run_job(options: argparse.Namespace) -> None:
     recorder = LogRecorder()
     trainer = _trainer(options, "run", recorder)
     # A stage-3 model from from_pretrained runs only once sharded: measure the model it was saved from.
@@ -287,6 +325,83 @@ def main() -> None:
         report["resumed_elsewhere"] = _resume(options, "resumed_elsewhere", options.resume_elsewhere)
     if trainer.is_world_process_zero():
         (options.out / "report.json").write_text(json.dumps(report))
+
+
+def _close_built_trainers() -> None:
+    """Close the engine of every trainer the job built (a trainer that never trained has none), in
+    the order they were built, the same on every rank (closing a stage-3 engine destroys its
+    gather group, which every rank must do at the same point); then free their memory."""
+    trainers, _BUILT[:] = list(_BUILT), []
+    for trainer in trainers:
+        engine = getattr(trainer, "zero_engine", None)
+        if engine is not None:
+            engine.close()
+    del trainers
+    gc.collect()
+
+
+class ProcessState:
+    """What a job may change in its process beyond the objects it built, as it was when taken.
+
+    A job seeds its own RNGs, but `restore` puts them back too, so that a job run after others
+    sees the very states a freshly started process does, even in code that draws before seeding.
+    """
+
+    def __init__(self) -> None:
+        self.environ = dict(os.environ)
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        # A fresh process's CUDA generators start from this seed too, at offset 0; reading their
+        # states here would start CUDA, so `restore` seeds them instead.
+        self.initial_seed = torch.initial_seed()
+        self.default_dtype = torch.get_default_dtype()
+        self.deterministic = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        self.threads = torch.get_num_threads()
+        self.verbosity = transformers_logging.get_verbosity()
+
+    def restore(self) -> None:
+        """Put the process back as it was taken, and forget Accelerate's shared state (a Trainer's
+        mixed precision is fixed in it, and Accelerate refuses to change it; TrainingArguments
+        resets it too, but only once it sets up its device)."""
+        for key in set(os.environ) - set(self.environ):
+            del os.environ[key]
+        os.environ.update(self.environ)
+        python_rng, numpy_rng, torch_rng = self.rng
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        torch.set_rng_state(torch_rng)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(self.initial_seed)
+        torch.set_default_dtype(self.default_dtype)
+        mode, warn_only = self.deterministic
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+        torch.set_num_threads(self.threads)
+        # The Trainer sets the verbosity from its log level: other ranks' "warning" by default.
+        transformers_logging.set_verbosity(self.verbosity)
+        # The default process group stays: later jobs of a launch run in it, as the Trainer finds it.
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the job `argv` (default: the command line) describes, or with `many JOBS.json` each job
+    of the file in turn, in this process; then end it as a launched script ends."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["many"]:
+        if len(argv) != 2:
+            _parser().error("many takes one argument: a JSON file listing the jobs' command lines")
+        command_lines = json.loads(Path(argv[1]).read_text())
+    else:
+        command_lines = [argv]
+    jobs = [parse_job([str(arg) for arg in line]) for line in command_lines]  # all refused up front
+    fresh = ProcessState()
+    for index, (line, options) in enumerate(zip(command_lines, jobs, strict=True)):
+        if len(jobs) > 1 and int(os.environ.get("RANK", "0")) == 0:
+            # (A launch that fails shows its output: this says which job failed.)
+            print(f"trainer_run: job {index + 1}/{len(jobs)}: {' '.join(map(str, line))}", flush=True)
+        fresh.restore()
+        run_job(options)
     exit_cleanly()
 
 
