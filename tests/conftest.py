@@ -35,11 +35,36 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Under `-n 2 --dist loadfile` (the README's command) the two workers take whole files in
+# collection order: the files that take longest (measured with --durations) go first, so that the
+# quick ones even the workers out at the end. Files not named keep their order, after these. Order
+# only: every file runs either way. test_engine_hardening, which reads the matrix launches
+# test_engine_multirank makes (the `sharded` fixture), stays late, so it finds them done.
+LONGEST_FIRST = (
+    "test_engine_multirank.py",
+    "test_recipes_cli.py",
+    "test_trainer.py",
+    "test_elastic.py",
+    "test_multinode.py",
+    "test_zeropp.py",
+    "test_fp16.py",
+    "test_checkpoint_resume.py",
+    "test_from_pretrained.py",
+    "test_gpu_proof.py",
+    "test_op_counts.py",
+    "test_accelerator.py",
+    "test_hangs.py",
+    "test_memory_growth.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # `-m on_device` selects exactly the tests `--device cuda` moves (benchmarks/gpu_proof.sh).
     for item in items:
         if "device" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.on_device)
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable
 
 
 @pytest.fixture(scope="session")

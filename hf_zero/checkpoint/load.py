@@ -272,7 +272,7 @@ def _segment_state(reader: SpanReader, segment: FlatParamGroup, records: list[di
                 "the manifest is damaged"
             )
     result: dict[str, Any] = {}
-    for key in keys[0]:
+    for key in records[0]["state"]:  # in the order saved: checkpoints written after a resume are reproducible
 
         def values(slot: int, begin: int, length: int, key: str = key) -> torch.Tensor:
             return reader.read(records[slot], key, begin, length)
