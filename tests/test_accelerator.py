@@ -1,9 +1,10 @@
 """ZeroAccelerator on 2 gloo ranks (through torchrun): checkpoints, full weights, compile, world checks;
 and, in this process, where `prepare` places the model.
 
-One launch per mode of `hf_zero.testing.accelerate_run` (start-up dominates on CPU); each test
-checks one property of what it wrote. The placement decision is a pure function, so its GPU cases
-run here on torch.device objects; `prepare`'s use of it runs with the engine recorded, not built.
+One launch of `hf_zero.testing.accelerate_run` runs its three modes one after another (start-up
+dominates on CPU; the modes give the same results as launched alone); each test checks one property
+of what its mode wrote. The placement decision is a pure function, so its GPU cases run here on
+torch.device objects; `prepare`'s use of it runs with the engine recorded, not built.
 """
 
 from __future__ import annotations
@@ -33,15 +34,38 @@ WORLD = 2
 MODULE = "hf_zero.testing.accelerate_run"
 
 
-def _launch(mode: str, out: Path) -> list[dict]:
-    torchrun(MODULE, WORLD, [mode, str(out)])
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
+# `mismatch` first: as in a user's script, its Accelerator meets no process group yet.
+MODES = ("mismatch", "checkpoint", "compile")
 
 
 @pytest.fixture(scope="module")
-def checkpoint_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accelerate_checkpoint")
-    return out, _launch("checkpoint", out)
+def launched(tmp_path_factory):
+    """Every mode in one launch: `run(mode)` gives the mode's folder and its per-rank results. A
+    mode that wrote no results re-raises the launch's error, with the ranks' output; the modes that
+    finished before it are still checked."""
+    out = tmp_path_factory.mktemp("accelerate")
+    try:
+        # Without GPUs and without cpu=True, Accelerate takes each torchrun process for a world of
+        # one (the mismatch mode); the other modes pass cpu=True.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CUDA_VISIBLE_DEVICES", "")
+            torchrun(MODULE, WORLD, [str(out), *MODES])
+        failed = None
+    except RuntimeError as error:
+        failed = error
+
+    def run(mode: str) -> tuple[Path, list[dict]]:
+        files = [out / mode / f"rank{rank}.pt" for rank in range(WORLD)]
+        if failed is not None and not all(file.exists() for file in files):
+            raise failed
+        return out / mode, [torch.load(file) for file in files]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def checkpoint_run(launched):
+    return launched("checkpoint")
 
 
 def _assert_equal_weights(got: dict, want: dict) -> None:
@@ -160,8 +184,8 @@ def test_saved_model_loads_with_from_pretrained(checkpoint_run, folder):
 # ---- compile, world size, early refusals ------------------------------------------------------------
 
 
-def test_compiled_model_trains_to_the_same_weights(tmp_path):
-    results = _launch("compile", tmp_path)[0]
+def test_compiled_model_trains_to_the_same_weights(launched):
+    results = launched("compile")[1][0]
     initial = build_model("gpt2").state_dict()
     # The whole model through TrainingArguments(torch_compile=True); by region through the plugin.
     for name, compiled_as in (("trainer", "whole"), ("regional", "regions")):
@@ -174,10 +198,8 @@ def test_compiled_model_trains_to_the_same_weights(tmp_path):
         assert any(not torch.equal(value, initial[key]) for key, value in compiled.items())
 
 
-def test_world_size_mismatch_is_refused(tmp_path, monkeypatch):
-    # Without GPUs and without cpu=True, Accelerate takes each torchrun process for a world of one.
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    for results in _launch("mismatch", tmp_path):
+def test_world_size_mismatch_is_refused(launched):
+    for results in launched("mismatch")[1]:
         message = results["error"]
         assert message is not None
         assert "Accelerate counts 1 process(es) but the launcher started 2" in message

@@ -1,9 +1,18 @@
 """Train a tiny GPT-2 (tied embeddings) through `ZeroAccelerator` the way Accelerate users do; launch
 with torchrun.
 
-    torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.accelerate_run MODE OUT_DIR
+    torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.accelerate_run OUT_DIR MODE [MODE ...]
 
-Modes (each rank writes OUT_DIR/rank{r}.pt, a dict of results; saved folders go under OUT_DIR):
+The modes run one after another in the same processes (a launch's start-up alone costs about 15
+CPU-seconds); each rank writes OUT_DIR/MODE/rank{r}.pt, a dict of results, as soon as the mode is
+done, and the mode's saved folders go under OUT_DIR/MODE. Before each mode the process-wide state
+one leaves behind is reset (Accelerate's shared state, dynamo's caches, the environment, the seed);
+the process group the first Accelerator set up stays, as it would in a script. In the order
+`tests/test_accelerator.py` runs them (mismatch, checkpoint, compile), each mode's results and
+files equal those of the mode launched alone bit for bit, but for the Python and NumPy RNG states
+that checkpoints record (nothing seeds them, so they differ from run to run anyway).
+
+Modes:
 
 - `checkpoint`: an fp32 stage-2 run that saves with automatic checkpoint naming (`total_limit=2`)
   after steps 1-3 and trains on to step 6; a second run, from other initial weights and another
@@ -14,7 +23,8 @@ Modes (each rank writes OUT_DIR/rank{r}.pt, a dict of results; saved folders go 
 - `compile`: `ZeroTrainer` with `TrainingArguments(torch_compile=True)` (the whole model) and a
   `ZeroAccelerator` loop compiled region by region, both with the `aot_eager` backend, each
   against the same run with compilation switched off.
-- `mismatch`: a `ZeroAccelerator` built without `cpu=True` on a machine without GPUs.
+- `mismatch`: a `ZeroAccelerator` built without `cpu=True` on a machine without GPUs (launch with
+  CUDA_VISIBLE_DEVICES="" to hide a machine's GPUs; the other modes pass `cpu=True` anyway).
 
 Batches are drawn from a Markov-chain corpus with the global RNG (seeded alike on every rank), so
 a resumed run only sees the same data if the RNG state was restored.
@@ -22,12 +32,14 @@ a resumed run only sees the same data if the RNG state was restored.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, has_compiled_regions, is_compiled_module
 from torch._dynamo.utils import counters
 from transformers import TrainingArguments
@@ -283,12 +295,32 @@ def _mismatch(out: Path) -> dict:
 MODES = {"checkpoint": _checkpoint, "compile": _compile, "mismatch": _mismatch}
 
 
-def main(argv: list[str]) -> None:
-    mode, out = argv[0], Path(argv[1])
-    torch.set_num_threads(1)
+def _fresh_process_state(environ: dict[str, str]) -> None:
+    """Undo what an earlier mode left in this process that the next one would see: the environment
+    (TrainingArguments sets ACCELERATE_DYNAMO_*), Accelerate's shared state (a new Accelerator then
+    sets it up again from its own arguments and joins the process group that is already there),
+    dynamo's compiled code, and the global seed."""
+    os.environ.clear()
+    os.environ.update(environ)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch._dynamo.reset()
+    gc.collect()  # the last mode's engines (and any threads they own) end here, not inside the next
     torch.manual_seed(0)
-    results = MODES[mode](out)
-    torch.save(results, out / f"rank{os.environ['RANK']}.pt")
+
+
+def main(argv: list[str]) -> None:
+    out, modes = Path(argv[0]), argv[1:]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise SystemExit(f"usage: OUT_DIR MODE [MODE ...], modes from {list(MODES)}; got {modes}")
+    torch.set_num_threads(1)
+    environ = dict(os.environ)
+    for mode in modes:
+        _fresh_process_state(environ)
+        (out / mode).mkdir(parents=True, exist_ok=True)
+        results = MODES[mode](out / mode)
+        torch.save(results, out / mode / f"rank{os.environ['RANK']}.pt")
     exit_cleanly()
 
 
