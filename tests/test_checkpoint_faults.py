@@ -4,8 +4,7 @@ changes nothing, and leaves earlier checkpoints loadable."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import signal
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import GPT2LMHeadModel
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
 from hf_zero.checkpoint.format import MANIFEST, rank_file_name, sha256_of
-from hf_zero.testing.checkpoint_faults import KILL_POINTS, trained_engine
+from hf_zero.testing.checkpoint_faults import KILL_POINTS, killed_save, trained_engine
 from hf_zero.testing.launch import torchrun
 from hf_zero.testing.tiny_models import build_model
 
@@ -118,21 +117,9 @@ def test_a_save_killed_at_any_point_leaves_the_earlier_checkpoint_loadable(tmp_p
     # The swap points only exist when a save replaces an earlier checkpoint in the same folder.
     replacing = point in ("before_swap", "after_swap", "after_manifest")
     target = tmp_path / ("earlier" if replacing else "new")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hf_zero.testing.checkpoint_faults",
-            "kill",
-            point,
-            str(target),
-            str(tmp_path / "w.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == -9, result.stderr[-3000:]
+    log = tmp_path / "kill.log"
+    exit_code = killed_save(point, target, tmp_path / "w.pt", log)
+    assert exit_code == -signal.SIGKILL, (exit_code, log.exists() and log.read_text()[-3000:])
     killed = torch.load(tmp_path / "w.pt")
     fresh = _fresh_engine()
     fresh.load_checkpoint(tmp_path / "earlier")

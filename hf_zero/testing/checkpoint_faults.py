@@ -4,7 +4,9 @@
         train the tiny GPT-2, write its weights to WEIGHTS_OUT, start saving a checkpoint into
         TARGET and SIGKILL this process at POINT of the save (see `KILL_POINTS`; at
         `async_after_rank_file` the save is asynchronous, and the kill comes from its thread while
-        the training thread takes another step).
+        the training thread takes another step). `killed_save(POINT, TARGET, WEIGHTS_OUT, LOG)`
+        does the same from Python in a process forked from a server that imported this module
+        once, as the tests do: a fresh interpreter per kill point would cost its start-up each time.
     torchrun --nproc_per_node 2 -m hf_zero.testing.checkpoint_faults ranks OUT_DIR
         on 2 ranks: an asynchronous save during a step, a damaged rank-1 file, and a save (then an
         asynchronous one) that fails on rank 1 only; each rank writes what it saw to
@@ -17,6 +19,7 @@ only; the library itself has no test hooks.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -92,6 +95,33 @@ def kill(point: str, target: str, weights_out: str) -> None:
     else:
         engine.save_checkpoint(target)
     raise SystemExit(f"kill point {point} was never reached")
+
+
+def _kill_logged(point: str, target: str, weights_out: str, log: str) -> None:
+    """`kill` with this process's output (a traceback if the kill point was never reached) in `log`."""
+    with open(log, "w") as file:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+    kill(point, target, weights_out)
+
+
+def killed_save(point: str, target: Path, weights_out: Path, log: Path, timeout: float = 300) -> int | None:
+    """Run `kill(point, target, weights_out)` in a child of a multiprocessing forkserver that has
+    imported this module (and with it torch, transformers and hf_zero), its output going to `log`.
+    The child is a new process that has run nothing yet; forked from the single-threaded server,
+    not from the caller, whose threads could hold locks a fork would copy held. Returns the child's
+    exit code (`-signal.SIGKILL`: it died at `point`), or None if it ran past `timeout` seconds
+    (it is killed then)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server starts, on first use
+    child = context.Process(target=_kill_logged, args=(point, str(target), str(weights_out), str(log)))
+    child.start()
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
 
 
 def ranks(out: Path) -> None:
