@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -211,6 +212,13 @@ def launch_many(mode: str, launches: int, scratch: Path, crowd: bool = True, fir
     }
 
 
+def launch_modes(modes: list[str], launches: int, scratch: Path, crowd: bool = True) -> Iterator[dict]:
+    """`launch_many` for each mode in turn, each mode's report as soon as its launches are over.
+    Each mode starts where the last one's endings stopped: one launch per mode runs them all."""
+    for number, mode in enumerate(modes):
+        yield launch_many(mode, launches, scratch, crowd=crowd, first_ending=number * launches)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m hf_zero.testing.exit_runs", description=__doc__)
     parser.add_argument("--launches", type=int, default=20, help="launches per mode (default 20)")
@@ -228,10 +236,7 @@ def main(argv: list[str]) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="hf_zero-exit-"))
     failed = 0
     try:
-        for number, mode in enumerate(modes):
-            # Each mode starts where the last one's endings stopped: one launch per mode runs them all.
-            first = number * options.launches
-            report = launch_many(mode, options.launches, scratch, crowd=not options.calm, first_ending=first)
+        for report in launch_modes(modes, options.launches, scratch, crowd=not options.calm):
             failed += report["failed"]
             print(json.dumps(report), flush=True)
     finally:
