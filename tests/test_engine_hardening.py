@@ -5,6 +5,7 @@ accumulation at every stage, ranks on different branches, and a gradient that ar
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,10 +75,37 @@ def test_ranks_on_different_branches_train_both_branches(sharded, world):
             assert not torch.equal(weights[key], init[key]), (case.name, key)
 
 
-def test_a_gradient_after_its_bucket_was_reduced_is_refused(tmp_path):
-    torchrun("hf_zero.testing.late_gradient", 2, [str(tmp_path)])
+# Both checks in one 2-rank launch (start-up dominates on the CPU), each check's file(s) when it ends.
+CHECKS = {"late_gradient": ["rank0.json", "rank1.json"], "stage3_checks": ["report.json"]}
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """`folder(check)`: where the check wrote its files. A check that wrote none re-raises the
+    launch's error, with the ranks' output; the checks that finished before it are still checked."""
+    out = tmp_path_factory.mktemp("checks")
+    arguments = [argument for name in CHECKS for argument in (name, str(out / name))]
+    for name in CHECKS:
+        (out / name).mkdir()
+    try:
+        # (A rank whose generation would outrun its peer hangs: the timeout turns that into a failure.)
+        torchrun("hf_zero.testing.sequence", 2, arguments, timeout=300)
+        failed = None
+    except RuntimeError as error:
+        failed = error
+
+    def folder(name: str) -> Path:
+        if failed is not None and not all((out / name / file).exists() for file in CHECKS[name]):
+            raise failed
+        return out / name
+
+    return folder
+
+
+def test_a_gradient_after_its_bucket_was_reduced_is_refused(checks):
+    out = checks("late_gradient")
     for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        report = json.loads((out / f"rank{rank}.json").read_text())
         assert (
             "transformer.ln_f.weight received a gradient after its bucket was already reduced"
             in (report["overlap"]["error"])
@@ -88,12 +116,11 @@ def test_a_gradient_after_its_bucket_was_reduced_is_refused(tmp_path):
         assert report["no_overlap"]["max_diff"] == 0.0
 
 
-def test_stage3_generates_as_unsharded_and_edits_reach_every_rank(tmp_path):
+def test_stage3_generates_as_unsharded_and_edits_reach_every_rank(checks):
     from hf_zero.testing.stage3_checks import NEW_TOKENS, prompt
 
-    # (A rank whose generation would outrun its peer hangs: the timeout turns that into a failure.)
-    torchrun("hf_zero.testing.stage3_checks", 2, [str(tmp_path)], timeout=240)
-    report = json.loads((tmp_path / "report.json").read_text())
+    out = checks("stage3_checks")
+    report = json.loads((out / "report.json").read_text())
     model = build_model("llama").eval()
     want = {
         tokens: model.generate(prompt(), max_new_tokens=tokens, do_sample=False).tolist()
@@ -119,15 +146,15 @@ def test_stage3_generates_as_unsharded_and_edits_reach_every_rank(tmp_path):
     # The full weights, written unit by unit: a folder from_pretrained loads exactly.
     assert report["saved_single"] == ["model.safetensors"]
     saved = report["saved"]
-    assert len(saved["files"]) > 2 and (tmp_path / "saved" / "model.safetensors.index.json").is_file()
-    assert not (tmp_path / "saved" / "model.safetensors").exists()  # the first save's file went
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
-    expected = load_file(tmp_path / "expected.safetensors")
+    assert len(saved["files"]) > 2 and (out / "saved" / "model.safetensors.index.json").is_file()
+    assert not (out / "saved" / "model.safetensors").exists()  # the first save's file went
+    loaded = AutoModelForCausalLM.from_pretrained(out / "saved").state_dict()
+    expected = load_file(out / "expected.safetensors")
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
     # model.save_pretrained, called on every rank of a plain loop, writes the same weights and the config.
-    via_model = AutoModelForCausalLM.from_pretrained(tmp_path / "save_pretrained").state_dict()
+    via_model = AutoModelForCausalLM.from_pretrained(out / "save_pretrained").state_dict()
     assert via_model.keys() == expected.keys()
     assert all(torch.equal(via_model[key], value) for key, value in expected.items())
     # Rank 0 never held more than one unit and one output file's worth on the host.

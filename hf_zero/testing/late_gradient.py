@@ -1,7 +1,8 @@
 """Stage 2 with overlap when a parameter's gradient arrives more often than in the first backward
 pass (here: two `loss.backward()` calls on one forward, with no boundary between them). Its bucket
 was already reduced, so the engine must refuse loudly; with `overlap_comm=False` the same loop is
-exact. Launch with torchrun; each rank writes `OUT_DIR/rank{r}.json`.
+exact. Launch with torchrun (or after other checks in the same launch, see
+`hf_zero.testing.sequence`); each rank writes `OUT_DIR/rank{r}.json`.
 
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.late_gradient OUT_DIR
 """
@@ -50,11 +51,16 @@ def _run(overlap: bool) -> dict:
     }
 
 
+def run(out: Path) -> None:
+    """Both loops, on every rank of the default process group; each rank writes `out/rank{r}.json`."""
+    report = {"overlap": _run(overlap=True), "no_overlap": _run(overlap=False)}
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+
+
 def main(argv: list[str]) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    report = {"overlap": _run(overlap=True), "no_overlap": _run(overlap=False)}
-    (Path(argv[0]) / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    run(Path(argv[0]))
     exit_cleanly()
 
 

@@ -1,5 +1,5 @@
-"""Stage-3 checks beyond training, on every rank; launch with torchrun. Rank 0 writes
-`OUT_DIR/report.json`.
+"""Stage-3 checks beyond training, on every rank; launch with torchrun (or after other checks in
+the same launch, see `hf_zero.testing.sequence`). Rank 0 writes `OUT_DIR/report.json`.
 
     torchrun --standalone --nproc_per_node 2 -m hf_zero.testing.stage3_checks OUT_DIR
 
@@ -39,10 +39,9 @@ def prompt() -> torch.Tensor:
     return make_samples("llama", 2, seed=3)["input_ids"][:, :PROMPT_TOKENS]
 
 
-def main(argv: list[str]) -> None:
-    out = Path(argv[0])
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+def run(out: Path) -> None:
+    """The checks, on every rank of the default process group; rank 0 writes `out/report.json`
+    and the folders the test loads."""
     model = build_model("llama").eval()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     engine = hf_zero.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), {"stage": 3})
@@ -97,6 +96,12 @@ def main(argv: list[str]) -> None:
         save_file({k: v.clone() for k, v in full.items()}, str(out / "expected.safetensors"))
     if dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps(report))
+
+
+def main(argv: list[str]) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    run(Path(argv[0]))
     exit_cleanly()
 
 
