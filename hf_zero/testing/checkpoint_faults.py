@@ -108,8 +108,9 @@ def _kill_logged(point: str, target: str, weights_out: str, log: str) -> None:
 def killed_save(point: str, target: Path, weights_out: Path, log: Path, timeout: float = 300) -> int | None:
     """Run `kill(point, target, weights_out)` in a child of a multiprocessing forkserver that has
     imported this module (and with it torch, transformers and hf_zero), its output going to `log`.
-    The child is a new process that has run nothing yet; forked from the single-threaded server,
-    not from the caller, whose threads could hold locks a fork would copy held. Returns the child's
+    The child starts from a process that has only imported modules: its one other thread (here) is
+    pyarrow's jemalloc background thread, whose locks jemalloc keeps safe across fork. (A fork of
+    the caller could copy locks held by its threads: pytest-xdist's, engines'.) Returns the child's
     exit code (`-signal.SIGKILL`: it died at `point`), or None if it ran past `timeout` seconds
     (it is killed then)."""
     context = multiprocessing.get_context("forkserver")

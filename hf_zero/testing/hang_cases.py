@@ -15,8 +15,9 @@ hang report (or, for a rank that died, the error naming the collective) instead 
 - `dead`: stage 2; rank 1's process ends in the middle of training.
 
 `generate` and `late` train the tiny Llama (they call its `generate`); `save`, `device` and `dead`
-train a small network of torch layers, the same to the engine's collectives and watch, so that
-their ranks do not import transformers (about 3 of the 8 CPU-seconds a rank takes to start).
+train a small network of torch layers (the engine's collectives, its watch and the reports do not
+depend on the model), so that their ranks do not import transformers: about 3 of the 8
+CPU-seconds a rank takes to start.
 """
 
 from __future__ import annotations
