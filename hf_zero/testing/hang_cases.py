@@ -13,11 +13,6 @@ hang report (or, for a rank that died, the error naming the collective) instead 
   NCCL, where a collective no peer joins blocks the host only at its next wait for the device),
   rank 1 trains on.
 - `dead`: stage 2; rank 1's process ends in the middle of training.
-
-`generate` and `late` train the tiny Llama (they call its `generate`); `save`, `device` and `dead`
-train a small network of torch layers (the engine's collectives, its watch and the reports do not
-depend on the model), so that their ranks do not import transformers: about 3 of the 8
-CPU-seconds a rank takes to start.
 """
 
 from __future__ import annotations
@@ -29,41 +24,15 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import hf_zero
 
-VOCAB = 256
-
-
-class _TinyLM(nn.Module):
-    """Embedding, a hidden layer, head; returns the next-token loss."""
-
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, width)
-        self.hidden = nn.Linear(width, width)
-        self.head = nn.Linear(width, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(torch.tanh(self.hidden(self.embed(input_ids))))
-        return nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
-
-
-def _model_and_samples(case: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    if case in ("generate", "late"):
-        from .tiny_models import build_model, make_samples  # imports transformers
-
-        return build_model("llama"), make_samples("llama", 8)
-    torch.manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(1))
-    return _TinyLM(), {"input_ids": tokens, "labels": tokens.clone()}
+from .tiny_models import build_model, make_samples
 
 
 def _step(engine, samples, step: int) -> None:
     batch = {key: value[2 * step : 2 * step + 2] for key, value in samples.items()}
-    output = engine(**batch)
-    engine.backward(output if isinstance(output, torch.Tensor) else output.loss)
+    engine.backward(engine(**batch).loss)
     engine.step()
     engine.zero_grad()
 
@@ -90,13 +59,14 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     stage = 3 if case in ("generate", "late") else 2
-    model, samples = _model_and_samples(case)
+    model = build_model("llama")
     engine = hf_zero.initialize(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-3),
         # fp16 makes the step read its overflow flag on the host: a wait for the device.
         {"stage": stage, "collective_timeout": timeout, "precision": "fp16" if case == "device" else "fp32"},
     )
+    samples = make_samples("llama", 8)
     for step in range(2):
         _step(engine, samples, step)
     print(f"rank {rank}: trained", flush=True)
