@@ -42,6 +42,7 @@ def test_a_host_buffer_takes_whole_pages_from_a_page_boundary_and_no_more(device
     # Whole pages: 6 MiB + 10 bytes of bf16 take 6 MiB + 4 KiB, where a power of two would be 8 MiB.
     assert ops.pinned_bytes == mapped_length(numel * dtype.itemsize) < numel * dtype.itemsize + PAGE
     assert buffer.is_pinned() == (device.type == "cuda")
+    assert not ops.host_zeros(numel, dtype).any()  # fresh pages are zero, without a pass
     values = torch.arange(numel, device=device).to(dtype)
     buffer.copy_(values, non_blocking=True)
     back = torch.empty_like(values)

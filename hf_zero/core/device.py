@@ -92,8 +92,8 @@ class DeviceOps:
         return None, None
 
     def host_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """`host_empty`, zeroed."""
-        return self.host_empty(numel, dtype).zero_()
+        """`host_empty`, zeroed: fresh anonymous pages already are (no second pass over them)."""
+        return self.host_empty(numel, dtype)
 
     def record(self) -> Event:
         """Record the current point of the device's work, to wait for later."""
