@@ -8,8 +8,12 @@ within a few hundred steps even on a CPU.
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # imported where a dataset is built: `hf-zero train`'s launcher never needs it
+    import datasets
 
 
 def markov_corpus(
@@ -36,5 +40,7 @@ def markov_corpus(
 
 def causal_lm_dataset(tokens: torch.Tensor) -> datasets.Dataset:
     """A causal-LM dataset (`input_ids`, `labels`) over the rows of `tokens`, yielding tensors."""
+    import datasets
+
     rows = tokens.tolist()
     return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows}).with_format("torch")
