@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 
 USAGE = """usage: hf-zero [--version] COMMAND ...
@@ -64,8 +63,8 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launch_command(options: argparse.Namespace, nproc: int) -> list[str]:
-    """torchrun's command line for `hf-zero train`: this machine alone (standalone rendezvous), or one
+def _launch_arguments(options: argparse.Namespace, nproc: int) -> list[str]:
+    """torchrun's arguments for `hf-zero train`: this machine alone (standalone rendezvous), or one
     node of several meeting at node 0's address."""
     if options.nnodes == 1:
         where = ["--standalone", "--nnodes", "1"]
@@ -75,10 +74,28 @@ def _launch_command(options: argparse.Namespace, nproc: int) -> list[str]:
             "--master-addr", options.master_addr, "--master-port", str(options.master_port),
         ]  # fmt: skip
     return [
-        sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(nproc),
-        "--max-restarts", str(options.max_restarts), "-m", "hf_zero.cli", "train", options.recipe,
-        *options.overrides,
+        *where, "--nproc_per_node", str(nproc), "--max-restarts", str(options.max_restarts),
+        "-m", "hf_zero.cli", "train", options.recipe, *options.overrides,
     ]  # fmt: skip
+
+
+def _launch(options: argparse.Namespace, nproc: int) -> int:
+    """Start the workers with torchrun's agent, run in this process: it is what `python -m
+    torch.distributed.run` would run, without a second interpreter importing torch again (about
+    2 CPU-seconds) before the workers start. The agent starts, watches and restarts the workers
+    (`python -m hf_zero.cli train ...`, which run the recipe), and handles SIGINT and SIGTERM by
+    stopping them. A failure ends as torchrun's own process ends: the error's traceback, exit 1."""
+    import traceback
+
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        torchrun(_launch_arguments(options, nproc))
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
 
 
 def train(argv: list[str]) -> int:
@@ -116,9 +133,7 @@ def train(argv: list[str]) -> int:
             print(f"hf-zero train: {error}", file=sys.stderr)
             return 2
     if (nproc > 1 or options.max_restarts or options.nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        return subprocess.call(_launch_command(options, nproc), env=env)
+        return _launch(options, nproc)
     result = run_recipe(recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         if result.eval_metrics:  # the final evaluation, printed here once
