@@ -1,13 +1,18 @@
 """Elastic restarts: `hf-zero train --max-restarts` survives killed workers and resumes by itself.
 
-One run of the GPT-2 recipe on 2 gloo processes, 40 steps with a checkpoint every 10, meets two
-SIGKILLs (`elastic_faults/sitecustomize.py` injects them): rank 0 right after checkpoint-20 is
-written, and after the restart rank 1 in the middle of checkpoint-30's save. torchrun restarts
-both processes each time; each restart resumes from checkpoint-20 (checkpoint-30 was never
+One run of the GPT-2 recipe on 2 gloo processes, 8 steps with a checkpoint every 2, meets two
+SIGKILLs (`elastic_faults/sitecustomize.py` injects them): rank 0 right after checkpoint-4 is
+written, and after the restart rank 1 in the middle of checkpoint-6's save. torchrun restarts
+both processes each time; each restart resumes from checkpoint-4 (checkpoint-6 was never
 finished), finishes every step and exits 0. Its final weights equal, bit for bit, those of an
-uninterrupted run that resumed from the same checkpoint-20. That run saves its checkpoints
+uninterrupted run that resumed from the same checkpoint-4. That run saves its checkpoints
 asynchronously (`zero.async_checkpoints`) and keeps one (`save_total_limit=1`): its last
 checkpoint holds the same state, tensor for tensor, as the killed run's synchronous one.
+
+The run is as short as that story allows (a checkpoint before the first kill, one the second kill
+cuts short, one after it, and two saves after the resume for `save_total_limit` to act on), on a
+model and data cut down to match: each restart starts both processes again, which costs more than
+the steps.
 """
 
 from __future__ import annotations
@@ -28,17 +33,18 @@ from hf_zero.integrations.resume import describe_checkpoint, is_complete, newest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
-STEPS = 40
+STEPS = 8
 OVERRIDES = [
     f"training.max_steps={STEPS}",
     "training.save_strategy=steps",
-    "training.save_steps=10",
+    "training.save_steps=2",
     "training.eval_strategy=no",
-    "training.logging_steps=10",
+    "training.logging_steps=2",
     "training.per_device_train_batch_size=4",
-    "training.warmup_steps=5",
-    "data.num_train=800",
+    "training.warmup_steps=1",
+    "data.num_train=200",  # 116 blocks of 64 tokens: the 64 that 8 steps take, in one epoch
     "data.num_eval=16",
+    "model.config.n_layer=2",
 ]
 
 
@@ -57,15 +63,15 @@ def _train(output_dir: Path, *extra: str, kills: str = "", restarts: int = 0) ->
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
-    killed = _train(root / "killed", kills="0:0:after-save:20,1:1:mid-save:30", restarts=2)
+    killed = _train(root / "killed", kills="0:0:after-save:4,1:1:mid-save:6", restarts=2)
     assert killed.returncode == 0, killed.stderr[-5000:]
-    # The uninterrupted run: the same checkpoint-20, resumed once, no kills, asynchronous saves.
+    # The uninterrupted run: the same checkpoint-4, resumed once, no kills, asynchronous saves.
     reference = root / "reference"
     reference.mkdir()
-    shutil.copytree(root / "killed" / "checkpoint-20", reference / "checkpoint-20")
+    shutil.copytree(root / "killed" / "checkpoint-4", reference / "checkpoint-4")
     resumed = _train(
         reference,
-        f"training.resume_from_checkpoint={reference / 'checkpoint-20'}",
+        f"training.resume_from_checkpoint={reference / 'checkpoint-4'}",
         "training.save_total_limit=1",
         "zero.async_checkpoints=true",
     )
@@ -75,38 +81,38 @@ def runs(tmp_path_factory):
 
 def test_each_restart_resumes_from_the_newest_complete_checkpoint_and_says_so(runs):
     folder, result = runs["killed"]
-    line = "hf_zero: resumed from checkpoint-20, saved by 2 processes at stage 2"
-    # After the kill behind checkpoint-20, and after the kill in checkpoint-30's save.
+    line = "hf_zero: resumed from checkpoint-4, saved by 2 processes at stage 2"
+    # After the kill behind checkpoint-4, and after the kill in checkpoint-6's save.
     assert result.stdout.count(line) == 2, result.stdout[-3000:]
     assert result.stderr.count("failed (exitcode: -9)") == 2  # torchrun saw both kills
-    # The last attempt saved checkpoint-30 again, whole.
-    assert all(is_complete(folder / f"checkpoint-{step}") for step in (10, 20, 30, 40))
+    # The last attempt saved checkpoint-6 again, whole.
+    assert all(is_complete(folder / f"checkpoint-{step}") for step in (2, 4, 6, 8))
 
 
 def test_every_step_is_done_and_the_weights_equal_an_uninterrupted_resume(runs, tmp_path):
     folder, _ = runs["killed"]
     reference, _ = runs["reference"]
-    state = json.loads((folder / "checkpoint-40" / "trainer_state.json").read_text())
+    state = json.loads((folder / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS
-    assert newest_complete_checkpoint(folder) == str(folder / "checkpoint-40")
+    assert newest_complete_checkpoint(folder) == str(folder / f"checkpoint-{STEPS}")
     got, want = load_file(folder / "model.safetensors"), load_file(reference / "model.safetensors")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[name], want[name]) for name in want)
-    merge_checkpoint(folder / "checkpoint-20" / "hf_zero_checkpoint", tmp_path / "step20")
-    start = load_file(tmp_path / "step20" / "model.safetensors")
-    assert any(not torch.equal(start[name], want[name]) for name in start)  # steps 21-40 trained
+    merge_checkpoint(folder / "checkpoint-4" / "hf_zero_checkpoint", tmp_path / "step4")
+    start = load_file(tmp_path / "step4" / "model.safetensors")
+    assert any(not torch.equal(start[name], want[name]) for name in start)  # steps 5-8 trained
 
 
 def test_asynchronous_checkpoints_hold_the_same_state_and_older_ones_go_once_they_are_complete(runs):
     folder, _ = runs["killed"]
     reference, _ = runs["reference"]
-    # save_total_limit=1: checkpoint-30 was deleted only once checkpoint-40 was complete.
-    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-40"]
-    assert is_complete(reference / "checkpoint-40")
-    assert not list((reference / "checkpoint-40").glob(".*partial*"))
+    # save_total_limit=1: checkpoint-6 was deleted only once checkpoint-8 was complete.
+    assert sorted(p.name for p in reference.glob("checkpoint-*")) == ["checkpoint-8"]
+    assert is_complete(reference / "checkpoint-8")
+    assert not list((reference / "checkpoint-8").glob(".*partial*"))
     for rank in range(2):
         name = f"hf_zero_checkpoint/rank-{rank:05d}-of-00002.safetensors"
-        got, want = load_file(reference / "checkpoint-40" / name), load_file(folder / "checkpoint-40" / name)
+        got, want = load_file(reference / "checkpoint-8" / name), load_file(folder / "checkpoint-8" / name)
         assert got.keys() == want.keys() and any("::exp_avg" in key for key in got)
         assert all(torch.equal(got[key], want[key]) for key in want)
 
