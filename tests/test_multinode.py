@@ -20,15 +20,19 @@ from hf_zero.integrations.resume import is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "gpt2-clm-pretrain.yaml"
+# Two steps and a checkpoint are the whole story (both nodes train one run, and write one
+# checkpoint); the data and model are cut down to match (most of a test's time is the four
+# processes starting).
 OVERRIDES = [
-    "training.max_steps=6",
+    "training.max_steps=2",
     "training.save_strategy=steps",
-    "training.save_steps=6",
+    "training.save_steps=2",
     "training.eval_strategy=no",
     "training.per_device_train_batch_size=4",
-    "training.warmup_steps=2",
-    "data.num_train=400",
+    "training.warmup_steps=1",
+    "data.num_train=100",
     "data.num_eval=16",
+    "model.config.n_layer=2",
 ]
 
 
@@ -73,7 +77,7 @@ def test_two_nodes_sharing_the_output_folder_train_and_checkpoint(tmp_path):
     for result in results:
         assert result.returncode == 0, result.stderr[-4000:]
     assert "2 processes" in results[0].stdout  # one process on each node, one run
-    assert is_complete(folder / "checkpoint-6")
+    assert is_complete(folder / "checkpoint-2")
     assert not list(folder.glob(".hf_zero-shared-*"))  # the markers are gone
 
 
@@ -83,7 +87,7 @@ def test_nodes_without_a_shared_output_folder_are_refused_by_name(tmp_path):
         assert result.returncode != 0
         assert "is not one folder for all 2 processes" in result.stderr, result.stderr[-4000:]
         assert "storage every machine mounts" in result.stderr
-    assert not (tmp_path / "node0" / "checkpoint-6").exists()
+    assert not (tmp_path / "node0" / "checkpoint-2").exists()
 
 
 def test_several_nodes_need_the_address_of_node_0_and_a_node_rank_in_range(capsys):
