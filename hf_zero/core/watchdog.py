@@ -10,7 +10,8 @@ in. One daemon thread per process looks at every watch: it publishes each rank's
 launcher's store about once a second, and when a wait has lasted `ZeroConfig.collective_timeout`
 seconds it gives the other ranks a moment to notice their own waits, prints one report with every
 rank's last record (a rank that stopped publishing is named as gone) and ends the process with exit
-status `HANG_EXIT_STATUS`, so that the launcher stops the rest.
+status `HANG_EXIT_STATUS`, so that the launcher stops the rest; it ends only once the other ranks
+that are reporting have written their reports, which the launcher would otherwise cut off.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.distributed as dist
 HANG_EXIT_STATUS = 75
 _KEY = "hf_zero/watch/{rank}"
 _HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank as it starts reporting a hang (then it exits)
+_REPORTED_KEY = "hf_zero/watch/reported/{rank}"  # set once its report is written
 
 
 class CollectiveWatch:
@@ -239,6 +241,21 @@ def _peer_reported_hang(watch: CollectiveWatch) -> bool:
         return False
 
 
+def _peers_still_reporting(watch: CollectiveWatch) -> bool:
+    """Whether another rank started reporting a hang and has not written its report yet."""
+    store = launcher_store()
+    if store is None:
+        return False
+    try:
+        return any(
+            store.check([_HUNG_KEY.format(rank=rank)]) and not store.check([_REPORTED_KEY.format(rank=rank)])
+            for rank in range(watch.world_size)
+            if rank != watch.rank
+        )
+    except Exception:  # a store gone with the launcher: nothing to wait for
+        return False
+
+
 def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
     """Tell what this rank waits in and what every rank last did; end the process. `after_peer`:
     the wait ended early, broken by a rank that reported first and left."""
@@ -291,4 +308,12 @@ def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
     # and print's separate writes of text and newline let the reports run into each other.
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
+    # The launcher stops every rank once one exits: stay until the peers that are reporting too have
+    # written theirs (a slower one was cut off before its report under a loaded machine).
+    with contextlib.suppress(Exception):
+        if store is not None:
+            store.set(_REPORTED_KEY.format(rank=watch.rank), "1")
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and _peers_still_reporting(watch):
+        time.sleep(0.05)
     os._exit(HANG_EXIT_STATUS)
