@@ -1,6 +1,7 @@
 """gloo's reduce-scatter and all-gather against the routes hf_zero takes for large ones
-(`hf_zero/core/distributed.py`, `GLOO_REROUTE_BYTES`): an all-reduce of the input (then a copy of
-this rank's chunk), and one broadcast from each rank.
+(`hf_zero/core/distributed.py`, `GLOO_REROUTE_BYTES`): for a reduce-scatter, an all-reduce of the
+input (then a copy of this rank's chunk) or point-to-point messages (each rank sends every other
+its chunk, then adds what it received); for an all-gather, one broadcast from each rank.
 
     python benchmarks/gloo_collectives.py [--ranks 2 3 4] [--mib 0.5 8 40]
 
@@ -47,6 +48,20 @@ def measure(mib: float) -> dict[str, float]:
         dist.all_reduce(full)
         shard.copy_(full[own])
 
+    received = torch.empty(world - 1, chunk)
+
+    def reduce_scatter_by_exchange() -> None:
+        works = []
+        for step in range(1, world):
+            to, source = (rank + step) % world, (rank - step) % world
+            works.append(dist.isend(full[to * chunk : (to + 1) * chunk], to))
+            works.append(dist.irecv(received[step - 1], source))
+        for work in works:
+            work.wait()
+        torch.add(full[own], received[0], out=shard)
+        for row in received[1:]:
+            shard.add_(row)
+
     def all_gather_by_broadcasts() -> None:
         full[own].copy_(shard)
         works = [dist.broadcast(full[r * chunk : (r + 1) * chunk], r, async_op=True) for r in range(world)]
@@ -57,6 +72,7 @@ def measure(mib: float) -> dict[str, float]:
         "all_reduce": _mean_ms(lambda: dist.all_reduce(full)),
         "reduce_scatter": _mean_ms(lambda: dist.reduce_scatter_tensor(shard, full)),
         "reduce_scatter_by_all_reduce": _mean_ms(reduce_scatter_by_all_reduce),
+        "reduce_scatter_by_exchange": _mean_ms(reduce_scatter_by_exchange),
         "all_gather": _mean_ms(lambda: dist.all_gather_into_tensor(full, shard)),
         "all_gather_by_broadcasts": _mean_ms(all_gather_by_broadcasts),
     }
