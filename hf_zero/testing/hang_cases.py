@@ -12,7 +12,7 @@ hang report (or, for a rank that died, the error naming the collective) instead 
 - `device`: stage 2 in fp16; rank 0's device never finishes what the host waits for in a step (as on
   NCCL, where a collective no peer joins blocks the host only at its next wait for the device),
   rank 1 trains on.
-- `dead`: stage 2; rank 1's process ends in the middle of training.
+- `dead`: stage 2; rank 1's connections close in the middle of training (then its process ends).
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def main() -> None:
             _step(engine, samples, step)
     elif case == "dead":
         if rank == 1:
+            # Its connections close, as a crashed process's do, but the process stays a while: the
+            # launcher stops every rank once one exits, and under load it cut off rank 0's report.
+            dist.destroy_process_group()
+            time.sleep(30)
             os._exit(3)
         _step(engine, samples, 2)
     print(f"rank {rank}: finished without a hang", flush=True)
