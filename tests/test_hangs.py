@@ -41,12 +41,12 @@ def _reports(stderr: str) -> dict[int, str]:
             "generate",
             {0: "#\\d+ on 'gather'.*, in generate", 1: "in full_state_dict"},
         ),
-        # the same, rank 0 starting its wait later: rank 1 times out first and leaves, which breaks
-        # rank 0's wait; rank 0 reports the hang all the same
+        # the same, rank 0 starting its wait later: rank 1 times out first and reports; rank 0,
+        # waiting, reports the same hang at once
         (
             "late",
             {
-                0: "until a rank that timed out left, in all_reduce #\\d+ on 'gather'.*, in generate",
+                0: "until another rank timed out, in all_reduce #\\d+ on 'gather'.*, in generate",
                 1: "in full_state_dict",
             },
         ),

@@ -10,8 +10,10 @@ in. One daemon thread per process looks at every watch: it publishes each rank's
 launcher's store about once a second, and when a wait has lasted `ZeroConfig.collective_timeout`
 seconds it gives the other ranks a moment to notice their own waits, prints one report with every
 rank's last record (a rank that stopped publishing is named as gone) and ends the process with exit
-status `HANG_EXIT_STATUS`, so that the launcher stops the rest; it ends only once the other ranks
-that are reporting have written their reports, which the launcher would otherwise cut off.
+status `HANG_EXIT_STATUS`, so that the launcher stops the rest. A rank waiting in a collective when
+another reports a hang reports it too, at once: it waits in the same hang. A rank ends only once the
+other ranks that are reporting have written their reports, which the launcher, stopping every rank
+once one exits, would otherwise cut off.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ HANG_EXIT_STATUS = 75
 _KEY = "hf_zero/watch/{rank}"
 _HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank as it starts reporting a hang (then it exits)
 _REPORTED_KEY = "hf_zero/watch/reported/{rank}"  # set once its report is written
+_ANY_HUNG_KEY = "hf_zero/watch/hung"  # set by every rank that reports: one key the waiting ranks look at
 
 
 class CollectiveWatch:
@@ -185,9 +188,14 @@ class _Monitor:
                     _publish(watch)
             for watch in watches:
                 waiting = watch.waiting
-                if waiting is not None and now - waiting["since"] >= watch.timeout and not watch.reported:
+                if waiting is None or watch.reported:
+                    continue
+                if now - waiting["since"] >= watch.timeout:
                     watch.reported = True
                     _report_and_exit(watch)
+                elif _any_rank_reported_hang():
+                    watch.reported = True
+                    _report_and_exit(watch, after_peer=True)
 
 
 _MONITOR: _Monitor | None = None
@@ -229,6 +237,15 @@ def _read(rank: int) -> dict[str, Any] | None:
         return None
 
 
+def _any_rank_reported_hang() -> bool:
+    """Whether some rank started reporting a hang (one store lookup, made only while waiting)."""
+    store = launcher_store()
+    try:
+        return store is not None and store.check([_ANY_HUNG_KEY])
+    except Exception:  # a store gone with the launcher: nothing to tell
+        return False
+
+
 def _peer_reported_hang(watch: CollectiveWatch) -> bool:
     """Whether another rank reported a hang (and so left, breaking this rank's collective)."""
     store = launcher_store()
@@ -258,23 +275,26 @@ def _peers_still_reporting(watch: CollectiveWatch) -> bool:
 
 def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
     """Tell what this rank waits in and what every rank last did; end the process. `after_peer`:
-    the wait ended early, broken by a rank that reported first and left."""
+    another rank timed out first (it reported, or its leaving broke this rank's wait)."""
+    waiting = watch.waiting or {}  # (read once: the wait may end meanwhile on the training thread)
     waited = (
-        f"{time.monotonic() - watch.waiting['since']:.1f} s, until a rank that timed out left,"
-        if after_peer and watch.waiting is not None
+        f"{time.monotonic() - waiting['since']:.1f} s, until another rank timed out,"
+        if after_peer and waiting
         else f"{watch.timeout:g} s (ZeroConfig.collective_timeout)"
     )
     _publish(watch)
     store = launcher_store()
     with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
-        if store is not None:  # (first: a peer whose wait this rank's exit breaks then reports too)
+        if (
+            store is not None
+        ):  # (first: the ranks waiting, and a peer whose wait this rank's exit breaks, report too)
             store.set(_HUNG_KEY.format(rank=watch.rank), "1")
+            store.set(_ANY_HUNG_KEY, "1")
     # The other ranks' waits began about when this one's did: give them a moment to publish theirs,
     # unless one is reporting already (once the first rank leaves, the launcher ends the others).
     deadline = time.monotonic() + min(2.0, max(0.5, watch.timeout / 2))
     while not after_peer and time.monotonic() < deadline and not _peer_reported_hang(watch):
         time.sleep(0.05)
-    waiting = watch.waiting or {}
     cause = (
         "a collective queued on the device has not finished: the ranks disagree about which collectives "
         "come next, or a rank is gone."

@@ -5,8 +5,8 @@ hang report (or, for a rank that died, the error naming the collective) instead 
 
 - `generate`: stage 3; rank 0 samples with `model.generate` (the usual `if rank == 0:` pattern),
   rank 1 goes on to `full_state_dict` (what saving does).
-- `late`: the same, rank 0 starting its wait two thirds of the timeout later: rank 1 times out,
-  reports and leaves first, which breaks rank 0's wait; rank 0 reports the hang too.
+- `late`: the same, rank 0 starting its wait two thirds of the timeout later: rank 1 times out and
+  reports first; rank 0, waiting, reports the hang too.
 - `save`: stage 2; rank 0 saves a checkpoint, rank 1 takes another training step (its data had one
   more batch).
 - `device`: stage 2 in fp16; rank 0's device never finishes what the host waits for in a step (as on
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"rank {rank}: trained", flush=True)
     if case in ("generate", "late"):
         if rank == 0:
-            if case == "late":  # rank 1 times out and leaves while rank 0 still waits
+            if case == "late":  # rank 1 times out and reports while rank 0 still waits
                 time.sleep(2 * timeout / 3)
             model.generate(samples["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
         else:
