@@ -32,9 +32,9 @@ import torch.distributed as dist
 
 HANG_EXIT_STATUS = 75
 _KEY = "hf_zero/watch/{rank}"
-_HUNG_KEY = "hf_zero/watch/hung/{rank}"  # set by a rank as it starts reporting a hang (then it exits)
-_REPORTED_KEY = "hf_zero/watch/reported/{rank}"  # set once its report is written
-_ANY_HUNG_KEY = "hf_zero/watch/hung"  # set by every rank that reports: one key the waiting ranks look at
+# Counters in the launcher's store, so that every look costs one store operation at any world size:
+_HUNG = "hf_zero/watch/hung"  # ranks that started reporting a hang (each then exits)
+_REPORTED = "hf_zero/watch/reported"  # ranks whose report is written
 
 
 class CollectiveWatch:
@@ -109,7 +109,7 @@ class CollectiveWatch:
                 # This rank timed out too, and the monitor thread is writing its report: let it end
                 # the process (it does within seconds) rather than this error overtaking it.
                 time.sleep(10.0)
-            elif _peer_reported_hang(self):
+            elif _count(_HUNG) > 0:
                 # The peer timed out first (its wait began earlier) and left: this rank's wait is the
                 # same hang, so it reports it too, rather than a peer gone for an unknown reason.
                 self.reported = True
@@ -193,7 +193,7 @@ class _Monitor:
                 if now - waiting["since"] >= watch.timeout:
                     watch.reported = True
                     _report_and_exit(watch)
-                elif _any_rank_reported_hang():
+                elif _count(_HUNG) > 0:
                     watch.reported = True
                     _report_and_exit(watch, after_peer=True)
 
@@ -237,40 +237,13 @@ def _read(rank: int) -> dict[str, Any] | None:
         return None
 
 
-def _any_rank_reported_hang() -> bool:
-    """Whether some rank started reporting a hang (one store lookup, made only while waiting)."""
+def _count(key: str, add: int = 0) -> int:
+    """The counter `key` in the launcher's store, after adding `add` (0 without a store)."""
     store = launcher_store()
     try:
-        return store is not None and store.check([_ANY_HUNG_KEY])
+        return 0 if store is None else int(store.add(key, add))
     except Exception:  # a store gone with the launcher: nothing to tell
-        return False
-
-
-def _peer_reported_hang(watch: CollectiveWatch) -> bool:
-    """Whether another rank reported a hang (and so left, breaking this rank's collective)."""
-    store = launcher_store()
-    if store is None:
-        return False
-    others = [_HUNG_KEY.format(rank=rank) for rank in range(watch.world_size) if rank != watch.rank]
-    try:
-        return any(store.check([key]) for key in others)
-    except Exception:  # a store gone with the launcher: nothing to tell
-        return False
-
-
-def _peers_still_reporting(watch: CollectiveWatch) -> bool:
-    """Whether another rank started reporting a hang and has not written its report yet."""
-    store = launcher_store()
-    if store is None:
-        return False
-    try:
-        return any(
-            store.check([_HUNG_KEY.format(rank=rank)]) and not store.check([_REPORTED_KEY.format(rank=rank)])
-            for rank in range(watch.world_size)
-            if rank != watch.rank
-        )
-    except Exception:  # a store gone with the launcher: nothing to wait for
-        return False
+        return 0
 
 
 def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
@@ -283,17 +256,11 @@ def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
         else f"{watch.timeout:g} s (ZeroConfig.collective_timeout)"
     )
     _publish(watch)
-    store = launcher_store()
-    with contextlib.suppress(Exception):  # a store gone with the launcher: nothing to tell
-        if (
-            store is not None
-        ):  # (first: the ranks waiting, and a peer whose wait this rank's exit breaks, report too)
-            store.set(_HUNG_KEY.format(rank=watch.rank), "1")
-            store.set(_ANY_HUNG_KEY, "1")
+    _count(_HUNG, 1)  # first: the ranks waiting, and those whose wait this rank's exit breaks, report too
     # The other ranks' waits began about when this one's did: give them a moment to publish theirs,
     # unless one is reporting already (once the first rank leaves, the launcher ends the others).
     deadline = time.monotonic() + min(2.0, max(0.5, watch.timeout / 2))
-    while not after_peer and time.monotonic() < deadline and not _peer_reported_hang(watch):
+    while not after_peer and time.monotonic() < deadline and _count(_HUNG) < 2:
         time.sleep(0.05)
     cause = (
         "a collective queued on the device has not finished: the ranks disagree about which collectives "
@@ -330,10 +297,8 @@ def _report_and_exit(watch: CollectiveWatch, after_peer: bool = False) -> None:
     os.write(sys.stderr.fileno(), ("\n".join(lines) + "\n").encode())
     # The launcher stops every rank once one exits: stay until the peers that are reporting too have
     # written theirs (a slower one was cut off before its report under a loaded machine).
-    with contextlib.suppress(Exception):
-        if store is not None:
-            store.set(_REPORTED_KEY.format(rank=watch.rank), "1")
+    _count(_REPORTED, 1)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and _peers_still_reporting(watch):
+    while time.monotonic() < deadline and _count(_REPORTED) < _count(_HUNG):
         time.sleep(0.05)
     os._exit(HANG_EXIT_STATUS)
