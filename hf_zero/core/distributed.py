@@ -390,8 +390,9 @@ class Collectives:
             # Bytes and trace follow the full-size side: the input of a reduce-scatter, the output
             # of an all-gather.
             record = self._record(op, [pair[1] if inputs else pair[0] for pair in batch], 1.0, unit)
-            if self._reroute(batch, inputs):
-                works.append(self._watched(self._rerouted(batch, inputs), record))
+            route = self._gloo_route(batch, inputs)
+            if route is not None:
+                works.append(self._watched(route(batch), record))
                 continue
             if len(batch) == 1:
                 works.append(self._watched(function(*batch[0], group=self.group, async_op=True), record))
@@ -403,26 +404,21 @@ class Collectives:
             works.append(self._watched(manager, record))
         return works
 
-    def _reroute(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]], inputs: bool) -> bool:
-        """Whether `batch` leaves gloo's own collective (`GLOO_REROUTE_BYTES`). An all-gather of
-        many small tensors stays gloo's coalesced one: as broadcasts, a round trip per tensor and
-        rank (32 stage-3 units of 0.26 MB gathered by broadcasts took 2.4x DDP's step, not 1.8x)."""
+    def _gloo_route(
+        self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]], inputs: bool
+    ) -> Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], _Then] | None:
+        """The route `batch` takes instead of gloo's own collective (`GLOO_REROUTE_BYTES`), or None.
+        Tensors below `GLOO_MESSAGE_BYTES` on average would cost a round trip per tensor and rank as
+        messages or broadcasts: such a reduce-scatter goes as one all-reduce, such an all-gather stays
+        gloo's coalesced one (32 stage-3 units of 0.26 MB gathered by broadcasts took 2.4x DDP's step,
+        not 1.8x)."""
         full = sum(pair[1 if inputs else 0].numel() * pair[0].element_size() for pair in batch)
-        return self._on_gloo and full >= GLOO_REROUTE_BYTES and (inputs or not self._many_small(batch, full))
-
-    @staticmethod
-    def _many_small(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], full: int) -> bool:
-        """Tensors below `GLOO_MESSAGE_BYTES` on average: a message per tensor and rank would cost
-        more in round trips than it saves."""
-        return full < GLOO_MESSAGE_BYTES * len(batch)
-
-    def _rerouted(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]], inputs: bool) -> _Then:
-        """The route a batch `_reroute` picked takes."""
+        if not self._on_gloo or full < GLOO_REROUTE_BYTES:
+            return None
+        many_small = full < GLOO_MESSAGE_BYTES * len(batch)
         if not inputs:
-            return self._all_gather_by_broadcasts(batch)
-        if self._many_small(batch, sum(input.numel() * input.element_size() for _, input in batch)):
-            return self._reduce_scatter_by_all_reduce(batch)
-        return self._reduce_scatter_by_exchange(batch)
+            return None if many_small else self._all_gather_by_broadcasts
+        return self._reduce_scatter_by_all_reduce if many_small else self._reduce_scatter_by_exchange
 
     def _reduce_scatter_by_all_reduce(self, batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> _Then:
         """gloo: sum the inputs in place over ranks and copy this rank's chunk of each to its output
