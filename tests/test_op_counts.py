@@ -3,7 +3,8 @@ two param groups, clipping): below stage 3 the segments span the layers, so a 22
 as many collectives, optimizer-kernel calls and gradient-statistics reads per step as a 4-layer
 one; stage 3 issues at most one collective per unit and phase, whatever its param groups (small
 units gathered several at a time); and the host waits for the device a fixed number of times per
-step, through the device layer (`hf_zero/core/device.py`), whatever the depth."""
+step, through the device layer (`hf_zero/core/device.py`), whatever the depth; and gradient staging
+allocates nothing after the first step."""
 
 from __future__ import annotations
 
@@ -125,3 +126,12 @@ def test_nvme_parameter_shards_are_read_ahead_as_far_as_the_prefetch_budget(coun
     assert deep["read_ahead"] - shallow["read_ahead"] == deep["uploads"] - shallow["uploads"] > 0
     assert deep["uploads"] == 2 * deep["segments"] - 2 and deep["host_syncs"] == 1
     assert deep["event_waits"] == 2 * deep["segments"] + deep["uploads"]
+
+
+@pytest.mark.parametrize("case", ["stage2", "stage2-bf16", "stage2-fp16", "stage3", "stage3-bf16"])
+def test_gradient_staging_reuses_its_buffers_after_the_first_step(counts, case):
+    """Stages 2 and 3 stage every gradient bucket in a short-lived buffer from the device layer; on
+    the CPU its pool serves every one of them from the first step's blocks."""
+    for got in _depths(counts, case):
+        assert got["scratch_buffers"] > 0
+        assert got["scratch_allocations"] == 0

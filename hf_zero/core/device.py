@@ -13,7 +13,10 @@ the device, as a GPU would pay for it:
   later work queued;
 - `pinned_bytes`: page-locked host memory allocated (on the CPU: what a GPU run would lock), in
   whole pages: each host buffer is a mapping of its own, locked with `cudaHostRegister` on a GPU
-  (`host_memory.py`), not a block of torch's page-locked allocator rounded up to a power of two.
+  (`host_memory.py`), not a block of torch's page-locked allocator rounded up to a power of two;
+- `scratch_buffers` and `scratch_allocations`: short-lived buffers asked for (`scratch`), and those
+  of them for which memory was allocated (on a GPU each, from torch's caching allocator; on the CPU
+  only the new blocks of `HostOps`' pool).
 
 The engine reads the counters per step (`ZeroEngine.device_counts`) and `memory_breakdown()`
 reports `pinned`.
@@ -27,6 +30,7 @@ hang report must find the rank waiting.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +71,8 @@ class DeviceOps:
         self.host_syncs = 0
         self.event_waits = 0
         self.pinned_bytes = 0
+        self.scratch_buffers = 0
+        self.scratch_allocations = 0
         self.watch: Any = None  # the engine's CollectiveWatch, once it has one
 
     def waiting(self, what: str) -> contextlib.AbstractContextManager:
@@ -95,6 +101,19 @@ class DeviceOps:
         """`host_empty`, zeroed: fresh anonymous pages already are (no second pass over them)."""
         return self.host_empty(numel, dtype)
 
+    def scratch(self, numel: int, dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
+        """A device buffer (zeroed unless `zero=False`) for one short use, such as a gradient
+        bucket's staging during backward, handed back with `recycle` once that use has ended. On a
+        GPU a fresh tensor: torch's caching allocator reuses the block once it is freed, and lends it
+        to the forward's activations in between, which a pool held here would keep from them."""
+        self.scratch_buffers += 1
+        self.scratch_allocations += 1
+        make = torch.zeros if zero else torch.empty
+        return make(numel, dtype=dtype, device=self.device)
+
+    def recycle(self, tensor: torch.Tensor) -> None:
+        """`tensor`, from `scratch`, is not used any more (nothing to do on a GPU)."""
+
     def record(self) -> Event:
         """Record the current point of the device's work, to wait for later."""
         raise NotImplementedError
@@ -121,6 +140,8 @@ class DeviceOps:
             "host_syncs": self.host_syncs,
             "event_waits": self.event_waits,
             "pinned_bytes": self.pinned_bytes,
+            "scratch_buffers": self.scratch_buffers,
+            "scratch_allocations": self.scratch_allocations,
         }
 
 
@@ -156,7 +177,41 @@ class CudaOps(DeviceOps):
 
 
 class HostOps(DeviceOps):
-    """The CPU: the same calls and counts; nothing is queued, so nothing is waited for."""
+    """The CPU: the same calls and counts; nothing is queued, so nothing is waited for.
+
+    Scratch buffers are recycled here: the CPU allocator gives a large block back to the system
+    when it is freed, and the next one faults in every page anew, which made a fresh zeroed 12 MB
+    buffer ten times slower than zeroing a used one (84 MB of gradient staging per step on a
+    6-layer GPT-2: 2% of its step). The pool never holds more blocks than were lent at once: a
+    request that no free block of its dtype fits replaces the largest of them."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self._free: list[torch.Tensor] = []  # blocks not lent
+        # Every block made, by id, for as long as it lives (a lent view keeps its block alive, and
+        # one dropped without `recycle` frees it as usual).
+        self._blocks: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+    def scratch(self, numel: int, dtype: torch.dtype, zero: bool = True) -> torch.Tensor:
+        self.scratch_buffers += 1
+        same = [i for i, block in enumerate(self._free) if block.dtype == dtype]
+        fitting = [i for i in same if self._free[i].numel() >= numel]
+        if fitting:
+            block = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+        else:
+            if same:
+                self._free.pop(max(same, key=lambda i: self._free[i].numel()))
+            block = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+            self.scratch_allocations += 1
+            self._blocks[id(block)] = block
+        view = block[:numel]
+        return view.zero_() if zero else view
+
+    def recycle(self, tensor: torch.Tensor) -> None:
+        block = tensor._base
+        ours = block is not None and self._blocks.get(id(block)) is block
+        if ours and not any(free is block for free in self._free):
+            self._free.append(block)
 
     def record(self) -> Event:
         return Event(self, None)

@@ -316,7 +316,7 @@ class BackwardReduceScatter(GradientReducer):
         self.staged_bytes += size * dtype.itemsize
         self.peak_staged_elements = max(self.peak_staged_elements, self.staged_elements)
         self.peak_staged_bytes = max(self.peak_staged_bytes, self.staged_bytes)
-        return torch.zeros(size, dtype=dtype, device=self.grads[group].device)
+        return self.groups[group].ops.scratch(size, dtype)
 
     def _launch(self, ks: Sequence[int]) -> None:
         """Reduce-scatter buckets `ks` (the next ones in canonical order) into this rank's shard,
@@ -345,7 +345,11 @@ class BackwardReduceScatter(GradientReducer):
             g, bucket = self.buckets[k]
             target = self.grads[g][bucket.shard_offset : bucket.shard_offset + bucket.chunk]
             # The first micro-batch of a step lands in the shard; later ones land beside it and add in.
-            out = torch.empty_like(staging[: bucket.chunk]) if (self.accumulating or add) else target
+            out = (
+                self.groups[g].ops.scratch(bucket.chunk, staging.dtype, zero=False)
+                if (self.accumulating or add)
+                else target
+            )
             pairs.append((out, staging))
             landings.append((out, target, staging, g))  # staging stays alive until it lands
         works = self.scatter_comm.reduce_scatter_many(pairs, unit=self.groups[self.buckets[ks[0]][0]].unit)
@@ -358,9 +362,12 @@ class BackwardReduceScatter(GradientReducer):
         for work in works:
             work.wait()
         for out, target, staging, group in landings:
+            ops = self.groups[group].ops
             if out is not target:
                 target.add_(out)
                 self.dirty[group] = True
+                ops.recycle(out)
+            ops.recycle(staging)
             self.staged_elements -= staging.numel()
             self.staged_bytes -= staging.numel() * staging.element_size()
 

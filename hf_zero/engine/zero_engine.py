@@ -342,9 +342,9 @@ class ZeroEngine(SegmentSetup, OptimizerStep, ShardedState, nn.Module):
             leave_group(own_group)
 
     def device_counts(self) -> dict[str, int]:
-        """What this engine has asked of its device so far: host waits for all queued work or for a
-        device value (`host_syncs`), waits for one recorded point (`event_waits`), and page-locked
-        host bytes (`pinned_bytes`); see `device.py`. Compare two readings for a step's counts."""
+        """What this engine has asked of its device so far (`device.py`): host waits for all queued work
+        or a device value, waits for one recorded point, page-locked host bytes, scratch buffers asked
+        for and allocated. Compare two readings for a step's counts."""
         return self.device_ops.counts()
 
     def trace_collectives(self) -> list[tuple[str, str, int, int | None]]:

@@ -6,7 +6,8 @@ at 4 and 22 layers, trained with the Trainer's two param groups (decay / no deca
 Counts are per step, over 3 steps after one warm-up step: `collectives` from the engine's trace
 (both communicators), `optimizer_calls` the fused optimizer kernel's calls (`adam_step`, one
 launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launch each), and the
-device layer's `host_syncs` and `event_waits` (`ZeroEngine.device_counts`). Cases (`CASES`): the
+device layer's `host_syncs`, `event_waits`, `scratch_buffers` and `scratch_allocations`
+(`ZeroEngine.device_counts`). Cases (`CASES`): the
 stages in fp32, and the host waits of bf16, fp16, CPU offload (AdamW, and RMSprop on torch's own
 path), NVMe offload, and NVMe offload of the parameters too (`uploads`: shards brought up from the
 file; `read_ahead`: those of them read ahead of their gather), with prefetch budgets of one unit and
@@ -126,6 +127,9 @@ def count(case: str, layers: int, swap: str) -> dict[str, float]:
     return {
         "host_syncs": (device_after["host_syncs"] - device_before["host_syncs"]) / STEPS,
         "event_waits": (device_after["event_waits"] - device_before["event_waits"]) / STEPS,
+        "scratch_buffers": (device_after["scratch_buffers"] - device_before["scratch_buffers"]) / STEPS,
+        "scratch_allocations": (device_after["scratch_allocations"] - device_before["scratch_allocations"])
+        / STEPS,
         "segments": len(engine.groups),
         "collectives": len(trace) / STEPS,
         "optimizer_calls": optimizer_calls.calls / STEPS,
