@@ -1,20 +1,21 @@
 """Step time on CPU with 2 gloo ranks, side by side: DDP, FSDP2 and hf_zero stages 1-3 (DeepSpeed
 ZeRO-2/3 too where `deepspeed` is installed), on two workloads, fp32, AdamW.
 
-    python benchmarks/cpu_side_by_side.py [--workload overhead compute] [--rounds 3] [--steps 5]
+    python benchmarks/cpu_side_by_side.py [--workload overhead compute] [--steps 15]
 
 - overhead: a Llama config with 32 layers of width 64, 2 x 32 tokens per rank. The arithmetic is
   tiny, so the step time is the framework's host work and its number of collectives.
 - compute: a GPT-2 config with 6 layers of width 512, 4 x 256 tokens per rank, where the matrix
   products dominate.
 
-Every mode builds a fresh model with the same weights, trains 2 warm-up steps and then `steps`
-timed steps (a barrier before and after each); the modes take turns, round after round, and each
-round's step times are divided by DDP's in that round, so the machine's drift cancels. hf_zero's
-gradient buckets are as big as DDP's (25 MiB; `--reduce-bucket-size` in elements). Prints one
-JSON line per workload and mode: median step ms, median ratio to DDP over the rounds, and for
-hf_zero the collectives it issued per step. The script starts torchrun itself (2 processes) unless
-it already runs under it. Use the ratios: this is a shared, noisy machine.
+Every mode builds a model with the same weights, and all of them are alive at once; the modes then
+take turns step by step (2 warm-up steps each, then `steps` timed ones, a barrier before and after
+each), and each step time is divided by DDP's of the same turn, so the machine's drift, which is
+slower than a turn, cancels. hf_zero's gradient buckets are as big as DDP's (25 MiB;
+`--reduce-bucket-size` in elements). Prints one JSON line per workload and mode: median step ms,
+the median and quartiles of the ratios to DDP, and for hf_zero the collectives it issued per step.
+The script starts torchrun itself (2 processes) unless it already runs under it. Use the ratios:
+this is a shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -116,57 +117,51 @@ class Trainee:
             self.engine.close()
 
 
-def _time_mode(mode: str, workload: str, steps: int, zero_config: dict) -> tuple[float, float | None]:
-    """Median step seconds of `mode`, and hf_zero's collectives per step."""
-    _, batch_size, length = WORKLOADS[workload]
-    generator = torch.Generator().manual_seed(1 + dist.get_rank())
-    batches = torch.randint(0, VOCAB, (steps + 2, batch_size, length), generator=generator)
-    trainee = Trainee(mode, workload, zero_config)
-    times = []
-    for index, batch in enumerate(batches):
-        if index == 2 and trainee.trace is not None:
-            trainee.trace.clear()
-        dist.barrier()
-        start = time.perf_counter()
-        trainee.step(batch)
-        dist.barrier()
-        if index >= 2:
-            times.append(time.perf_counter() - start)
-    collectives = len(trainee.trace) / steps if trainee.trace is not None else None
-    trainee.close()
-    return statistics.median(times), collectives
+WARMUP = 2
 
 
-def run(
-    workloads: list[str], rounds: int, steps: int, zero_config: dict, emit: Callable[[dict], None]
-) -> None:
+def _quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles of `values`."""
+    cuts = statistics.quantiles(values, n=4)
+    return [cuts[0], cuts[2]]
+
+
+def run(workloads: list[str], steps: int, zero_config: dict, emit: Callable[[dict], None]) -> None:
     for workload in workloads:
+        _, batch_size, length = WORKLOADS[workload]
+        generator = torch.Generator().manual_seed(1 + dist.get_rank())
+        batches = torch.randint(0, VOCAB, (WARMUP + steps, batch_size, length), generator=generator)
+        trainees = {mode: Trainee(mode, workload, zero_config) for mode in MODES}
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
-        ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
-        collectives: dict[str, float | None] = {}
-        for _ in range(rounds):
-            for mode in MODES:
-                median, collectives[mode] = _time_mode(mode, workload, steps, zero_config)
-                seconds[mode].append(median)
-            for mode in MODES:
-                ratios[mode].append(seconds[mode][-1] / seconds["ddp"][-1])
-        for mode in MODES:
+        for index, batch in enumerate(batches):
+            for mode, trainee in trainees.items():
+                if index == WARMUP and trainee.trace is not None:
+                    trainee.trace.clear()
+                dist.barrier()
+                start = time.perf_counter()
+                trainee.step(batch)
+                dist.barrier()
+                if index >= WARMUP:
+                    seconds[mode].append(time.perf_counter() - start)
+        for mode, trainee in trainees.items():
+            # One ratio per turn: the modes' steps of one turn ran within seconds of each other.
+            ratios = [t / d for t, d in zip(seconds[mode], seconds["ddp"], strict=True)]
             emit(
                 {
-                    "workload": workload, "mode": mode, "rounds": rounds,
+                    "workload": workload, "mode": mode, "steps": steps,
                     "step_ms": round(statistics.median(seconds[mode]) * 1e3, 2),
-                    "x_ddp": round(statistics.median(ratios[mode]), 3),
-                    "ratios": [round(r, 3) for r in ratios[mode]],
-                    "collectives_per_step": collectives[mode],
+                    "x_ddp": round(statistics.median(ratios), 3),
+                    "x_ddp_quartiles": [round(r, 3) for r in _quartiles(ratios)],
+                    "collectives_per_step": len(trainee.trace) / steps if trainee.trace is not None else None,
                 }
             )  # fmt: skip
+            trainee.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=["overhead", "compute"])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument(
         "--reduce-bucket-size", type=int, default=DDP_BUCKET_ELEMENTS,
         help="hf_zero's gradient bucket, in elements (default: DDP's 25 MiB of fp32)",
@@ -179,7 +174,6 @@ def main() -> None:
     rank = dist.get_rank()
     run(
         options.workload,
-        options.rounds,
         options.steps,
         {"reduce_bucket_size": options.reduce_bucket_size},
         lambda row: rank == 0 and print(json.dumps(row), flush=True),
