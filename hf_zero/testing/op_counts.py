@@ -7,11 +7,11 @@ Counts are per step, over 3 steps after one warm-up step: `collectives` from the
 (both communicators), `optimizer_calls` the fused optimizer kernel's calls (`adam_step`, one
 launch each on a GPU), `stats_tensors` the tensors `grad_stats` reads (one launch each), and the
 device layer's `host_syncs`, `event_waits`, `scratch_buffers` and `scratch_allocations`
-(`ZeroEngine.device_counts`). Cases (`CASES`): the
-stages in fp32, and the host waits of bf16, fp16, CPU offload (AdamW, and RMSprop on torch's own
-path), NVMe offload, and NVMe offload of the parameters too (`uploads`: shards brought up from the
-file; `read_ahead`: those of them read ahead of their gather), with prefetch budgets of one unit and
-of four layers. Rank 0 writes `{"CASE-layersL": counts}`.
+(`ZeroEngine.device_counts`). Cases (`CASES`): the stages in fp32, and the host waits of bf16,
+fp16, CPU offload (AdamW, and RMSprop on torch's own path), NVMe offload, and NVMe offload of the
+parameters too (`uploads`: shards brought up from the file; `read_ahead`: those of them read ahead
+of their gather), with prefetch budgets of one unit and of four layers. Rank 0 writes
+`{"CASE-layersL": counts}`.
 """
 
 from __future__ import annotations
